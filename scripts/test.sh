@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it. Safe to re-run: each
+# step is skipped when its tool is already there.
+#   - Debian: mosquitto-clients (mosquitto_pub/sub) and mosquitto (behaviour comparisons)
+#   - npm: MQTT.js for the WebSocket tests (tests/js)
+#   - pip: this package (compiled in place) with its [test] extras
+# Arguments are passed to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+missing=()
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules/mqtt ]; then
+    echo "installing MQTT.js for the WebSocket tests"
+    (cd tests/js && npm install --no-audit --no-fund --silent)
+fi
+
+python -m pip install -q --disable-pip-version-check -e '.[test]'
+exec python -m pytest "$@"

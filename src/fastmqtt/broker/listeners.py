@@ -1,0 +1,424 @@
+"""Network listeners: TCP, TLS, WebSocket and WebSocket over TLS.
+
+Theory of operation
+-------------------
+:func:`serve_listener` binds one :class:`ListenerSpec` and runs an accept loop.
+Every accepted socket first passes the listener's admission checks (connection
+count, connection rate); a refused socket is closed at once, before any byte
+is read, and counted in ``Stats.connections_rejected`` when stats are given.
+An admitted socket gets its own task which
+
+1. runs the transport handshake with a deadline (``handshake_timeout``): TLS
+   (``trio.SSLStream``), then for ``ws``/``wss`` the HTTP upgrade
+   (trio-websocket on wsproto), checking the request path and choosing the
+   ``mqtt`` subprotocol [MQTT-6.0.0-3];
+2. calls ``await handler(stream, spec)`` with a plain ``trio.abc.Stream``, so
+   the broker sees bytes and nothing of the transport;
+3. closes the stream and releases the connection slot, whatever happened.
+
+Each connection task catches everything except cancellation: a bad handshake,
+a reset socket or a bug in the handler never reaches the accept loop (trio's
+own ``serve_listeners`` would let it crash the server).
+
+Over WebSocket, MQTT packets travel in binary messages [MQTT-6.0.0-1]; a
+packet may span messages or several may share one [MQTT-6.0.0-2], so the
+adapter simply concatenates message payloads into a byte stream. A text
+message is a protocol violation: the connection is closed [MQTT-6.0.0-1].
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from .security import RateLimiter
+
+__all__ = [
+    "ListenerSpec",
+    "serve_listener",
+    "serve_listeners",
+    "make_server_ssl_context",
+    "WebSocketStream",
+    "WS_SUBPROTOCOLS",
+]
+
+log = logging.getLogger("fastmqtt.broker.listeners")
+
+#: Subprotocols we accept, in order of preference. ``mqttv3.1`` is what old
+#: 3.1 clients (and Mosquitto's listener) still offer.
+WS_SUBPROTOCOLS = ("mqtt", "mqttv3.1")
+
+_TYPES = ("tcp", "tls", "ws", "wss")
+
+# accept() errors that mean "out of resources": wait a little and go on, the
+# way trio.serve_listeners does, rather than die or spin.
+_SLEEPY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass
+class ListenerSpec:
+    """One listening socket and its policy.
+
+    Attributes:
+        type: ``"tcp"``, ``"tls"``, ``"ws"`` or ``"wss"``.
+        host: address to bind (``"0.0.0.0"`` all IPv4, ``"::"`` all IPv6).
+        port: port to bind; 0 picks a free one (reported by ``task_status``).
+        certfile: PEM server certificate chain (``tls``/``wss``).
+        keyfile: PEM private key; None when it is inside ``certfile``.
+        cafile: PEM CA bundle used to verify client certificates.
+        require_certificate: refuse clients without a valid certificate signed
+            by ``cafile``. With a ``cafile`` but without this flag a client
+            certificate is optional (verified when presented).
+        path: WebSocket request path to accept (query string ignored); None
+            accepts any path, as Mosquitto does.
+        max_connections: open connections allowed on this listener; None = no limit.
+        connection_rate: new connections per second allowed (token bucket with
+            one second of burst); None = no limit.
+        handshake_timeout: seconds allowed for the TLS and WebSocket
+            handshakes; a client that stalls longer is dropped.
+        ws_max_message_size: largest single WebSocket message (bytes); larger
+            ones close the connection with 1009. MQTT's own maximum packet
+            size is enforced by the broker's decoder.
+        tls_min_version: lowest TLS version accepted.
+        ssl_context: a ready server context; overrides certfile/keyfile/cafile.
+        name: label for logs and metrics; defaults to ``type:port``.
+    """
+
+    type: str = "tcp"
+    host: str = "0.0.0.0"
+    port: int = 1883
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+    require_certificate: bool = False
+    path: str | None = None
+    max_connections: int | None = None
+    connection_rate: float | None = None
+    handshake_timeout: float = 10.0
+    ws_max_message_size: int = 16 * 1024 * 1024
+    tls_min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    ssl_context: ssl.SSLContext | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in _TYPES:
+            raise ValueError(f"listener type must be one of {_TYPES}, not {self.type!r}")
+        if self.is_tls and self.ssl_context is None and not self.certfile:
+            raise ValueError(f"a {self.type} listener needs a certfile")
+        if self.require_certificate and self.ssl_context is None and not self.cafile:
+            raise ValueError("require_certificate needs a cafile")
+        if self.max_connections is not None and self.max_connections < 0:
+            raise ValueError("max_connections must be >= 0")
+        if self.connection_rate is not None and self.connection_rate <= 0:
+            raise ValueError("connection_rate must be > 0")
+
+    @property
+    def is_tls(self) -> bool:
+        return self.type in ("tls", "wss")
+
+    @property
+    def is_websocket(self) -> bool:
+        return self.type in ("ws", "wss")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.type}:{self.port}"
+
+
+def make_server_ssl_context(spec: ListenerSpec) -> ssl.SSLContext:
+    """Build the stdlib server context for a ``tls``/``wss`` listener.
+
+    Args:
+        spec: the listener (certfile, keyfile, cafile, require_certificate).
+
+    Returns:
+        An ``ssl.SSLContext`` for server-side use.
+
+    Raises:
+        OSError, ssl.SSLError: when a file is missing or not valid PEM.
+    """
+    if spec.ssl_context is not None:
+        return spec.ssl_context
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = spec.tls_min_version
+    ctx.load_cert_chain(spec.certfile, spec.keyfile)
+    if spec.cafile:
+        ctx.load_verify_locations(cafile=spec.cafile)
+        ctx.verify_mode = ssl.CERT_REQUIRED if spec.require_certificate else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+Handler = Callable[[trio.abc.Stream, ListenerSpec], Awaitable[Any]]
+
+
+def _count_reject(stats: Any, reason: str) -> None:
+    if stats is None:
+        return
+    rejected = getattr(stats, "connections_rejected", None)
+    if rejected is None:
+        rejected = {}
+        try:
+            stats.connections_rejected = rejected
+        except AttributeError:  # a Stats with __slots__: nowhere to count
+            return
+    rejected[reason] = rejected.get(reason, 0) + 1
+
+
+class WebSocketStream(trio.abc.Stream):
+    """A trio ``Stream`` over a trio-websocket connection.
+
+    ``receive_some`` returns the payload of binary messages (split into
+    ``max_bytes`` pieces when asked), ``b""`` once the peer has closed;
+    ``send_all`` sends one binary message. A text message closes the
+    connection with 1003 (unsupported data) [MQTT-6.0.0-1].
+    """
+
+    def __init__(self, ws: Any, request_path: str = "/", subprotocol: str | None = None) -> None:
+        self.websocket = ws
+        self.request_path = request_path
+        self.subprotocol = subprotocol
+        self._pending = b""
+        self._eof = False
+
+    @property
+    def transport_stream(self) -> trio.abc.Stream:
+        """The TCP or TLS stream below the WebSocket (for peer address, certificate)."""
+        return self.websocket._stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        from trio_websocket import ConnectionClosed
+
+        if not self._pending:
+            if self._eof:
+                return b""
+            while True:
+                try:
+                    message = await self.websocket.get_message()
+                except ConnectionClosed:
+                    self._eof = True
+                    return b""
+                if isinstance(message, str):
+                    # [MQTT-6.0.0-1]: only binary frames carry MQTT.
+                    log.info("text WebSocket frame received; closing connection")
+                    self._eof = True
+                    with trio.move_on_after(1):
+                        await self.websocket.aclose(1003, "MQTT needs binary frames")
+                    return b""
+                if message:
+                    self._pending = message
+                    break
+        data = self._pending
+        if max_bytes is not None and len(data) > max_bytes:
+            self._pending = data[max_bytes:]
+            return data[:max_bytes]
+        self._pending = b""
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        from trio_websocket import ConnectionClosed
+
+        try:
+            await self.websocket.send_message(bytes(data))
+        except ConnectionClosed as exc:
+            raise trio.BrokenResourceError("WebSocket closed") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await self.websocket.aclose()
+
+
+def _choose_subprotocol(proposed: tuple[str, ...]) -> str | None | bool:
+    """The subprotocol to answer with; ``None`` when the client offered none
+    (lenient, like Mosquitto), ``False`` when it offered only others."""
+    if not proposed:
+        return None
+    lowered = [p.strip().lower() for p in proposed]
+    for want in WS_SUBPROTOCOLS:
+        if want in lowered:
+            return proposed[lowered.index(want)]
+    return False
+
+
+async def _websocket_session(spec: ListenerSpec, stream: trio.abc.Stream, handler: Handler) -> None:
+    """Upgrade ``stream`` to a WebSocket and run ``handler`` over it."""
+    import trio_websocket
+
+    async with trio.open_nursery() as nursery:
+        ws = None
+        with trio.move_on_after(spec.handshake_timeout) as scope:
+            request = await trio_websocket.wrap_server_stream(
+                nursery, stream, max_message_size=spec.ws_max_message_size)
+            path = request.path.split("?", 1)[0]
+            if spec.path is not None and path != spec.path:
+                log.info("%s: WebSocket path %r refused (want %r)", spec.label, path, spec.path)
+                await request.reject(404)
+            else:
+                proto = _choose_subprotocol(request.proposed_subprotocols)
+                if proto is False:
+                    log.info("%s: WebSocket subprotocols %r refused", spec.label,
+                             request.proposed_subprotocols)
+                    await request.reject(400, body=b"MQTT needs subprotocol 'mqtt'\n")
+                else:
+                    ws = await request.accept(subprotocol=proto)
+        if scope.cancelled_caught:
+            log.info("%s: WebSocket handshake timed out", spec.label)
+        if ws is None:
+            nursery.cancel_scope.cancel()
+            return
+        wrapped = WebSocketStream(ws, path, proto or None)
+        try:
+            await handler(wrapped, spec)
+        finally:
+            with trio.move_on_after(2) as cleanup:
+                cleanup.shield = True
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _tls_handshake(spec: ListenerSpec, stream: trio.abc.Stream,
+                         ctx: ssl.SSLContext) -> trio.SSLStream | None:
+    ssl_stream = trio.SSLStream(stream, ctx, server_side=True)
+    with trio.move_on_after(spec.handshake_timeout):
+        try:
+            await ssl_stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            log.info("%s: TLS handshake failed: %s", spec.label, exc)
+            return None
+        return ssl_stream
+    log.info("%s: TLS handshake timed out", spec.label)
+    return None
+
+
+async def _run_connection(spec: ListenerSpec, stream: trio.SocketStream, handler: Handler,
+                          ctx: ssl.SSLContext | None, release: Callable[[], None]) -> None:
+    try:
+        top: trio.abc.Stream = stream
+        if ctx is not None:
+            tls = await _tls_handshake(spec, stream, ctx)
+            if tls is None:
+                return
+            top = tls
+        if spec.is_websocket:
+            await _websocket_session(spec, top, handler)
+        else:
+            await handler(top, spec)
+    except Exception:  # one connection's failure stays in that connection
+        log.exception("%s: connection handler failed", spec.label)
+    finally:
+        release()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+class _Gate:
+    """Admission state of one listener: open connections and the rate bucket."""
+
+    __slots__ = ("spec", "stats", "active", "bucket")
+
+    def __init__(self, spec: ListenerSpec, stats: Any) -> None:
+        self.spec = spec
+        self.stats = stats
+        self.active = 0
+        self.bucket = RateLimiter(spec.connection_rate) if spec.connection_rate else None
+
+    def admit(self) -> bool:
+        spec = self.spec
+        if spec.max_connections is not None and self.active >= spec.max_connections:
+            log.info("%s: connection refused, %d open (max_connections)", spec.label, self.active)
+            _count_reject(self.stats, "max_connections")
+            return False
+        if self.bucket is not None and not self.bucket.allow(trio.current_time()):
+            log.info("%s: connection refused (connection_rate %s/s)", spec.label,
+                     spec.connection_rate)
+            _count_reject(self.stats, "connection_rate")
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+async def _accept_loop(gate: _Gate, listener: trio.SocketListener, handler: Handler,
+                       ctx: ssl.SSLContext | None, nursery: trio.Nursery) -> None:
+    spec = gate.spec
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno in _SLEEPY_ERRNOS:
+                log.error("%s: accept failed (%s); pausing 100 ms", spec.label, exc)
+                await trio.sleep(0.1)
+                continue
+            raise
+        if not gate.admit():
+            # Refuse before reading a byte: an RST-free close is cheap and the
+            # client's reconnect backoff does the rest.
+            await trio.aclose_forcefully(stream)
+            continue
+        nursery.start_soon(_run_connection, spec, stream, handler, ctx, gate.release)
+
+
+async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = None,
+                         task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Bind ``spec`` and serve connections until cancelled.
+
+    Args:
+        spec: what to bind and how to treat connections.
+        handler: ``async handler(stream, spec)``, run in its own task for each
+            admitted connection, with the TLS/WebSocket handshake already
+            done. The stream is closed after it returns or raises; what it
+            raises is logged, never propagated.
+        stats: optional ``interfaces.Stats``; refused connections are counted
+            in ``stats.connections_rejected[reason]`` (``"max_connections"``,
+            ``"connection_rate"``).
+        task_status: receives ``(host, port)`` once bound; with port 0 it is
+            the real port chosen by the OS.
+
+    Raises:
+        OSError: when the address cannot be bound.
+        ssl.SSLError: when the certificate or key cannot be loaded.
+    """
+    ctx = make_server_ssl_context(spec) if spec.is_tls else None
+    listeners = await trio.open_tcp_listeners(spec.port, host=spec.host or None)
+    bound = listeners[0].socket.getsockname()
+    host, port = bound[0], bound[1]
+    log.info("listening on %s (%s %s:%d)", spec.label, spec.type, host, port)
+    gate = _Gate(spec, stats)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(_accept_loop, gate, listener, handler, ctx, nursery)
+            task_status.started((host, port))
+    finally:
+        for listener in listeners:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+
+
+async def serve_listeners(specs: list[ListenerSpec], handler: Handler, *, stats: Any = None,
+                          task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve several listeners; ``task_status`` gets the list of ``(host, port)``.
+
+    Args:
+        specs: the listeners, bound in order.
+        handler: as for :func:`serve_listener`.
+        stats: as for :func:`serve_listener`.
+        task_status: receives ``[(host, port), ...]`` in the order of ``specs``.
+    """
+    async with trio.open_nursery() as nursery:
+        bound = []
+        for spec in specs:
+            bound.append(await nursery.start(
+                functools.partial(serve_listener, spec, handler, stats=stats)))
+        task_status.started(bound)

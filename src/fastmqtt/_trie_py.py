@@ -145,10 +145,12 @@ class _Group:
 
 
 def _round_robin(group: _Group, filter_text: str):
+    # The cursor stays below the member count (as in the compiled module), so
+    # after a member leaves the rotation carries on from the same position.
     members = list(group.members)
-    chosen = members[group.cursor % len(members)]
-    group.cursor += 1
-    return chosen
+    index = group.cursor % len(members)
+    group.cursor = index + 1
+    return members[index]
 
 
 class TopicTrie:

@@ -1,0 +1,1545 @@
+# cython: language_level=3
+"""Compiled topic trie and retained store (API: ``_trie.pyi``; reference: ``_trie_py``).
+
+Theory of operation
+-------------------
+Everything lives in C structs allocated with PyMem; no Python object exists
+per node or per subscription, because memory per subscription is what limits
+a chat broker with a million of them.
+
+*Nodes.* One ``Node`` per topic-filter level: the level's UTF-8 bytes are
+stored inline after the struct, with a 32-bit hash. Literal children are kept
+in ``table``: a plain array while there are at most ``LINEAR_MAX`` of them,
+then an open-addressing hash table (linear probing, backward-shift deletion,
+load <= 1/2). The ``+`` and ``#`` children have their own slots so matching
+never hashes a wildcard. Nodes that become empty are freed at once, walking
+back up the parents, so memory follows the live subscriptions.
+
+*Subscribers.* A subscriber (any hashable) is interned to a small integer
+``sid`` through one dict; ``SubRec`` table slot ``sid`` holds the object and
+the subscriber's list of ``Ref`` (node, index of its entry there). Each node
+holds an ``Entry`` array (sid, subscription identifier, packed options and the
+index of the matching Ref). The two indexes point at each other, so removing
+a subscription is O(1) after it is found, and finding it scans whichever of
+the node's entries or the subscriber's refs is shorter. About 24 bytes per
+subscription plus array slack.
+
+*Shared groups.* ``$share/{name}/{filter}`` is a group node hanging off the
+filter's node (in ``extra``), flagged ``F_GROUP`` and keyed by the share name;
+its entries are the members in subscription order (removal keeps the order,
+so round robin is deterministic) and ``aux`` is the round-robin cursor.
+
+*Matching.* The topic is split once into levels with their hashes, then an
+explicit-stack DFS follows, per level, the literal child and the ``+`` child,
+and collects the ``#`` child (which also matches the parent level,
+[MQTT-4.7.1-2]). At the root a topic starting with ``$`` skips the wildcard
+children [MQTT-4.7.2-1]. Deliveries are merged per subscriber with a
+generation stamp in ``SubRec``, so the cost is depth x branching + matches.
+
+*Retained store.* The same node type; ``extra`` points at a ``RetVal``
+(message, expiry). A filter walks only the branches it can reach.
+"""
+
+cimport cython
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
+from libc.string cimport memcmp, memcpy, memmove, memset
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport qsort
+
+from fastmqtt.errors import MalformedPacket as _MalformedPacket
+import random as _random
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
+    object PyUnicode_DecodeUTF8(const char*, Py_ssize_t, const char*)
+
+cdef object MalformedPacket = _MalformedPacket
+
+cdef int FILTER_INVALID = 0x8F
+cdef int NAME_INVALID = 0x90
+cdef int PROTOCOL_ERROR = 0x82
+cdef Py_ssize_t MAX_UTF8 = 65535
+cdef uint32_t MAX_SUBSCRIPTION_ID = 268435455
+cdef uint32_t LINEAR_MAX = 8
+cdef uint32_t MAX_REFS = 1 << 24   # refpos lives in 24 bits of Entry.meta
+
+cdef enum:
+    F_GROUP = 1
+    F_HAS_EXP = 2
+    LOCAL_LEVELS = 32
+
+# Entry.meta bits
+cdef enum:
+    M_QOS = 0x3
+    M_NL = 0x4
+    M_RAP = 0x8
+    M_RH_SHIFT = 4
+    M_OPTS = 0xFF
+    M_REF_SHIFT = 8
+
+
+cdef struct Node
+ctypedef Node* NodeP
+
+cdef struct Entry:
+    uint32_t sid
+    uint32_t subid
+    uint32_t meta        # options in the low byte, index of the owner's Ref above
+
+cdef packed struct Ref:
+    Node* node
+    uint32_t pos         # index of the Entry in node.entries
+
+cdef struct Node:
+    Node* parent
+    Node** table         # literal children (array, or hash table when tcap > LINEAR_MAX)
+    Node* plus
+    Node* multi
+    Entry* entries
+    void* extra          # subscription trie: Node** shared groups; retained: RetVal*
+    uint32_t nchildren
+    uint32_t tcap
+    uint32_t nentries
+    uint32_t ecap
+    uint32_t hash
+    uint32_t aux         # filter node: number of groups; group node: round-robin cursor
+    uint16_t keylen
+    uint8_t flags
+    char key[1]
+
+cdef struct SubRec:
+    PyObject* obj        # strong reference; NULL when the slot is free
+    Ref* refs
+    uint32_t nrefs
+    uint32_t rcap
+    uint32_t stamp       # match generation that last touched this subscriber
+    uint32_t slot        # accumulator index during match; next free sid when free
+
+cdef struct RetVal:
+    PyObject* msg
+    double expires
+
+cdef struct Acc:
+    uint32_t sid
+    uint32_t qos_rap
+    uint32_t subid
+    uint32_t nsubids
+
+cdef struct Levels:
+    const char* buf
+    uint32_t n
+    uint32_t* off
+    uint32_t* len
+    uint32_t* hash
+    uint32_t local_off[LOCAL_LEVELS]
+    uint32_t local_len[LOCAL_LEVELS]
+    uint32_t local_hash[LOCAL_LEVELS]
+    int dollar           # first byte is '$'
+    # shared subscription name (filters only)
+    const char* share
+    uint32_t share_len
+
+
+# ---------------------------------------------------------------------------
+# hashing and levels
+
+cdef inline uint32_t hash_bytes(const char* p, uint32_t n) noexcept nogil:
+    # FNV-1a, then murmur3's finaliser so the low bits (used as the table
+    # index) depend on every byte.
+    cdef uint32_t h = 2166136261u
+    cdef uint32_t i
+    for i in range(n):
+        h = (h ^ <uint8_t>p[i]) * 16777619u
+    h ^= h >> 16
+    h *= 0x85ebca6bu
+    h ^= h >> 13
+    h *= 0xc2b2ae35u
+    h ^= h >> 16
+    return h
+
+
+cdef inline void levels_init(Levels* lv) noexcept:
+    lv.off = lv.local_off
+    lv.len = lv.local_len
+    lv.hash = lv.local_hash
+    lv.n = 0
+    lv.share = NULL
+    lv.share_len = 0
+    lv.dollar = 0
+
+
+cdef inline void levels_free(Levels* lv) noexcept:
+    if lv.off != lv.local_off:
+        PyMem_Free(lv.off)
+        PyMem_Free(lv.len)
+        PyMem_Free(lv.hash)
+    lv.off = lv.local_off
+    lv.len = lv.local_len
+    lv.hash = lv.local_hash
+
+
+cdef int levels_split(Levels* lv, const char* s, Py_ssize_t n) except -1:
+    """Split s[0:n] on '/' into lv (offsets, lengths, hashes)."""
+    cdef Py_ssize_t count = 1, i, start
+    for i in range(n):
+        if s[i] == b'/':
+            count += 1
+    if count > LOCAL_LEVELS:
+        lv.off = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
+        lv.len = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
+        lv.hash = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
+        if lv.off == NULL or lv.len == NULL or lv.hash == NULL:
+            PyMem_Free(lv.off); PyMem_Free(lv.len); PyMem_Free(lv.hash)
+            lv.off = lv.local_off
+            lv.len = lv.local_len
+            lv.hash = lv.local_hash
+            raise MemoryError()
+    lv.buf = s
+    lv.n = <uint32_t>count
+    count = 0
+    start = 0
+    for i in range(n + 1):
+        if i == n or s[i] == b'/':
+            lv.off[count] = <uint32_t>start
+            lv.len[count] = <uint32_t>(i - start)
+            lv.hash[count] = hash_bytes(s + start, <uint32_t>(i - start))
+            count += 1
+            start = i + 1
+    return 0
+
+
+cdef const char* utf8_of(object text, Py_ssize_t* n, int code, str what) except NULL:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be str, not {type(text).__name__}")
+    cdef const char* s
+    try:
+        s = PyUnicode_AsUTF8AndSize(text, n)
+    except UnicodeEncodeError:
+        # Lone surrogates: not well-formed UTF-8 [MQTT-1.5.4-1].
+        raise MalformedPacket(f"{what} is not well-formed UTF-8", code) from None
+    if n[0] == 0:
+        raise MalformedPacket(f"{what} is empty [MQTT-4.7.3-1]", code)
+    if n[0] > MAX_UTF8:
+        raise MalformedPacket(f"{what} is longer than 65535 bytes [MQTT-4.7.3-3]", code)
+    return s
+
+
+cdef int parse_topic(Levels* lv, object topic) except -1:
+    """Validate a topic name and split it: 0x90 on any rule broken."""
+    cdef Py_ssize_t n, i
+    cdef const char* s = utf8_of(topic, &n, NAME_INVALID, "topic name")
+    cdef char c
+    for i in range(n):
+        c = s[i]
+        if c == 0:
+            raise MalformedPacket("topic name contains U+0000 [MQTT-4.7.3-2]", NAME_INVALID)
+        if c == b'+' or c == b'#':
+            raise MalformedPacket("wildcard in a topic name [MQTT-3.3.2-2]", NAME_INVALID)
+    levels_split(lv, s, n)
+    lv.dollar = s[0] == b'$'
+    return 0
+
+
+cdef int parse_filter(Levels* lv, object topic_filter) except -1:
+    """Validate a topic filter (and ``$share/`` prefix) and split the filter proper.
+
+    Sets lv.share/lv.share_len for a shared subscription. 0x8F on any rule broken.
+    """
+    cdef Py_ssize_t n, i, start, slash
+    cdef const char* s = utf8_of(topic_filter, &n, FILTER_INVALID, "topic filter")
+    cdef char c
+    for i in range(n):
+        if s[i] == 0:
+            raise MalformedPacket("topic filter contains U+0000 [MQTT-4.7.3-2]", FILTER_INVALID)
+    start = 0
+    lv.share = NULL
+    lv.share_len = 0
+    if n >= 7 and memcmp(s, b"$share/", 7) == 0:
+        slash = -1
+        for i in range(7, n):
+            c = s[i]
+            if c == b'/':
+                slash = i
+                break
+            if c == b'+' or c == b'#':
+                raise MalformedPacket("ShareName contains a wildcard [MQTT-4.8.2-2]",
+                                      FILTER_INVALID)
+        if slash == 7 or (slash < 0 and n == 7):
+            raise MalformedPacket("empty ShareName [MQTT-4.8.2-1]", FILTER_INVALID)
+        if slash < 0 or slash == n - 1:
+            raise MalformedPacket("ShareName not followed by '/' and a Topic Filter "
+                                  "[MQTT-4.8.2-2]", FILTER_INVALID)
+        lv.share = s + 7
+        lv.share_len = <uint32_t>(slash - 7)
+        start = slash + 1
+    # Wildcards occupy whole levels; '#' only as the last level
+    # [MQTT-4.7.1-2], [MQTT-4.7.1-3].
+    for i in range(start, n):
+        c = s[i]
+        if c == b'+' or c == b'#':
+            if (i > start and s[i - 1] != b'/') or (i + 1 < n and s[i + 1] != b'/'):
+                if c == b'+':
+                    raise MalformedPacket("'+' must be a whole level [MQTT-4.7.1-3]",
+                                          FILTER_INVALID)
+                raise MalformedPacket("'#' must be the whole last level [MQTT-4.7.1-2]",
+                                      FILTER_INVALID)
+            if c == b'#' and i + 1 != n:
+                raise MalformedPacket("'#' must be the whole last level [MQTT-4.7.1-2]",
+                                      FILTER_INVALID)
+    levels_split(lv, s + start, n - start)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# nodes
+
+cdef inline bint is_level(Levels* lv, uint32_t i, char c) noexcept:
+    return lv.len[i] == 1 and lv.buf[lv.off[i]] == c
+
+
+cdef Node* node_new(Node* parent, const char* key, uint32_t keylen, uint32_t h) except NULL:
+    cdef Node* n = <Node*>PyMem_Malloc(sizeof(Node) + keylen)
+    if n == NULL:
+        raise MemoryError()
+    memset(n, 0, sizeof(Node))
+    n.parent = parent
+    n.hash = h
+    n.keylen = <uint16_t>keylen
+    if keylen:
+        memcpy(n.key, key, keylen)
+    n.key[keylen] = 0
+    return n
+
+
+cdef inline bint node_is(Node* c, const char* k, uint32_t klen, uint32_t h) noexcept:
+    return c.hash == h and c.keylen == klen and memcmp(c.key, k, klen) == 0
+
+
+cdef inline Node* child_find(Node* n, const char* k, uint32_t klen, uint32_t h) noexcept:
+    cdef Node** t = n.table
+    cdef Node* c
+    cdef uint32_t i, mask
+    if n.tcap <= LINEAR_MAX:
+        for i in range(n.nchildren):
+            c = t[i]
+            if node_is(c, k, klen, h):
+                return c
+        return NULL
+    mask = n.tcap - 1
+    i = h & mask
+    while True:
+        c = t[i]
+        if c == NULL:
+            return NULL
+        if node_is(c, k, klen, h):
+            return c
+        i = (i + 1) & mask
+
+
+cdef inline void table_put(Node** t, uint32_t cap, Node* c) noexcept:
+    cdef uint32_t mask = cap - 1
+    cdef uint32_t i = c.hash & mask
+    while t[i] != NULL:
+        i = (i + 1) & mask
+    t[i] = c
+
+
+cdef int table_resize(Node* n, uint32_t newcap) except -1:
+    """Rebuild n's child table with capacity newcap (linear when <= LINEAR_MAX)."""
+    cdef Node** old = n.table
+    cdef uint32_t oldcap = n.tcap, i, k = 0
+    cdef Node** t = NULL
+    if newcap:
+        t = <Node**>PyMem_Malloc(newcap * sizeof(Node*))
+        if t == NULL:
+            raise MemoryError()
+        memset(t, 0, newcap * sizeof(Node*))
+    if oldcap <= LINEAR_MAX:
+        for i in range(n.nchildren):
+            if newcap <= LINEAR_MAX:
+                t[i] = old[i]
+            else:
+                table_put(t, newcap, old[i])
+    else:
+        for i in range(oldcap):
+            if old[i] != NULL:
+                if newcap <= LINEAR_MAX:
+                    t[k] = old[i]
+                    k += 1
+                else:
+                    table_put(t, newcap, old[i])
+    PyMem_Free(old)
+    n.table = t
+    n.tcap = newcap
+    return 0
+
+
+cdef int child_add(Node* n, Node* c) except -1:
+    cdef uint32_t cap = n.tcap
+    if cap <= LINEAR_MAX:
+        if n.nchildren == cap:
+            if cap == LINEAR_MAX:
+                table_resize(n, LINEAR_MAX * 4)
+            else:
+                table_resize(n, 2 if cap == 0 else cap * 2)
+    elif (n.nchildren + 1) * 2 > cap:
+        table_resize(n, cap * 2)
+    if n.tcap <= LINEAR_MAX:
+        n.table[n.nchildren] = c
+    else:
+        table_put(n.table, n.tcap, c)
+    n.nchildren += 1
+    return 0
+
+
+cdef void child_remove(Node* n, Node* c) noexcept:
+    cdef Node** t = n.table
+    cdef uint32_t i, j, k, mask
+    if n.tcap <= LINEAR_MAX:
+        for i in range(n.nchildren):
+            if t[i] == c:
+                t[i] = t[n.nchildren - 1]
+                t[n.nchildren - 1] = NULL
+                break
+        n.nchildren -= 1
+        if n.nchildren == 0:
+            PyMem_Free(t)
+            n.table = NULL
+            n.tcap = 0
+        return
+    mask = n.tcap - 1
+    i = c.hash & mask
+    while t[i] != c:
+        i = (i + 1) & mask
+    t[i] = NULL
+    # Backward-shift deletion keeps every probe chain unbroken.
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if t[j] == NULL:
+            break
+        k = t[j].hash & mask
+        if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
+            continue
+        t[i] = t[j]
+        t[j] = NULL
+        i = j
+    n.nchildren -= 1
+    if n.nchildren * 8 < n.tcap:
+        # Shrinking cannot fail in a way that loses children: on MemoryError
+        # the old table stays.
+        try:
+            table_resize(n, n.tcap // 4 if n.tcap // 4 > LINEAR_MAX else LINEAR_MAX)
+        except MemoryError:
+            pass
+
+
+cdef inline bint node_empty(Node* n) noexcept:
+    return (n.nentries == 0 and n.nchildren == 0 and n.plus == NULL and n.multi == NULL
+            and n.extra == NULL)
+
+
+cdef void node_detach(Node* p, Node* n) noexcept:
+    cdef Node** groups
+    cdef uint32_t i
+    if n.flags & F_GROUP:
+        groups = <Node**>p.extra
+        for i in range(p.aux):
+            if groups[i] == n:
+                memmove(&groups[i], &groups[i + 1], (p.aux - i - 1) * sizeof(Node*))
+                break
+        p.aux -= 1
+        if p.aux == 0:
+            PyMem_Free(groups)
+            p.extra = NULL
+    elif p.plus == n:
+        p.plus = NULL
+    elif p.multi == n:
+        p.multi = NULL
+    else:
+        child_remove(p, n)
+
+
+cdef void node_prune(Node* n) noexcept:
+    """Free n and then its ancestors for as long as they are empty (never the root)."""
+    cdef Node* p
+    while n.parent != NULL and node_empty(n):
+        p = n.parent
+        node_detach(p, n)
+        PyMem_Free(n.entries)
+        PyMem_Free(n.table)
+        PyMem_Free(n)
+        n = p
+
+
+cdef object node_text(Node* n):
+    """The filter (or topic) a node stands for, rebuilt from the parents."""
+    cdef Node* p = n
+    cdef Py_ssize_t total = 0, pos
+    cdef bint group = n.flags & F_GROUP
+    if group:
+        p = n.parent
+    cdef Node* q = p
+    while q.parent != NULL:
+        total += q.keylen + 1
+        q = q.parent
+    total -= 1
+    if group:
+        total += 7 + n.keylen + 1
+    cdef char* buf = <char*>PyMem_Malloc(total + 1)
+    if buf == NULL:
+        raise MemoryError()
+    try:
+        pos = total
+        q = p
+        while q.parent != NULL:
+            pos -= q.keylen
+            memcpy(buf + pos, q.key, q.keylen)
+            if pos > 0:
+                pos -= 1
+                buf[pos] = b'/'
+            q = q.parent
+        if group:
+            memcpy(buf, b"$share/", 7)
+            memcpy(buf + 7, n.key, n.keylen)
+        return PyUnicode_DecodeUTF8(buf, total, NULL)
+    finally:
+        PyMem_Free(buf)
+
+
+cdef inline object key_text(Node* n):
+    return PyUnicode_DecodeUTF8(n.key, n.keylen, NULL)
+
+
+cdef inline uint32_t grow(uint32_t cap) noexcept:
+    return cap + (cap >> 1) + 1
+
+
+cdef int qsort_u64(const void* a, const void* b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t*>a)[0], y = (<const uint64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+# ---------------------------------------------------------------------------
+# the subscription trie
+
+@cython.final
+cdef class TopicTrie:
+    """Subscriptions by topic filter, with per-subscriber options and shared groups.
+
+    A subscriber is any hashable object (a client id, a session object). See
+    the module docstring for the memory layout.
+    """
+
+    cdef Node* root
+    cdef SubRec* subs
+    cdef uint32_t subs_cap
+    cdef uint32_t subs_used     # high-water mark of sids
+    cdef uint32_t free_sid      # head of the free list (subs_cap when empty)
+    cdef dict sids              # subscriber -> sid
+    cdef Py_ssize_t count
+    cdef uint32_t stamp
+    cdef int policy_kind        # 0 round robin, 1 random, 2 callable
+    cdef object policy
+    cdef uint64_t rng
+    # match scratch, kept between calls to avoid allocation
+    cdef Node** stk_node
+    cdef uint32_t* stk_level
+    cdef uint32_t stk_cap
+    cdef Node** hits
+    cdef uint32_t hits_cap
+    cdef Acc* acc
+    cdef uint32_t acc_cap
+    cdef uint64_t* xs
+    cdef uint32_t xs_cap
+
+    def __cinit__(self):
+        self.root = node_new(NULL, NULL, 0, 0)
+        self.sids = {}
+        self.free_sid = 0xFFFFFFFFu
+        self.stamp = 0
+        self.rng = (<uint64_t>_random.getrandbits(63)) | 1
+
+    def __init__(self) -> None:
+        """Create an empty trie (round-robin share policy)."""
+
+    def __dealloc__(self):
+        cdef Node* n
+        cdef Node* c
+        cdef Node** stack = NULL
+        cdef uint32_t sp = 0, cap = 0, i
+        cdef Node** groups
+        if self.root != NULL:
+            # Free every node with an explicit stack (depth can be 32k levels).
+            cap = 64
+            stack = <Node**>PyMem_Malloc(cap * sizeof(Node*))
+            if stack != NULL:
+                stack[0] = self.root
+                sp = 1
+                while sp:
+                    sp -= 1
+                    n = stack[sp]
+                    if sp + n.tcap + n.aux + 2 >= cap:
+                        cap = (sp + n.tcap + n.aux + 2) * 2
+                        stack = <Node**>PyMem_Realloc(stack, cap * sizeof(Node*))
+                        if stack == NULL:
+                            break
+                    if n.tcap <= LINEAR_MAX:
+                        for i in range(n.nchildren):
+                            stack[sp] = n.table[i]; sp += 1
+                    else:
+                        for i in range(n.tcap):
+                            if n.table[i] != NULL:
+                                stack[sp] = n.table[i]; sp += 1
+                    if n.plus != NULL:
+                        stack[sp] = n.plus; sp += 1
+                    if n.multi != NULL:
+                        stack[sp] = n.multi; sp += 1
+                    if not (n.flags & F_GROUP) and n.extra != NULL:
+                        groups = <Node**>n.extra
+                        for i in range(n.aux):
+                            stack[sp] = groups[i]; sp += 1
+                        PyMem_Free(groups)
+                    PyMem_Free(n.entries)
+                    PyMem_Free(n.table)
+                    PyMem_Free(n)
+                PyMem_Free(stack)
+            self.root = NULL
+        if self.subs != NULL:
+            for i in range(self.subs_used):
+                Py_XDECREF(self.subs[i].obj)
+                PyMem_Free(self.subs[i].refs)
+            PyMem_Free(self.subs)
+            self.subs = NULL
+        PyMem_Free(self.stk_node)
+        PyMem_Free(self.stk_level)
+        PyMem_Free(self.hits)
+        PyMem_Free(self.acc)
+        PyMem_Free(self.xs)
+
+    # -- subscriber ids ----------------------------------------------------
+
+    cdef uint32_t sid_new(self, object subscriber) except? 0xFFFFFFFF:
+        cdef uint32_t sid, newcap
+        cdef SubRec* rec
+        if self.free_sid != 0xFFFFFFFFu:
+            sid = self.free_sid
+            self.free_sid = self.subs[sid].slot
+        else:
+            if self.subs_used == self.subs_cap:
+                newcap = grow(self.subs_cap) + 15
+                rec = <SubRec*>PyMem_Realloc(self.subs, newcap * sizeof(SubRec))
+                if rec == NULL:
+                    raise MemoryError()
+                self.subs = rec
+                self.subs_cap = newcap
+            sid = self.subs_used
+            self.subs_used += 1
+        rec = &self.subs[sid]
+        memset(rec, 0, sizeof(SubRec))
+        self.sids[subscriber] = sid     # may raise TypeError (unhashable)
+        rec.obj = <PyObject*>subscriber
+        Py_INCREF(subscriber)
+        return sid
+
+    cdef void sid_release(self, uint32_t sid) except *:
+        cdef SubRec* rec = &self.subs[sid]
+        cdef object obj = <object>rec.obj
+        rec.obj = NULL
+        PyMem_Free(rec.refs)
+        rec.refs = NULL
+        rec.rcap = 0
+        rec.slot = self.free_sid
+        self.free_sid = sid
+        Py_DECREF(obj)          # balanced: `obj` holds its own reference
+        del self.sids[obj]
+
+    # -- entries -----------------------------------------------------------
+
+    cdef Py_ssize_t entry_find(self, Node* t, uint32_t sid) noexcept:
+        cdef SubRec* rec = &self.subs[sid]
+        cdef uint32_t i
+        if t.nentries <= rec.nrefs:
+            for i in range(t.nentries):
+                if t.entries[i].sid == sid:
+                    return i
+        else:
+            for i in range(rec.nrefs):
+                if rec.refs[i].node == t:
+                    return rec.refs[i].pos
+        return -1
+
+    cdef int entry_add(self, Node* t, uint32_t sid, uint32_t opts, uint32_t subid) except -1:
+        cdef SubRec* rec = &self.subs[sid]
+        cdef uint32_t cap
+        cdef Entry* e
+        cdef Ref* r
+        if rec.nrefs >= MAX_REFS:
+            raise MemoryError("too many subscriptions for one subscriber")
+        if t.nentries == t.ecap:
+            cap = grow(t.ecap)
+            e = <Entry*>PyMem_Realloc(t.entries, cap * sizeof(Entry))
+            if e == NULL:
+                raise MemoryError()
+            t.entries = e
+            t.ecap = cap
+        if rec.nrefs == rec.rcap:
+            cap = grow(rec.rcap)
+            r = <Ref*>PyMem_Realloc(rec.refs, cap * sizeof(Ref))
+            if r == NULL:
+                raise MemoryError()
+            rec.refs = r
+            rec.rcap = cap
+        e = &t.entries[t.nentries]
+        e.sid = sid
+        e.subid = subid
+        e.meta = opts | (rec.nrefs << M_REF_SHIFT)
+        r = &rec.refs[rec.nrefs]
+        r.node = t
+        r.pos = t.nentries
+        t.nentries += 1
+        rec.nrefs += 1
+        self.count += 1
+        return 0
+
+    cdef void entry_remove(self, Node* t, uint32_t i) noexcept:
+        """Remove entry i of t and its Ref; the caller prunes and releases the sid."""
+        cdef Entry e = t.entries[i]
+        cdef uint32_t refpos = e.meta >> M_REF_SHIFT
+        cdef SubRec* rec = &self.subs[e.sid]
+        cdef uint32_t last = rec.nrefs - 1, j
+        cdef Ref* moved
+        cdef Entry* m
+        if refpos != last:
+            rec.refs[refpos] = rec.refs[last]
+            moved = &rec.refs[refpos]
+            m = &moved.node.entries[moved.pos]
+            m.meta = (m.meta & M_OPTS) | (refpos << M_REF_SHIFT)
+        rec.nrefs = last
+        last = t.nentries - 1
+        if t.flags & F_GROUP:
+            # Members keep subscription order, so round robin stays predictable.
+            memmove(&t.entries[i], &t.entries[i + 1], (last - i) * sizeof(Entry))
+            for j in range(i, last):
+                m = &t.entries[j]
+                self.subs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = j
+        elif i != last:
+            t.entries[i] = t.entries[last]
+            m = &t.entries[i]
+            self.subs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = i
+        t.nentries = last
+        if last == 0:
+            PyMem_Free(t.entries)
+            t.entries = NULL
+            t.ecap = 0
+        elif last * 4 < t.ecap:
+            m = <Entry*>PyMem_Realloc(t.entries, (last * 2) * sizeof(Entry))
+            if m != NULL:
+                t.entries = m
+                t.ecap = last * 2
+        self.count -= 1
+
+    # -- walking -------------------------------------------------------------
+
+    cdef Node* find_node(self, Levels* lv, bint create) except? NULL:
+        """The node (or shared group node) for a parsed filter; NULL if absent."""
+        cdef Node* n = self.root
+        cdef Node* c
+        cdef Node** groups
+        cdef uint32_t i, h
+        cdef const char* k
+        for i in range(lv.n):
+            k = lv.buf + lv.off[i]
+            if is_level(lv, i, b'+'):
+                c = n.plus
+                if c == NULL and create:
+                    c = n.plus = node_new(n, b"+", 1, lv.hash[i])
+            elif is_level(lv, i, b'#'):
+                c = n.multi
+                if c == NULL and create:
+                    c = n.multi = node_new(n, b"#", 1, lv.hash[i])
+            else:
+                c = child_find(n, k, lv.len[i], lv.hash[i])
+                if c == NULL and create:
+                    c = node_new(n, k, lv.len[i], lv.hash[i])
+                    try:
+                        child_add(n, c)
+                    except MemoryError:
+                        PyMem_Free(c)
+                        node_prune(n)
+                        raise
+            if c == NULL:
+                return NULL
+            n = c
+        if lv.share == NULL:
+            return n
+        h = hash_bytes(lv.share, lv.share_len)
+        groups = <Node**>n.extra
+        for i in range(n.aux):
+            if node_is(groups[i], lv.share, lv.share_len, h):
+                return groups[i]
+        if not create:
+            return NULL
+        c = node_new(n, lv.share, lv.share_len, h)
+        c.flags = F_GROUP
+        groups = <Node**>PyMem_Realloc(n.extra, (n.aux + 1) * sizeof(Node*))
+        if groups == NULL:
+            PyMem_Free(c)
+            node_prune(n)
+            raise MemoryError()
+        groups[n.aux] = c
+        n.aux += 1
+        n.extra = groups
+        return c
+
+    # -- public API ------------------------------------------------------------
+
+    def subscribe(self, subscriber, topic_filter, int qos=0, bint no_local=False,
+                  bint retain_as_published=False, int retain_handling=0,
+                  long long subscription_id=0):
+        """Add a subscription, or replace the options of an identical one.
+
+        Args:
+            subscriber: any hashable object identifying the receiver.
+            topic_filter: an MQTT topic filter, or ``$share/{name}/{filter}`` to
+                join the shared group ``name`` on ``filter``.
+            qos: maximum QoS granted (0..2).
+            no_local: do not deliver this subscriber's own publications [MQTT-3.8.3-3].
+            retain_as_published: keep the RETAIN flag on forwarded messages.
+            retain_handling: 0, 1 or 2 (stored for the broker; not used in matching).
+            subscription_id: 0 for none, else 1..268,435,455.
+
+        Returns:
+            True if the subscription is new, False if it replaced one [MQTT-3.8.4-3].
+
+        Raises:
+            MalformedPacket: invalid filter (0x8F), or no_local on a shared
+                subscription (0x82) [MQTT-3.8.3-4].
+            ValueError: an option out of range.
+            TypeError: unhashable subscriber.
+        """
+        cdef Levels lv
+        cdef object found
+        cdef uint32_t sid, opts
+        cdef Node* t
+        cdef Py_ssize_t i
+        cdef bint fresh_sid = False
+        if qos < 0 or qos > 2:
+            raise ValueError("qos must be 0, 1 or 2")
+        if retain_handling < 0 or retain_handling > 2:
+            raise ValueError("retain_handling must be 0, 1 or 2")
+        if subscription_id < 0 or subscription_id > MAX_SUBSCRIPTION_ID:
+            raise ValueError("subscription_id must be in 0..268435455")
+        # Python-level lookups (which can run user __hash__/__eq__) come
+        # before any C pointer is held.
+        found = self.sids.get(subscriber)
+        levels_init(&lv)
+        try:
+            parse_filter(&lv, topic_filter)
+            if lv.share != NULL and no_local:
+                raise MalformedPacket("no_local on a shared subscription [MQTT-3.8.3-4]",
+                                      PROTOCOL_ERROR)
+            opts = (<uint32_t>qos | (M_NL if no_local else 0) | (M_RAP if retain_as_published else 0)
+                    | (<uint32_t>retain_handling << M_RH_SHIFT))
+            if found is None:
+                sid = self.sid_new(subscriber)
+                fresh_sid = True
+            else:
+                sid = found
+            try:
+                t = self.find_node(&lv, True)
+                i = -1 if fresh_sid else self.entry_find(t, sid)
+                if i >= 0:
+                    t.entries[i].meta = (t.entries[i].meta & ~(<uint32_t>M_OPTS)) | opts
+                    t.entries[i].subid = <uint32_t>subscription_id
+                    return False
+                self.entry_add(t, sid, opts, <uint32_t>subscription_id)
+            except BaseException:
+                if fresh_sid and self.subs[sid].nrefs == 0:
+                    self.sid_release(sid)
+                raise
+            return True
+        finally:
+            levels_free(&lv)
+
+    def unsubscribe(self, subscriber, topic_filter):
+        """Remove one subscription.
+
+        Args:
+            subscriber: the subscriber given to :meth:`subscribe`.
+            topic_filter: the filter exactly as subscribed (``$share/...`` included).
+
+        Returns:
+            True if it existed.
+
+        Raises:
+            MalformedPacket: invalid filter (0x8F).
+        """
+        cdef Levels lv
+        cdef uint32_t sid
+        cdef Node* t
+        cdef Py_ssize_t i
+        found = self.sids.get(subscriber)
+        levels_init(&lv)
+        try:
+            parse_filter(&lv, topic_filter)
+            if found is None:
+                return False
+            sid = found
+            t = self.find_node(&lv, False)
+            if t == NULL:
+                return False
+            i = self.entry_find(t, sid)
+            if i < 0:
+                return False
+            self.entry_remove(t, <uint32_t>i)
+            node_prune(t)
+        finally:
+            levels_free(&lv)
+        if self.subs[sid].nrefs == 0:
+            self.sid_release(sid)
+        return True
+
+    def remove_subscriber(self, subscriber):
+        """Drop every subscription of ``subscriber`` (session end).
+
+        Returns:
+            How many subscriptions were removed.
+        """
+        found = self.sids.get(subscriber)
+        if found is None:
+            return 0
+        cdef uint32_t sid = found
+        cdef SubRec* rec = &self.subs[sid]
+        cdef uint32_t n = rec.nrefs
+        cdef Node* t
+        while rec.nrefs:
+            # Taking the last Ref means no Ref moves.
+            t = rec.refs[rec.nrefs - 1].node
+            self.entry_remove(t, rec.refs[rec.nrefs - 1].pos)
+            node_prune(t)
+        self.sid_release(sid)
+        return n
+
+    def subscriptions(self, subscriber):
+        """Every subscription of ``subscriber``.
+
+        Returns:
+            ``(topic_filter, qos, no_local, retain_as_published, retain_handling,
+            subscription_id)`` tuples; shared ones carry their ``$share/`` filter.
+            The order is unspecified.
+        """
+        found = self.sids.get(subscriber)
+        if found is None:
+            return []
+        cdef uint32_t sid = found, i
+        cdef SubRec* rec = &self.subs[sid]
+        cdef Entry* e
+        cdef list out = []
+        for i in range(rec.nrefs):
+            e = &rec.refs[i].node.entries[rec.refs[i].pos]
+            out.append((node_text(rec.refs[i].node), <int>(e.meta & M_QOS),
+                        bool(e.meta & M_NL), bool(e.meta & M_RAP),
+                        <int>((e.meta >> M_RH_SHIFT) & 3), <long long>e.subid))
+        return out
+
+    def set_share_policy(self, policy):
+        """Choose how a shared group picks the member for each message.
+
+        Args:
+            policy: ``"round_robin"`` (default; members in subscription order),
+                ``"random"``, or a callable
+                ``(share_name, topic_filter, members) -> member or None``
+                (None skips the group for that message).
+
+        Raises:
+            ValueError: unknown policy name.
+            TypeError: neither a name nor a callable.
+        """
+        if isinstance(policy, str):
+            if policy == "round_robin":
+                self.policy_kind = 0
+            elif policy == "random":
+                self.policy_kind = 1
+            else:
+                raise ValueError(f"unknown share policy {policy!r}")
+            self.policy = None
+        elif callable(policy):
+            self.policy_kind = 2
+            self.policy = policy
+        else:
+            raise TypeError("policy must be a name or a callable")
+
+    def node_count(self):
+        """Trie nodes below the root, not counting shared-group nodes.
+
+        Introspection for tests: after unsubscribing everything that was
+        subscribed, the count is back where it was (emptied nodes are pruned).
+        """
+        cdef Py_ssize_t total = 0
+        cdef list stack = []
+        cdef Node* n = self.root
+        cdef uint32_t i
+        cdef Node** kids
+        # Breadth by a Python list of addresses keeps this simple; it is not hot.
+        stack.append(<size_t>n)
+        while stack:
+            n = <Node*><size_t>stack.pop()
+            kids = n.table
+            if n.tcap <= LINEAR_MAX:
+                for i in range(n.nchildren):
+                    stack.append(<size_t>kids[i])
+            else:
+                for i in range(n.tcap):
+                    if kids[i] != NULL:
+                        stack.append(<size_t>kids[i])
+            total += n.nchildren
+            if n.plus != NULL:
+                stack.append(<size_t>n.plus)
+                total += 1
+            if n.multi != NULL:
+                stack.append(<size_t>n.multi)
+                total += 1
+        return total
+
+    def __len__(self):
+        return self.count
+
+    # -- matching ----------------------------------------------------------------
+
+    cdef int ensure_stack(self, uint32_t need) except -1:
+        cdef uint32_t cap
+        cdef Node** a
+        cdef uint32_t* b
+        if need <= self.stk_cap:
+            return 0
+        cap = need * 2 if need > 32 else 64
+        a = <Node**>PyMem_Realloc(self.stk_node, cap * sizeof(Node*))
+        if a == NULL:
+            raise MemoryError()
+        self.stk_node = a
+        b = <uint32_t*>PyMem_Realloc(self.stk_level, cap * sizeof(uint32_t))
+        if b == NULL:
+            raise MemoryError()
+        self.stk_level = b
+        self.stk_cap = cap
+        return 0
+
+    cdef int ensure_hits(self, uint32_t need) except -1:
+        cdef uint32_t cap
+        cdef Node** a
+        if need <= self.hits_cap:
+            return 0
+        cap = need * 2 if need > 32 else 64
+        a = <Node**>PyMem_Realloc(self.hits, cap * sizeof(Node*))
+        if a == NULL:
+            raise MemoryError()
+        self.hits = a
+        self.hits_cap = cap
+        return 0
+
+    cdef uint32_t collect(self, Levels* lv) except? 0xFFFFFFFF:
+        """DFS over the trie for the topic in lv; fills self.hits, returns the count."""
+        cdef uint32_t sp = 1, nh = 0, i, L = lv.n
+        cdef Node* n
+        cdef Node* c
+        cdef bint wild
+        self.ensure_stack(64)
+        self.ensure_hits(64)
+        self.stk_node[0] = self.root
+        self.stk_level[0] = 0
+        while sp:
+            sp -= 1
+            n = self.stk_node[sp]
+            i = self.stk_level[sp]
+            # [MQTT-4.7.2-1] no wildcard at the first level matches a '$' topic.
+            wild = not (lv.dollar and i == 0)
+            if nh + 2 > self.hits_cap:
+                self.ensure_hits(nh + 2)
+            if wild and n.multi != NULL:
+                # '#' matches this level's children and the level itself [MQTT-4.7.1-2].
+                self.hits[nh] = n.multi
+                nh += 1
+            if i == L:
+                self.hits[nh] = n
+                nh += 1
+                continue
+            if sp + 2 > self.stk_cap:
+                self.ensure_stack(sp + 2)
+            c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+            if c != NULL:
+                self.stk_node[sp] = c
+                self.stk_level[sp] = i + 1
+                sp += 1
+            if wild and n.plus != NULL:
+                self.stk_node[sp] = n.plus
+                self.stk_level[sp] = i + 1
+                sp += 1
+        return nh
+
+    cdef int xs_append(self, uint32_t* nxs, uint64_t v) except -1:
+        cdef uint64_t* p
+        cdef uint32_t cap
+        if nxs[0] == self.xs_cap:
+            cap = grow(self.xs_cap) + 16
+            p = <uint64_t*>PyMem_Realloc(self.xs, cap * sizeof(uint64_t))
+            if p == NULL:
+                raise MemoryError()
+            self.xs = p
+            self.xs_cap = cap
+        self.xs[nxs[0]] = v
+        nxs[0] += 1
+        return 0
+
+    def match(self, topic, publisher=None):
+        """Who receives a message published to ``topic``.
+
+        Args:
+            topic: a topic name (no wildcards).
+            publisher: the publishing subscriber, for no_local [MQTT-3.8.3-3].
+
+        Returns:
+            ``(subscriber, qos, retain_as_published, subscription_ids)`` — one
+            per subscriber over its normal subscriptions, merged: the highest
+            QoS [MQTT-3.3.4-3], retain_as_published if any says so, the sorted
+            distinct non-zero subscription ids [MQTT-3.3.4-4], [MQTT-3.3.4-5];
+            then one per matching shared group, for the member the share policy
+            chose. Order among deliveries is unspecified.
+
+        Raises:
+            MalformedPacket: invalid topic name (0x90).
+        """
+        cdef Levels lv
+        cdef uint32_t nh, h, k, j, nacc = 0, nxs = 0, pub = 0xFFFFFFFFu, cap, stamp
+        cdef uint32_t qr, a
+        cdef Node* n
+        cdef Entry* e
+        cdef SubRec* rec
+        cdef Acc* ac
+        cdef list out
+        cdef object ids
+        cdef uint64_t v
+        if publisher is not None:
+            found = self.sids.get(publisher)
+            if found is not None:
+                pub = found
+        levels_init(&lv)
+        try:
+            parse_topic(&lv, topic)
+            nh = self.collect(&lv)
+        finally:
+            levels_free(&lv)
+        # New generation; on wrap-around clear every stamp once.
+        self.stamp += 1
+        if self.stamp == 0:
+            for k in range(self.subs_used):
+                self.subs[k].stamp = 0
+            self.stamp = 1
+        stamp = self.stamp
+        for h in range(nh):
+            n = self.hits[h]
+            if n.nentries and nacc + n.nentries > self.acc_cap:
+                cap = (nacc + n.nentries) * 2
+                ac = <Acc*>PyMem_Realloc(self.acc, cap * sizeof(Acc))
+                if ac == NULL:
+                    raise MemoryError()
+                self.acc = ac
+                self.acc_cap = cap
+            for k in range(n.nentries):
+                e = &n.entries[k]
+                if (e.meta & M_NL) and e.sid == pub:
+                    continue    # no_local [MQTT-3.8.3-3]
+                rec = &self.subs[e.sid]
+                qr = e.meta & (M_QOS | M_RAP)
+                if rec.stamp != stamp:
+                    rec.stamp = stamp
+                    rec.slot = nacc
+                    ac = &self.acc[nacc]
+                    nacc += 1
+                    ac.sid = e.sid
+                    ac.qos_rap = qr
+                    ac.subid = e.subid
+                    ac.nsubids = 1 if e.subid else 0
+                else:
+                    # One delivery per subscriber: highest QoS, every id
+                    # [MQTT-3.3.4-3], [MQTT-3.3.4-4], [MQTT-3.3.4-5].
+                    a = rec.slot
+                    ac = &self.acc[a]
+                    if (qr & M_QOS) > (ac.qos_rap & M_QOS):
+                        ac.qos_rap = (ac.qos_rap & M_RAP) | (qr & M_QOS)
+                    ac.qos_rap |= qr & M_RAP
+                    if e.subid:
+                        if ac.nsubids == 0:
+                            ac.subid = e.subid
+                        else:
+                            if ac.nsubids == 1:
+                                self.xs_append(&nxs, (<uint64_t>a << 32) | ac.subid)
+                            self.xs_append(&nxs, (<uint64_t>a << 32) | e.subid)
+                        ac.nsubids += 1
+        out = [None] * nacc
+        for a in range(nacc):
+            ac = &self.acc[a]
+            if ac.nsubids > 1:
+                continue
+            out[a] = (<object>self.subs[ac.sid].obj, <int>(ac.qos_rap & M_QOS),
+                      (ac.qos_rap & M_RAP) != 0, (<long long>ac.subid,) if ac.nsubids else ())
+        if nxs:
+            qsort(self.xs, nxs, sizeof(uint64_t), qsort_u64)
+            j = 0
+            while j < nxs:
+                a = <uint32_t>(self.xs[j] >> 32)
+                ids = []
+                while j < nxs and <uint32_t>(self.xs[j] >> 32) == a:
+                    v = self.xs[j] & 0xFFFFFFFFu
+                    if not ids or ids[-1] != v:
+                        ids.append(<long long>v)
+                    j += 1
+                ac = &self.acc[a]
+                out[a] = (<object>self.subs[ac.sid].obj, <int>(ac.qos_rap & M_QOS),
+                          (ac.qos_rap & M_RAP) != 0, tuple(ids))
+        # Shared groups: one delivery per matching group [MQTT-4.8.2].
+        for h in range(nh):
+            n = self.hits[h]
+            if n.extra != NULL:
+                self.share_deliveries(n, out)
+        return out
+
+    cdef int share_deliveries(self, Node* n, list out) except -1:
+        cdef Node** groups = <Node**>n.extra
+        cdef uint32_t g, idx, ng = n.aux
+        cdef Node* grp
+        cdef Entry* e
+        cdef list snapshot
+        if self.policy_kind == 2:
+            # A callable may run arbitrary code (even change this trie), so
+            # copy what it needs into Python objects before calling it.
+            snapshot = []
+            filter_text = node_text(n)
+            for g in range(ng):
+                grp = groups[g]
+                members = [<object>self.subs[grp.entries[idx].sid].obj for idx in range(grp.nentries)]
+                opts = [(<int>(grp.entries[idx].meta & M_QOS), (grp.entries[idx].meta & M_RAP) != 0,
+                         (<long long>grp.entries[idx].subid,) if grp.entries[idx].subid else ())
+                        for idx in range(grp.nentries)]
+                snapshot.append((key_text(grp), members, opts))
+            for name, members, opts in snapshot:
+                chosen = self.policy(name, filter_text, list(members))
+                if chosen is None:
+                    continue
+                try:
+                    pos = members.index(chosen)
+                except ValueError:
+                    raise ValueError("share policy returned a non-member") from None
+                out.append((members[pos], *opts[pos]))
+            return 0
+        for g in range(ng):
+            grp = groups[g]
+            if self.policy_kind == 0:
+                idx = grp.aux % grp.nentries
+                grp.aux = idx + 1
+            else:
+                self.rng ^= self.rng << 13
+                self.rng ^= self.rng >> 7
+                self.rng ^= self.rng << 17
+                idx = <uint32_t>(self.rng % grp.nentries)
+            e = &grp.entries[idx]
+            out.append((<object>self.subs[e.sid].obj, <int>(e.meta & M_QOS),
+                        (e.meta & M_RAP) != 0, (<long long>e.subid,) if e.subid else ()))
+        return 0
+
+
+# ---------------------------------------------------------------------------
+# the retained store
+
+cdef inline RetVal* retval(Node* n) noexcept:
+    return <RetVal*>n.extra
+
+
+@cython.final
+cdef class RetainedStore:
+    """The latest retained message per topic, looked up by topic filter.
+
+    Messages are opaque objects. Expiry is by absolute time ``expires_at``
+    compared with the ``now`` the caller passes (the store reads no clock).
+    """
+
+    cdef Node* root
+    cdef Py_ssize_t count
+
+    def __cinit__(self):
+        self.root = node_new(NULL, NULL, 0, 0)
+
+    def __init__(self) -> None:
+        """Create an empty store."""
+
+    def __dealloc__(self):
+        cdef list stack
+        cdef Node* n
+        cdef uint32_t i
+        if self.root == NULL:
+            return
+        stack = [<size_t>self.root]
+        while stack:
+            n = <Node*><size_t>stack.pop()
+            if n.tcap <= LINEAR_MAX:
+                for i in range(n.nchildren):
+                    stack.append(<size_t>n.table[i])
+            else:
+                for i in range(n.tcap):
+                    if n.table[i] != NULL:
+                        stack.append(<size_t>n.table[i])
+            if n.extra != NULL:
+                Py_XDECREF(retval(n).msg)
+                PyMem_Free(n.extra)
+            PyMem_Free(n.table)
+            PyMem_Free(n)
+        self.root = NULL
+
+    cdef Node* find(self, Levels* lv, bint create) except? NULL:
+        cdef Node* n = self.root
+        cdef Node* c
+        cdef uint32_t i
+        for i in range(lv.n):
+            c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+            if c == NULL:
+                if not create:
+                    return NULL
+                c = node_new(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+                try:
+                    child_add(n, c)
+                except MemoryError:
+                    PyMem_Free(c)
+                    node_prune(n)
+                    raise
+            n = c
+        return n
+
+    cdef object drop(self, Node* n):
+        """Remove n's message and prune; returns the message (caller releases it)."""
+        cdef RetVal* rv = retval(n)
+        cdef object msg = <object>rv.msg
+        Py_DECREF(msg)          # `msg` keeps it alive until the caller drops it
+        PyMem_Free(rv)
+        n.extra = NULL
+        n.flags = 0
+        self.count -= 1
+        node_prune(n)
+        return msg
+
+    def set(self, topic, message, expires_at=None):
+        """Store ``message`` as the retained message of ``topic``, replacing any.
+
+        Args:
+            topic: a topic name.
+            message: any object (the broker stores its Publish).
+            expires_at: absolute expiry time, or None for never.
+
+        Raises:
+            MalformedPacket: invalid topic name (0x90).
+        """
+        cdef Levels lv
+        cdef Node* n
+        cdef RetVal* rv
+        cdef object old = None
+        cdef double exp = 0.0 if expires_at is None else float(expires_at)
+        levels_init(&lv)
+        try:
+            parse_topic(&lv, topic)
+            n = self.find(&lv, True)
+        finally:
+            levels_free(&lv)
+        if n.extra == NULL:
+            rv = <RetVal*>PyMem_Malloc(sizeof(RetVal))
+            if rv == NULL:
+                node_prune(n)
+                raise MemoryError()
+            n.extra = rv
+            self.count += 1
+        else:
+            rv = retval(n)
+            old = <object>rv.msg
+            Py_DECREF(old)
+        Py_INCREF(message)
+        rv.msg = <PyObject*>message
+        rv.expires = exp
+        n.flags = 0 if expires_at is None else F_HAS_EXP
+
+    cdef Node* lookup(self, object topic) except? NULL:
+        cdef Levels lv
+        levels_init(&lv)
+        try:
+            parse_topic(&lv, topic)
+            return self.find(&lv, False)
+        finally:
+            levels_free(&lv)
+
+    def delete(self, topic):
+        """Remove the retained message of ``topic``.
+
+        Returns:
+            True if there was one.
+
+        Raises:
+            MalformedPacket: invalid topic name (0x90).
+        """
+        cdef Node* n = self.lookup(topic)
+        if n == NULL or n.extra == NULL:
+            return False
+        self.drop(n)
+        return True
+
+    def get(self, topic, now=None):
+        """The retained message of ``topic``, or None (also when expired at ``now``).
+
+        Raises:
+            MalformedPacket: invalid topic name (0x90).
+        """
+        cdef Node* n = self.lookup(topic)
+        if n == NULL or n.extra == NULL:
+            return None
+        if now is not None and (n.flags & F_HAS_EXP) and retval(n).expires <= <double>now:
+            self.drop(n)
+            return None
+        return <object>retval(n).msg
+
+    def match(self, topic_filter, now=None):
+        """Every retained message whose topic ``topic_filter`` matches.
+
+        Walks only the branches the filter can reach. Topics starting with ``$``
+        are not matched by a filter starting with a wildcard [MQTT-4.7.2-1].
+        A ``$share/...`` filter returns nothing: MQTT 5.0 section 4.8.2 sends no
+        retained messages when a Shared Subscription is made.
+
+        Args:
+            topic_filter: an MQTT topic filter.
+            now: current time for expiry; None skips the expiry check.
+
+        Returns:
+            ``(topic, message)`` pairs, in no particular order. Entries expired
+            at ``now`` are left out and removed.
+
+        Raises:
+            MalformedPacket: invalid filter (0x8F).
+        """
+        cdef Levels lv
+        cdef list found = []     # node addresses
+        cdef list work
+        cdef Node* n
+        cdef Node* c
+        cdef uint32_t i, L, k
+        cdef bint below
+        cdef double t_now = 0.0
+        levels_init(&lv)
+        try:
+            parse_filter(&lv, topic_filter)
+            if lv.share != NULL:
+                return []
+            L = lv.n
+            # work items: (node address, level index); level L+1 means
+            # "everything below" (a '#').
+            work = [(<size_t>self.root, 0)]
+            while work:
+                addr, i = work.pop()
+                n = <Node*><size_t>addr
+                if i == L:
+                    if n.extra != NULL:
+                        found.append(addr)
+                    continue
+                if is_level(&lv, i, b'#'):
+                    # '#' matches the parent level itself [MQTT-4.7.1-2] ...
+                    if i > 0 and n.extra != NULL:
+                        found.append(addr)
+                    # ... and everything below it.
+                    self.all_below(n, i == 0, found)
+                elif is_level(&lv, i, b'+'):
+                    self.children_into(n, i == 0, i + 1, work)
+                else:
+                    c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+                    if c != NULL:
+                        work.append((<size_t>c, i + 1))
+        finally:
+            levels_free(&lv)
+        if now is not None:
+            t_now = now
+        out = []
+        expired = []
+        for addr in found:
+            n = <Node*><size_t>addr
+            if now is not None and (n.flags & F_HAS_EXP) and retval(n).expires <= t_now:
+                expired.append(addr)
+                continue
+            out.append((node_text(n), <object>retval(n).msg))
+        dropped = [self.drop(<Node*><size_t>addr) for addr in expired]
+        del dropped
+        return out
+
+    cdef int children_into(self, Node* n, bint skip_dollar, uint32_t level, list work) except -1:
+        cdef uint32_t i
+        cdef Node* c
+        if n.tcap <= LINEAR_MAX:
+            for i in range(n.nchildren):
+                c = n.table[i]
+                if not (skip_dollar and c.keylen and c.key[0] == b'$'):
+                    work.append((<size_t>c, level))
+        else:
+            for i in range(n.tcap):
+                c = n.table[i]
+                if c != NULL and not (skip_dollar and c.keylen and c.key[0] == b'$'):
+                    work.append((<size_t>c, level))
+        return 0
+
+    cdef int all_below(self, Node* top, bint skip_dollar, list found) except -1:
+        cdef list work = []
+        cdef Node* n
+        self.children_into(top, skip_dollar, 0, work)
+        while work:
+            addr, _ = work.pop()
+            n = <Node*><size_t>addr
+            if n.extra != NULL:
+                found.append(addr)
+            self.children_into(n, False, 0, work)
+        return 0
+
+    def purge_expired(self, now):
+        """Remove every message with ``expires_at <= now``.
+
+        Returns:
+            How many were removed.
+        """
+        cdef list found = []
+        cdef Node* n
+        cdef double t_now = now
+        self.all_below(self.root, False, found)
+        expired = [addr for addr in found
+                   if ((<Node*><size_t>addr).flags & F_HAS_EXP)
+                   and retval(<Node*><size_t>addr).expires <= t_now]
+        dropped = [self.drop(<Node*><size_t>addr) for addr in expired]
+        del dropped
+        return len(expired)
+
+    def items(self):
+        """Every stored ``(topic, message, expires_at)``, expired or not."""
+        cdef list found = []
+        cdef Node* n
+        self.all_below(self.root, False, found)
+        out = []
+        for addr in found:
+            n = <Node*><size_t>addr
+            out.append((node_text(n), <object>retval(n).msg,
+                        retval(n).expires if n.flags & F_HAS_EXP else None))
+        return out
+
+    def node_count(self):
+        """Tree nodes below the root (introspection: emptied nodes are pruned)."""
+        cdef list work = []
+        cdef Py_ssize_t total = 0
+        self.children_into(self.root, False, 0, work)
+        while work:
+            addr, _ = work.pop()
+            total += 1
+            self.children_into(<Node*><size_t>addr, False, 0, work)
+        return total
+
+    def __len__(self):
+        return self.count

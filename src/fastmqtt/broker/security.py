@@ -95,3 +95,86 @@ def load_object(dotted: str) -> Any:
     except AttributeError as exc:
         raise ImportError(f"{dotted!r}: {exc}") from None
     return obj
+
+
+def _make_plugin(spec: Any, config: Any) -> Any:
+    """Instantiate a plug-in given as a dotted path, a factory or an object."""
+    if isinstance(spec, str):
+        spec = load_object(spec)
+    if callable(spec) and not hasattr(spec, "authenticate") and not hasattr(spec, "can_publish"):
+        return spec(config)
+    if isinstance(spec, type):
+        return spec(config)
+    return spec
+
+
+def build_security(config: Any) -> tuple[Any, Any]:
+    """Build the broker's authenticator and authorizer from its config.
+
+    Reads these attributes of ``config`` (missing ones count as None):
+
+    * ``allow_anonymous``: accept clients without a user name; None means
+      "yes unless a password file or an auth plug-in is configured".
+    * ``password_file``: Mosquitto-compatible password file
+      (:mod:`fastmqtt.broker.auth`).
+    * ``auth_plugin``: dotted path (``pkg.mod:factory`` or ``pkg.mod.factory``)
+      to a class or factory called with ``config`` that returns an
+      :class:`~fastmqtt.broker.interfaces.Authenticator`. It is asked after
+      the password file; when anonymous clients are refused it is also asked
+      about them (a token may travel in the password alone). Its
+      ``authenticate`` coroutine must not block the loop.
+    * ``acl_file``: Mosquitto-compatible ACL file (:mod:`fastmqtt.broker.acl`).
+    * ``acl_plugin``: dotted path to a class or factory called with ``config``
+      returning an :class:`~fastmqtt.broker.interfaces.Authorizer`; its
+      methods may return None to defer to the ACL file. Asked before the file.
+
+    Returns:
+        ``(authenticator, authorizer)``. Each is an
+        :class:`~fastmqtt.broker.interfaces.AllowAll` instance when nothing
+        restricts it, so the core can skip checks with ``isinstance``. Both
+        other kinds have ``reload()`` (call on SIGHUP); the authorizer also has
+        ``generation`` (bumped when rules changed).
+
+    Raises:
+        OSError, ValueError, ImportError: a file cannot be read or parsed, or a
+            plug-in cannot be imported.
+    """
+    from .acl import AclAuthorizer, ChainAuthorizer
+    from .auth import ChainAuthenticator, PasswordFileAuthenticator
+    from .interfaces import AllowAll
+
+    get = lambda name: getattr(config, name, None)  # noqa: E731
+    password_file = get("password_file")
+    auth_plugin = get("auth_plugin")
+    allow_anonymous = get("allow_anonymous")
+    if allow_anonymous is None:
+        allow_anonymous = not password_file and not auth_plugin
+
+    authenticators: list[Any] = []
+    plugins: list[Any] = []
+    if password_file:
+        authenticators.append(PasswordFileAuthenticator(password_file))
+    if auth_plugin:
+        plugin = _make_plugin(auth_plugin, config)
+        authenticators.append(plugin)
+        plugins.append(plugin)
+    if not authenticators and allow_anonymous:
+        authenticator: Any = AllowAll()
+    else:
+        authenticator = ChainAuthenticator(authenticators, bool(allow_anonymous), plugins)
+
+    authorizers: list[Any] = []
+    if get("acl_plugin"):
+        authorizers.append(_make_plugin(get("acl_plugin"), config))
+    if get("acl_file"):
+        authorizers.append(AclAuthorizer(get("acl_file")))
+    if not authorizers:
+        authorizer: Any = AllowAll()
+    elif len(authorizers) == 1 and isinstance(authorizers[0], AclAuthorizer):
+        authorizer = authorizers[0]
+    else:
+        authorizer = ChainAuthorizer(authorizers)
+    log.info("security: anonymous %s, password file %s, auth plug-in %s, ACL %s",
+             "allowed" if allow_anonymous else "refused", password_file or "-",
+             auth_plugin or "-", "on" if authorizers else "off")
+    return authenticator, authorizer

@@ -186,6 +186,7 @@ class Stats:
         self.bytes_sent = 0
         self.publish_dropped: dict[str, int] = {}  # reason -> count ("queue_full", "qos0_slow", "too_large", "expired", "not_authorized", ...)
         self.protocol_errors = 0
+        self.connections_rejected: dict[str, int] = {}  # reason -> count ("max_connections", "connection_rate"), by the listeners
         self.retained_messages = 0
         self.subscriptions = 0
         self.queued_messages = 0  # across all sessions

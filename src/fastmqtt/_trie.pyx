@@ -211,7 +211,8 @@ cdef int levels_split(Levels* lv, const char* s, Py_ssize_t n) except -1:
 
 cdef const char* utf8_of(object text, Py_ssize_t* n, int code, str what) except NULL:
     if not isinstance(text, str):
-        raise TypeError(f"{what} must be str, not {type(text).__name__}")
+        # Same error as fastmqtt.topics, so callers need one except clause.
+        raise MalformedPacket(f"{what} must be str, not {type(text).__name__}", code)
     cdef const char* s
     try:
         s = PyUnicode_AsUTF8AndSize(text, n)

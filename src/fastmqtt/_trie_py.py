@@ -41,7 +41,8 @@ _SHARE_PREFIX = "$share/"
 
 def _utf8_len(text: str, code: int, what: str) -> int:
     if not isinstance(text, str):
-        raise TypeError(f"{what} must be str, not {type(text).__name__}")
+        # Same error as fastmqtt.topics, so callers need one except clause.
+        raise MalformedPacket(f"{what} must be str, not {type(text).__name__}", code)
     try:
         n = len(text.encode("utf-8"))
     except UnicodeEncodeError:
@@ -142,15 +143,6 @@ class _Group:
         self.name = name
         self.members: dict = {}  # subscriber -> options, in subscription order
         self.cursor = 0
-
-
-def _round_robin(group: _Group, filter_text: str):
-    # The cursor stays below the member count (as in the compiled module), so
-    # after a member leaves the rotation carries on from the same position.
-    members = list(group.members)
-    index = group.cursor % len(members)
-    group.cursor = index + 1
-    return members[index]
 
 
 class TopicTrie:
@@ -329,7 +321,7 @@ class TopicTrie:
         """
         levels = _parse_topic(topic)
         nodes: list[_Node] = []
-        self._collect(self._root, levels, 0, nodes, topic.startswith("$"))
+        self._collect(self._root, levels, nodes, topic.startswith("$"))
         merged: dict = {}
         for node in nodes:
             for sub, (qos, nl, rap, _rh, subid) in node.subs.items():
@@ -345,46 +337,57 @@ class TopicTrie:
                     if subid:
                         cur[2].add(subid)
         out = [(sub, q, r, tuple(sorted(ids))) for sub, (q, r, ids) in merged.items()]
-        for node in nodes:
-            if node.groups:
-                filter_text = node.filter()
-                for group in list(node.groups.values()):
-                    chosen = self._choose(group, filter_text)
-                    if chosen is None:
-                        continue
-                    qos, _nl, rap, _rh, subid = group.members[chosen]
-                    out.append((chosen, qos, rap, (subid,) if subid else ()))
+        # Snapshot the groups first: a callable share policy may run any code,
+        # including changes to this trie.
+        snapshot = [(group, node.filter(), list(group.members.items()))
+                    for node in nodes for group in node.groups.values()]
+        for group, filter_text, members in snapshot:
+            chosen = self._choose(group, filter_text, [m for m, _ in members])
+            if chosen is None:
+                continue
+            qos, _nl, rap, _rh, subid = dict(members)[chosen]
+            out.append((chosen, qos, rap, (subid,) if subid else ()))
         return out
 
-    def _choose(self, group: _Group, filter_text: str):
+    def _choose(self, group: _Group, filter_text: str, members: list):
         policy = self._policy
         if policy == "round_robin":
-            return _round_robin(group, filter_text)
+            # The cursor stays below the member count (as in the compiled
+            # module), so after a member leaves the rotation carries on from
+            # the same position.
+            index = group.cursor % len(members)
+            group.cursor = index + 1
+            return members[index]
         if policy == "random":
-            return _random.choice(list(group.members))
-        chosen = policy(group.name, filter_text, list(group.members))
-        if chosen is not None and chosen not in group.members:
+            return _random.choice(members)
+        chosen = policy(group.name, filter_text, list(members))
+        if chosen is not None and chosen not in members:
             raise ValueError("share policy returned a non-member")
         return chosen
 
-    def _collect(self, node: _Node, levels: list[str], i: int, out: list, dollar: bool) -> None:
-        children = node.children
-        # [MQTT-4.7.2-1] wildcards at the first level never match '$' topics.
-        wild = not (dollar and i == 0)
-        if wild:
-            multi = children.get("#")
-            if multi is not None:
-                out.append(multi)  # '#' also matches the parent level [MQTT-4.7.1-2]
-        if i == len(levels):
-            out.append(node)
-            return
-        child = children.get(levels[i])
-        if child is not None:
-            self._collect(child, levels, i + 1, out, dollar)
-        if wild:
-            plus = children.get("+")
-            if plus is not None:
-                self._collect(plus, levels, i + 1, out, dollar)
+    def _collect(self, root: _Node, levels: list[str], out: list, dollar: bool) -> None:
+        # An explicit stack: filters can be tens of thousands of levels deep.
+        last = len(levels)
+        stack = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            children = node.children
+            # [MQTT-4.7.2-1] wildcards at the first level never match '$' topics.
+            wild = not (dollar and i == 0)
+            if wild:
+                multi = children.get("#")
+                if multi is not None:
+                    out.append(multi)  # '#' also matches the parent level [MQTT-4.7.1-2]
+            if i == last:
+                out.append(node)
+                continue
+            child = children.get(levels[i])
+            if child is not None:
+                stack.append((child, i + 1))
+            if wild:
+                plus = children.get("+")
+                if plus is not None:
+                    stack.append((plus, i + 1))
 
     def node_count(self) -> int:
         """Trie nodes below the root (introspection: emptied nodes are pruned)."""
@@ -492,7 +495,29 @@ class RetainedStore:
         if share is not None:
             return []
         found: list[tuple[str, _RNode]] = []
-        self._walk(self._root, levels, 0, [], found)
+        last = len(levels)
+        stack = [(self._root, 0, ())]
+        while stack:
+            node, i, path = stack.pop()
+            if i == last:
+                if node.has:
+                    found.append(("/".join(path), node))
+                continue
+            level = levels[i]
+            if level == "#":
+                # '#' matches the parent level itself [MQTT-4.7.1-2] and everything below.
+                if node.has and i > 0:
+                    found.append(("/".join(path), node))
+                self._all_below(node, path, found, skip_dollar=(i == 0))
+            elif level == "+":
+                for key, child in node.children.items():
+                    if i == 0 and key.startswith("$"):
+                        continue  # [MQTT-4.7.2-1]
+                    stack.append((child, i + 1, path + (key,)))
+            else:
+                child = node.children.get(level)
+                if child is not None:
+                    stack.append((child, i + 1, path + (level,)))
         out = []
         for topic, node in found:
             if now is not None and node.expires_at is not None and node.expires_at <= now:
@@ -501,35 +526,16 @@ class RetainedStore:
             out.append((topic, node.message))
         return out
 
-    def _walk(self, node: _RNode, levels, i, path, found) -> None:
-        if i == len(levels):
+    @staticmethod
+    def _all_below(top: _RNode, path: tuple, found: list, skip_dollar: bool) -> None:
+        stack = [(child, path + (key,)) for key, child in top.children.items()
+                 if not (skip_dollar and key.startswith("$"))]
+        while stack:
+            node, p = stack.pop()
             if node.has:
-                found.append(("/".join(path), node))
-            return
-        level = levels[i]
-        if level == "#":
-            # '#' matches the parent level itself and everything below.
-            if node.has and i > 0:
-                found.append(("/".join(path), node))
-            self._all_below(node, path, found, skip_dollar=(i == 0))
-        elif level == "+":
+                found.append(("/".join(p), node))
             for key, child in node.children.items():
-                if i == 0 and key.startswith("$"):
-                    continue
-                self._walk(child, levels, i + 1, path + [key], found)
-        else:
-            child = node.children.get(level)
-            if child is not None:
-                self._walk(child, levels, i + 1, path + [level], found)
-
-    def _all_below(self, node: _RNode, path, found, skip_dollar: bool) -> None:
-        for key, child in node.children.items():
-            if skip_dollar and key.startswith("$"):
-                continue
-            p = path + [key]
-            if child.has:
-                found.append(("/".join(p), child))
-            self._all_below(child, p, found, False)
+                stack.append((child, p + (key,)))
 
     def purge_expired(self, now: float) -> int:
         """Remove every message with ``expires_at <= now``; returns how many."""

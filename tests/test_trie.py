@@ -1,0 +1,586 @@
+"""Unit tests for TopicTrie, one rule per test, on both implementations.
+
+The ``trie`` fixture (tests/conftest.py) yields the compiled ``fastmqtt._trie``
+and the pure-Python ``fastmqtt._trie_py`` in turn.
+"""
+
+import pytest
+
+from fastmqtt.errors import MalformedPacket
+
+
+def subs_of(deliveries):
+    """Subscribers of a match result, as a sorted list (order is unspecified)."""
+    return sorted(d[0] for d in deliveries)
+
+
+def by_sub(deliveries):
+    out = {}
+    for sub, qos, rap, ids in deliveries:
+        assert sub not in out, "one delivery per subscriber"
+        out[sub] = (qos, rap, ids)
+    return out
+
+
+def test_compiled_module_is_the_extension():
+    import fastmqtt._trie as compiled
+
+    assert compiled.__file__.endswith((".so", ".pyd")), compiled.__file__
+
+
+def test_exported_from_package(trie):
+    import fastmqtt
+
+    assert fastmqtt.TopicTrie.__name__ == "TopicTrie"
+    assert fastmqtt.RetainedStore.__name__ == "RetainedStore"
+
+
+# -- basic operations --------------------------------------------------------
+
+
+def test_subscribe_match_unsubscribe(trie):
+    t = trie.TopicTrie()
+    assert t.subscribe("c1", "a/b", qos=1) is True
+    assert len(t) == 1
+    assert t.match("a/b") == [("c1", 1, False, ())]
+    assert t.match("a/c") == []
+    assert t.match("a") == []
+    assert t.match("a/b/c") == []
+    assert t.unsubscribe("c1", "a/b") is True
+    assert t.unsubscribe("c1", "a/b") is False
+    assert len(t) == 0
+    assert t.match("a/b") == []
+
+
+def test_unsubscribe_unknown(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c1", "a/b")
+    assert t.unsubscribe("c2", "a/b") is False
+    assert t.unsubscribe("c1", "a/c") is False
+    assert t.unsubscribe("c1", "a") is False
+    assert t.unsubscribe("c1", "a/b/c") is False
+    assert t.unsubscribe("c1", "$share/g/a/b") is False
+    assert len(t) == 1
+
+
+def test_any_hashable_subscriber(trie):
+    t = trie.TopicTrie()
+    subs = [("tuple", 1), 42, frozenset({1}), None.__class__, b"bytes"]
+    for s in subs:
+        t.subscribe(s, "x")
+    assert sorted(map(repr, subs_of_any(t.match("x")))) == sorted(map(repr, subs))
+    with pytest.raises(TypeError):
+        t.subscribe(["unhashable"], "x")
+    assert len(t) == len(subs)
+
+
+def subs_of_any(deliveries):
+    return [d[0] for d in deliveries]
+
+
+def test_subscriptions_lists_options(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "a/+", qos=2, no_local=True, retain_as_published=True,
+                retain_handling=2, subscription_id=77)
+    t.subscribe("c", "$share/g/x/#", qos=1, subscription_id=5)
+    t.subscribe("c", "/", qos=0)
+    assert sorted(t.subscriptions("c")) == sorted([
+        ("a/+", 2, True, True, 2, 77),
+        ("$share/g/x/#", 1, False, False, 0, 5),
+        ("/", 0, False, False, 0, 0),
+    ])
+    assert t.subscriptions("nobody") == []
+
+
+def test_remove_subscriber(trie):
+    t = trie.TopicTrie()
+    for f in ("a", "a/b", "a/#", "+/b", "$share/g/a/b", "$share/h/#"):
+        t.subscribe("gone", f)
+    t.subscribe("stays", "a/b")
+    t.subscribe("stays2", "$share/g/a/b")
+    assert t.remove_subscriber("gone") == 6
+    assert t.remove_subscriber("gone") == 0
+    assert t.subscriptions("gone") == []
+    assert len(t) == 2
+    assert subs_of(t.match("a/b")) == ["stays", "stays2"]
+    assert t.match("a") == []
+
+
+def test_subscriber_can_return_after_removal(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "a")
+    t.remove_subscriber("c")
+    assert t.subscribe("c", "a") is True
+    assert t.match("a") == [("c", 0, False, ())]
+
+
+def test_option_ranges_rejected(trie):
+    t = trie.TopicTrie()
+    with pytest.raises(ValueError):
+        t.subscribe("c", "a", qos=3)
+    with pytest.raises(ValueError):
+        t.subscribe("c", "a", retain_handling=3)
+    with pytest.raises(ValueError):
+        t.subscribe("c", "a", subscription_id=268_435_456)
+    with pytest.raises(ValueError):
+        t.subscribe("c", "a", subscription_id=-1)
+    assert len(t) == 0 and t.subscriptions("c") == []
+    t.subscribe("c", "a", subscription_id=268_435_455)
+    assert t.match("a") == [("c", 0, False, (268_435_455,))]
+
+
+# -- filter rules ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a#", "#a", "a/b#", "+a", "a+", "a/+b/c", "##", "++",
+                                 "a/#/"])
+def test_MQTT_4_7_1_2_and_3_wildcards_occupy_whole_levels(trie, bad):
+    t = trie.TopicTrie()
+    with pytest.raises(MalformedPacket) as err:
+        t.subscribe("c", bad)
+    assert err.value.reason_code == 0x8F
+    with pytest.raises(MalformedPacket):
+        t.unsubscribe("c", bad)
+    assert len(t) == 0
+
+
+@pytest.mark.parametrize("good", ["#", "+", "+/+", "/+", "+/", "a/#", "/#", "+/#", "a//b",
+                                  "/", "//", "a/+/c/#", "$SYS/#", "$"])
+def test_valid_filters_accepted(trie, good):
+    t = trie.TopicTrie()
+    assert t.subscribe("c", good) is True
+    assert [s[0] for s in t.subscriptions("c")] == [good]
+
+
+def test_MQTT_4_7_3_1_empty_filter_rejected(trie):
+    with pytest.raises(MalformedPacket) as err:
+        trie.TopicTrie().subscribe("c", "")
+    assert err.value.reason_code == 0x8F
+
+
+def test_MQTT_4_7_3_2_null_character_rejected(trie):
+    t = trie.TopicTrie()
+    with pytest.raises(MalformedPacket) as err:
+        t.subscribe("c", "a/\x00")
+    assert err.value.reason_code == 0x8F
+    with pytest.raises(MalformedPacket) as err:
+        t.match("a/\x00")
+    assert err.value.reason_code == 0x90
+
+
+def test_MQTT_4_7_3_3_length_limit_in_utf8_bytes(trie):
+    t = trie.TopicTrie()
+    assert t.subscribe("c", "a" * 65535)
+    # 21846 three-byte characters = 65538 bytes: over the limit though only
+    # 21846 code points long.
+    with pytest.raises(MalformedPacket) as err:
+        t.subscribe("c", "\u20ac" * 21846)
+    assert err.value.reason_code == 0x8F
+    with pytest.raises(MalformedPacket):
+        t.subscribe("c", "a" * 65536)
+    with pytest.raises(MalformedPacket) as err:
+        t.match("b" * 65536)
+    assert err.value.reason_code == 0x90
+    assert t.match("a" * 65535) == [("c", 0, False, ())]
+
+
+def test_MQTT_1_5_4_1_lone_surrogate_is_malformed(trie):
+    t = trie.TopicTrie()
+    with pytest.raises(MalformedPacket) as err:
+        t.subscribe("c", "a/\ud800")
+    assert err.value.reason_code == 0x8F
+    with pytest.raises(MalformedPacket) as err:
+        t.match("a/\udfff")
+    assert err.value.reason_code == 0x90
+
+
+def test_non_str_filter_is_malformed(trie):
+    t = trie.TopicTrie()
+    with pytest.raises(MalformedPacket):
+        t.subscribe("c", b"a/b")
+    with pytest.raises(MalformedPacket):
+        t.match(b"a/b")
+
+
+def test_same_errors_as_topics_module(trie):
+    from fastmqtt import topics
+
+    for f in ["a/#/b", "", "a+", "$share//x", "$share/g", "$share/g/", "$share/g+/x",
+              "$share/#/x", "x\x00", "$share/g/a#", "ok/+/#", "$share/g/+"]:
+        try:
+            topics.validate_topic_filter(f)
+            expected = None
+        except MalformedPacket as e:
+            expected = e.reason_code
+        try:
+            trie.TopicTrie().subscribe("c", f)
+            got = None
+        except MalformedPacket as e:
+            got = e.reason_code
+        assert got == expected, f
+
+
+def test_unicode_levels(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "chat/ünïcødé/+/€")
+    assert subs_of(t.match("chat/ünïcødé/x/€")) == ["c"]
+    assert t.match("chat/unicode/x/€") == []
+    assert t.subscriptions("c")[0][0] == "chat/ünïcødé/+/€"
+
+
+# -- matching rules -------------------------------------------------------------
+
+
+def test_MQTT_4_7_1_2_hash_matches_parent_level(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "sport/tennis/player1/#")
+    for topic in ("sport/tennis/player1", "sport/tennis/player1/ranking",
+                  "sport/tennis/player1/score/wimbledon", "sport/tennis/player1/"):
+        assert subs_of(t.match(topic)) == ["c"], topic
+    assert t.match("sport/tennis") == []
+    assert t.match("sport/tennis/player2") == []
+
+
+def test_hash_alone_matches_everything_not_dollar(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "#")
+    for topic in ("a", "/", "a/b/c", "/finance", "x//y"):
+        assert subs_of(t.match(topic)) == ["c"]
+
+
+def test_plus_matches_exactly_one_level(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "sport/tennis/+")
+    assert subs_of(t.match("sport/tennis/player1")) == ["c"]
+    assert subs_of(t.match("sport/tennis/")) == ["c"]  # an empty level is a level
+    assert t.match("sport/tennis/player1/ranking") == []
+    assert t.match("sport/tennis") == []
+
+
+def test_plus_spec_examples(trie):
+    t = trie.TopicTrie()
+    t.subscribe("p", "sport/+")
+    t.subscribe("q", "+/+")
+    t.subscribe("r", "/+")
+    t.subscribe("s", "+")
+    assert subs_of(t.match("sport")) == ["s"]
+    assert subs_of(t.match("sport/")) == ["p", "q"]
+    assert subs_of(t.match("/finance")) == ["q", "r"]
+
+
+def test_empty_levels_are_real_levels(trie):
+    t = trie.TopicTrie()
+    t.subscribe("double", "a//b")
+    t.subscribe("single", "a/b")
+    t.subscribe("lead", "/a")
+    t.subscribe("trail", "a/")
+    assert subs_of(t.match("a//b")) == ["double"]
+    assert subs_of(t.match("a/b")) == ["single"]
+    assert subs_of(t.match("/a")) == ["lead"]
+    assert subs_of(t.match("a/")) == ["trail"]
+    assert t.match("a") == []
+
+
+def test_MQTT_4_7_2_1_wildcard_first_level_skips_dollar_topics(trie):
+    t = trie.TopicTrie()
+    for f in ("#", "+/monitor/Clients", "+/#", "+"):
+        t.subscribe(f, f)
+    t.subscribe("sys-hash", "$SYS/#")
+    t.subscribe("sys-plus", "$SYS/monitor/+")
+    t.subscribe("dollar", "$")
+    assert subs_of(t.match("$SYS/monitor/Clients")) == ["sys-hash", "sys-plus"]
+    assert subs_of(t.match("$")) == ["dollar"]
+    assert t.match("$other") == []
+    # A '$' that is not the first character is ordinary.
+    assert subs_of(t.match("a$/monitor/Clients")) == ["#", "+/#", "+/monitor/Clients"]
+    # Only the first level is special: '+' later in the filter matches '$x'.
+    t.subscribe("later", "$SYS/+")
+    assert "later" in subs_of(t.match("$SYS/$x"))
+
+
+def test_MQTT_4_7_2_1_applies_to_shared_filters_too(trie):
+    t = trie.TopicTrie()
+    t.subscribe("m", "$share/g/#")
+    assert t.match("$SYS/x") == []
+    assert subs_of(t.match("x")) == ["m"]
+
+
+@pytest.mark.parametrize("bad", ["a/+", "#", "a/#", "+", "a+b"])
+def test_MQTT_3_3_2_2_wildcards_in_topic_name_rejected(trie, bad):
+    with pytest.raises(MalformedPacket) as err:
+        trie.TopicTrie().match(bad)
+    assert err.value.reason_code == 0x90
+
+
+def test_MQTT_4_7_3_1_empty_topic_name_rejected(trie):
+    with pytest.raises(MalformedPacket) as err:
+        trie.TopicTrie().match("")
+    assert err.value.reason_code == 0x90
+
+
+def test_topic_names_are_case_sensitive(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "ACCOUNTS")
+    assert t.match("accounts") == []
+    assert subs_of(t.match("ACCOUNTS")) == ["c"]
+
+
+def test_deep_topics(trie):
+    t = trie.TopicTrie()
+    deep = "/".join(["l"] * 5000)
+    t.subscribe("exact", deep)
+    t.subscribe("plus", "/".join(["+"] * 5000))
+    t.subscribe("hash", "l/#")
+    assert subs_of(t.match(deep)) == ["exact", "hash", "plus"]
+    assert t.unsubscribe("exact", deep)
+    assert t.unsubscribe("plus", "/".join(["+"] * 5000))
+
+
+# -- options ---------------------------------------------------------------------
+
+
+def test_MQTT_3_8_4_3_resubscribe_replaces_options(trie):
+    t = trie.TopicTrie()
+    assert t.subscribe("c", "a/b", qos=0, subscription_id=1) is True
+    assert t.subscribe("c", "a/b", qos=2, retain_as_published=True, retain_handling=1,
+                       subscription_id=9) is False
+    assert len(t) == 1
+    assert t.subscriptions("c") == [("a/b", 2, False, True, 1, 9)]
+    assert t.match("a/b") == [("c", 2, True, (9,))]
+    # Replacing again with no subscription id drops the id.
+    t.subscribe("c", "a/b", qos=1)
+    assert t.match("a/b") == [("c", 1, False, ())]
+
+
+def test_MQTT_3_3_4_3_overlapping_subscriptions_merge_to_highest_qos(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "a/+", qos=1)
+    t.subscribe("c", "a/#", qos=2)
+    t.subscribe("c", "a/b", qos=0)
+    t.subscribe("d", "a/b", qos=0)
+    assert by_sub(t.match("a/b")) == {"c": (2, False, ()), "d": (0, False, ())}
+
+
+def test_MQTT_3_3_4_4_and_5_every_subscription_identifier(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "a/+", subscription_id=7)
+    t.subscribe("c", "a/#", subscription_id=3)
+    t.subscribe("c", "+/b")                       # no identifier
+    t.subscribe("c", "#", subscription_id=7)      # same id twice: listed once
+    t.subscribe("d", "a/b", subscription_id=1)
+    got = by_sub(t.match("a/b"))
+    assert got["c"] == (0, False, (3, 7))
+    assert got["d"] == (0, False, (1,))
+    assert by_sub(t.match("z/b"))["c"] == (0, False, (7,))
+
+
+def test_retain_as_published_merged_with_any(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "a/+", retain_as_published=True)
+    t.subscribe("c", "a/b", qos=1)
+    assert t.match("a/b") == [("c", 1, True, ())]
+
+
+def test_MQTT_3_8_3_3_no_local_skips_the_publisher(trie):
+    t = trie.TopicTrie()
+    t.subscribe("me", "a/b", no_local=True, qos=1)
+    t.subscribe("other", "a/b", no_local=True)
+    assert subs_of(t.match("a/b", publisher="me")) == ["other"]
+    assert subs_of(t.match("a/b", publisher="other")) == ["me"]
+    assert subs_of(t.match("a/b")) == ["me", "other"]
+    assert subs_of(t.match("a/b", publisher="stranger")) == ["me", "other"]
+
+
+def test_no_local_only_drops_the_no_local_subscriptions(trie):
+    t = trie.TopicTrie()
+    t.subscribe("me", "a/b", no_local=True, qos=2, subscription_id=1)
+    t.subscribe("me", "a/+", qos=1, subscription_id=2)
+    # The '+' subscription still delivers, with its own QoS and id only.
+    assert t.match("a/b", publisher="me") == [("me", 1, False, (2,))]
+
+
+def test_MQTT_3_8_3_4_no_local_on_shared_is_protocol_error(trie):
+    t = trie.TopicTrie()
+    with pytest.raises(MalformedPacket) as err:
+        t.subscribe("c", "$share/g/a", no_local=True)
+    assert err.value.reason_code == 0x82
+    assert len(t) == 0
+    assert t.subscriptions("c") == []
+
+
+# -- shared subscriptions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["$share//a", "$share/", "$share/g", "$share/g/",
+                                 "$share/g+/a", "$share/#/a", "$share/a#b/c"])
+def test_MQTT_4_8_2_1_and_2_share_name_rules(trie, bad):
+    with pytest.raises(MalformedPacket) as err:
+        trie.TopicTrie().subscribe("c", bad)
+    assert err.value.reason_code == 0x8F
+
+
+def test_share_prefix_needs_the_slash(trie):
+    # "$share" and "$sharex/..." are ordinary filters.
+    t = trie.TopicTrie()
+    t.subscribe("c", "$share")
+    t.subscribe("d", "$sharex/g/a")
+    assert subs_of(t.match("$share")) == ["c"]
+    assert subs_of(t.match("$sharex/g/a")) == ["d"]
+
+
+def test_shared_group_round_robin_is_exact_and_in_subscription_order(trie):
+    t = trie.TopicTrie()
+    for m in ("m1", "m2", "m3"):
+        t.subscribe(m, "$share/g/jobs/+", qos=1)
+    got = [t.match("jobs/x")[0][0] for _ in range(9)]
+    assert got == ["m1", "m2", "m3"] * 3
+
+
+def test_shared_round_robin_after_member_leaves(trie):
+    t = trie.TopicTrie()
+    for m in ("m1", "m2", "m3", "m4"):
+        t.subscribe(m, "$share/g/j")
+    assert [t.match("j")[0][0] for _ in range(2)] == ["m1", "m2"]
+    t.unsubscribe("m2", "$share/g/j")
+    # Cursor is at position 2, now "m4"; members keep their order.
+    assert [t.match("j")[0][0] for _ in range(4)] == ["m4", "m1", "m3", "m4"]
+
+
+def test_shared_groups_independent_of_each_other_and_normal_subs(trie):
+    t = trie.TopicTrie()
+    t.subscribe("a1", "$share/A/s/+", qos=1, subscription_id=4)
+    t.subscribe("a2", "$share/A/s/+", qos=1)
+    t.subscribe("b1", "$share/B/s/#", qos=2)
+    t.subscribe("n", "s/x")
+    t.subscribe("a1", "s/x", qos=0)   # a member can also hold a normal subscription
+    counts = {}
+    for _ in range(10):
+        d = t.match("s/x")
+        normal = [x for x in d if x[0] in ("n",) or (x[0] == "a1" and x[1] == 0)]
+        assert sorted(x[0] for x in normal) == ["a1", "n"]
+        shared = [x for x in d if x not in normal]
+        assert len(shared) == 2  # one per group
+        for x in shared:
+            counts[x[0]] = counts.get(x[0], 0) + 1
+    assert counts == {"a1": 5, "a2": 5, "b1": 10}
+
+
+def test_shared_delivery_carries_member_options(trie):
+    t = trie.TopicTrie()
+    t.subscribe("a1", "$share/A/s", qos=2, retain_as_published=True, subscription_id=9)
+    assert t.match("s") == [("a1", 2, True, (9,))]
+
+
+def test_same_share_name_different_filters_are_different_groups(trie):
+    t = trie.TopicTrie()
+    t.subscribe("x", "$share/g/a/+")
+    t.subscribe("y", "$share/g/a/b")
+    assert subs_of(t.match("a/b")) == ["x", "y"]
+
+
+def test_shared_groups_listed_after_normal_deliveries(trie):
+    t = trie.TopicTrie()
+    t.subscribe("s", "$share/g/a")
+    t.subscribe("n1", "a")
+    t.subscribe("n2", "#")
+    assert t.match("a")[-1][0] == "s"
+
+
+def test_share_policy_callable(trie):
+    t = trie.TopicTrie()
+    seen = []
+
+    def last_member(name, topic_filter, members):
+        seen.append((name, topic_filter, list(members)))
+        return members[-1]
+
+    t.subscribe("m1", "$share/g/a/#")
+    t.subscribe("m2", "$share/g/a/#")
+    t.set_share_policy(last_member)
+    assert subs_of(t.match("a/b")) == ["m2"]
+    assert seen == [("g", "a/#", ["m1", "m2"])]
+    t.set_share_policy(lambda *a: None)       # None skips the group
+    assert t.match("a/b") == []
+    t.set_share_policy(lambda *a: "stranger")
+    with pytest.raises(ValueError):
+        t.match("a/b")
+    t.set_share_policy("round_robin")
+    assert subs_of(t.match("a/b")) == ["m1"]
+
+
+def test_share_policy_random_picks_members(trie):
+    t = trie.TopicTrie()
+    t.set_share_policy("random")
+    for m in ("m1", "m2", "m3"):
+        t.subscribe(m, "$share/g/a")
+    picked = {t.match("a")[0][0] for _ in range(200)}
+    assert picked == {"m1", "m2", "m3"}
+    with pytest.raises(ValueError):
+        t.set_share_policy("fastest")
+    with pytest.raises(TypeError):
+        t.set_share_policy(3)
+
+
+def test_policy_callable_may_change_the_trie(trie):
+    t = trie.TopicTrie()
+    t.subscribe("m1", "$share/g/a")
+    t.subscribe("m2", "$share/h/a")
+
+    def evict(name, topic_filter, members):
+        t.remove_subscriber("m1")
+        t.remove_subscriber("m2")
+        return members[0]
+
+    t.set_share_policy(evict)
+    assert subs_of(t.match("a")) == ["m1", "m2"]
+    assert len(t) == 0
+
+
+# -- pruning ------------------------------------------------------------------------------
+
+
+def test_unsubscribe_prunes_emptied_nodes(trie):
+    t = trie.TopicTrie()
+    t.subscribe("keep", "a/b")
+    base = t.node_count()
+    assert base == 2
+    for f in ("a/b/c/d", "a/+/#", "x/y/z", "$share/g/a/b/q", "a//b", "#"):
+        t.subscribe("tmp", f)
+    assert t.node_count() > base
+    for f in ("a/b/c/d", "a/+/#", "x/y/z", "$share/g/a/b/q", "a//b", "#"):
+        assert t.unsubscribe("tmp", f)
+    assert t.node_count() == base
+    t.remove_subscriber("keep")
+    assert t.node_count() == 0
+
+
+def test_many_children_grow_and_shrink(trie):
+    # Crosses the compiled module's switch from a small array to a hash table
+    # and back, with removals in an order that exercises probe-chain repair.
+    t = trie.TopicTrie()
+    names = [f"n{i}" for i in range(500)]
+    for i, n in enumerate(names):
+        t.subscribe(i % 7, f"root/{n}")
+    for n in names[::3]:
+        assert t.unsubscribe(names.index(n) % 7, f"root/{n}")
+    for i, n in enumerate(names):
+        expect = [] if i % 3 == 0 else [i % 7]
+        assert subs_of(t.match(f"root/{n}")) == expect
+    for i, n in enumerate(names):
+        if i % 3:
+            assert t.unsubscribe(i % 7, f"root/{n}")
+    assert t.node_count() == 0 and len(t) == 0
+
+
+def test_many_subscribers_on_one_node(trie):
+    t = trie.TopicTrie()
+    for i in range(300):
+        t.subscribe(i, "hot", qos=i % 3)
+    for i in range(0, 300, 2):
+        assert t.unsubscribe(i, "hot")
+    got = by_sub(t.match("hot"))
+    assert got == {i: (i % 3, False, ()) for i in range(1, 300, 2)}
+    # Re-subscribing finds the existing entry (replace, not add).
+    for i in range(1, 300, 2):
+        assert t.subscribe(i, "hot", qos=2) is False
+    assert len(t) == 150

@@ -1312,7 +1312,11 @@ def encode(packet, version: int = 5) -> bytes:
     encoder = _ENCODERS.get(type(packet))
     if encoder is None:
         raise _error(f"cannot encode {type(packet).__name__}: not a packet of this codec")
-    return encoder(packet, _wire_version(version))
+    wire = _wire_version(version)
+    if encoder is _encode_connect:
+        # CONNECT is the one packet where 3 (MQIsdp) and 4 (MQTT) differ.
+        return _encode_connect(packet, version)
+    return encoder(packet, wire)
 
 
 class PublishTemplate:

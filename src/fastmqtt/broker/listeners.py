@@ -10,8 +10,9 @@ An admitted socket gets its own task which
 
 1. runs the transport handshake with a deadline (``handshake_timeout``): TLS
    (``trio.SSLStream``), then for ``ws``/``wss`` the HTTP upgrade
-   (trio-websocket on wsproto), checking the request path and choosing the
-   ``mqtt`` subprotocol [MQTT-6.0.0-3];
+   (trio-websocket on wsproto), checking the request path and answering with
+   the ``mqtt`` subprotocol [MQTT-6.0.0-4] (``mqttv3.1`` for old clients that
+   offer only that, as Mosquitto does);
 2. calls ``await handler(stream, spec)`` with a plain ``trio.abc.Stream``, so
    the broker sees bytes and nothing of the transport;
 3. closes the stream and releases the connection slot, whatever happened.

@@ -359,6 +359,13 @@ def broker_impl(request, tmp_path_factory):
         b.kill()
 
 
+@pytest.fixture(params=IMPLS)
+def impl(request) -> str:
+    """The implementation name, for tests that start their own broker with
+    implementation-specific configuration (via ``broker_factory``)."""
+    return request.param
+
+
 _uid_lock = threading.Lock()
 _uid = [0]
 

@@ -1,0 +1,124 @@
+"""``fastmqtt-broker`` command line: flags over a TOML config file over defaults."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from .. import __version__
+from .config import BrokerConfig, load_config
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+log = logging.getLogger("fastmqtt.broker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (every flag overrides the config file)."""
+    p = argparse.ArgumentParser(prog="fastmqtt-broker",
+                                description="fastmqtt MQTT 5.0 / 3.1.1 broker")
+    a = p.add_argument
+    a("-c", "--config", metavar="FILE.toml", help="TOML config file (see examples/fastmqtt.toml)")
+    a("-p", "--port", type=int, help="TCP port (default 1883; 0 = any free port)")
+    a("--host", help="address to bind (default all interfaces)")
+    a("--ws-port", type=int, metavar="PORT", help="also listen for MQTT over WebSocket")
+    a("--tls-port", type=int, metavar="PORT", help="also listen for MQTT over TLS")
+    a("--wss-port", type=int, metavar="PORT", help="also listen for MQTT over secure WebSocket")
+    a("--certfile", help="PEM certificate for TLS listeners")
+    a("--keyfile", help="PEM key for TLS listeners")
+    a("--cafile", help="PEM CA bundle to verify client certificates")
+    a("--metrics-port", type=int, metavar="PORT", help="serve Prometheus /metrics on this port")
+    a("--data-dir", metavar="DIR", help="where persistent state lives (default ./fastmqtt-data)")
+    a("--no-persistence", action="store_true", help="keep all state in memory only")
+    a("--durability", choices=("sync", "batch"), help="fsync before acking (sync) or batch commits")
+    a("--max-keepalive", type=int, metavar="SECONDS",
+      help="largest keep alive allowed (v5 clients get Server Keep Alive)")
+    a("--password-file", metavar="F", help="Mosquitto-style password file")
+    a("--acl-file", metavar="F", help="Mosquitto-style ACL file")
+    a("--allow-anonymous", action=argparse.BooleanOptionalAction, default=None,
+      help="accept clients without a user name (default: yes unless a password file is set)")
+    a("--sys-interval", type=float, metavar="SECONDS", help="$SYS publish interval (0 = off)")
+    a("-v", "--verbose", action="store_true", help="debug logs")
+    a("--version", action="version", version=f"fastmqtt-broker {__version__}")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    """Load ``--config`` (if any) and apply the flags given on top.
+
+    Raises:
+        OSError, ValueError: the config file cannot be read or is invalid.
+    """
+    cfg = load_config(args.config) if args.config else BrokerConfig()
+    changes = {}
+    for flag, key in (("port", "port"), ("host", "host"), ("ws_port", "ws_port"),
+                      ("tls_port", "tls_port"), ("wss_port", "wss_port"),
+                      ("certfile", "certfile"), ("keyfile", "keyfile"), ("cafile", "cafile"),
+                      ("metrics_port", "metrics_port"), ("data_dir", "data_dir"),
+                      ("durability", "durability"), ("max_keepalive", "max_keepalive"),
+                      ("password_file", "password_file"), ("acl_file", "acl_file"),
+                      ("allow_anonymous", "allow_anonymous"), ("sys_interval", "sys_interval")):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[key] = value
+    if args.no_persistence:
+        changes["persistence"] = False
+    if args.verbose:
+        changes["verbose"] = True
+    cfg = cfg.replace(**changes)
+    if ("port" in changes or "host" in changes) and cfg.listeners:
+        # -p/--host on the command line replace the file's first TCP listener.
+        first = cfg.listeners[0]
+        if "port" in changes:
+            first.port = changes["port"]
+        if "host" in changes:
+            first.host = changes["host"]
+    return cfg
+
+
+async def _run(cfg: BrokerConfig) -> None:
+    from .server import serve
+
+    async with trio.open_nursery() as nursery:
+        broker = await nursery.start(serve, cfg)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                await broker.aclose()
+                break
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fastmqtt-broker`` and ``python -m fastmqtt.broker``.
+
+    Returns:
+        The exit status: 0 after a signal-driven shutdown, 1 on a start-up error.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"fastmqtt-broker: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if cfg.verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("fastmqtt-broker %s starting", __version__)
+    try:
+        trio.run(_run, cfg)
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

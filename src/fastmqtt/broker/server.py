@@ -1,0 +1,426 @@
+"""The broker's trio edge: listeners, one reader and one writer per connection, timers.
+
+Theory of operation
+-------------------
+Everything protocol-related happens in the sans-IO
+:class:`~fastmqtt.session.ServerConnection` and the synchronous
+:class:`~fastmqtt.broker.core.BrokerCore`; this module only moves bytes and
+time.
+
+Per connection there are two tasks:
+
+* the **reader** receives bytes (with ``move_on_at(conn.next_deadline())`` for
+  the CONNECT timeout and keep alive), feeds the connection, and hands each
+  event to the core. The only await between packets is the authenticator on
+  CONNECT; it never waits for the store, so a publisher with many messages in
+  flight is never held up by a commit per message.
+* the **writer** sleeps until the connection's outbox becomes non-empty, then
+  joins everything queued (from any number of publishers) into one
+  ``send_all``. Acknowledgements that depend on durability (``conn.acks``)
+  wait for ``store.durable`` of the newest ticket in the batch, then go out in
+  order. A ``send_all`` that makes no progress for ``slow_consumer_timeout``
+  means the peer stopped reading: the connection is dropped (its messages for
+  a persistent session stay queued, bounded).
+
+Every exception is caught inside the connection handler: one broken client
+never takes the server or other clients down. A violation is logged with the
+client id and the rule and, for v5, answered with DISCONNECT and the reason
+code before closing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from typing import Any
+
+import trio
+
+from .. import __version__
+from ..codec import Connack, encode
+from ..session import ProtocolViolation, ServerConnection
+from .config import BrokerConfig, ListenerConfig
+from .core import BrokerCore
+from .interfaces import AllowAll, NullStore, Stats
+
+__all__ = ["serve", "Broker"]
+
+log = logging.getLogger("fastmqtt.broker")
+
+RECV_SIZE = 65536
+FLUSH_TIMEOUT = 2.0
+
+
+def _open_store(config: BrokerConfig, stats: Stats):
+    if not config.persistence:
+        return NullStore()
+    from ..store import open_store
+
+    return open_store(config, stats)
+
+
+def _build_security(config: BrokerConfig):
+    try:
+        from .security import build_security
+    except ImportError:  # TEMPORARY: until fastmqtt.broker.security lands
+        return AllowAll(), AllowAll()
+    return build_security(config)
+
+
+def _open_history(config: BrokerConfig, store):
+    if not config.history:
+        return None
+    try:
+        from ..store import open_history
+    except ImportError:  # TEMPORARY: until fastmqtt.store.history lands
+        log.warning("chat history configured but fastmqtt.store.history is missing")
+        return None
+    return open_history(config, store)
+
+
+def _listener_spec(lc: ListenerConfig):
+    from .listeners import ListenerSpec
+
+    return ListenerSpec(type=lc.type, host=lc.host, port=lc.port, certfile=lc.certfile,
+                        keyfile=lc.keyfile, cafile=lc.cafile,
+                        require_certificate=lc.require_certificate, path=lc.path,
+                        max_connections=lc.max_connections, connection_rate=lc.connection_rate,
+                        handshake_timeout=lc.handshake_timeout, name=lc.name)
+
+
+class _Wakeup:
+    """Wakes a connection's writer; one trio.Event per batch."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def __call__(self) -> None:
+        self.event.set()
+
+
+class Broker:
+    """A running broker (what :func:`serve` hands to ``task_status``).
+
+    Attributes:
+        config: the settings in use.
+        core: the :class:`BrokerCore` (state; tests may inspect it).
+        stats: the counters.
+        ports: bound ports, in listener order.
+        addresses: ``(type, host, port)`` per listener.
+    """
+
+    def __init__(self, config: BrokerConfig, core: BrokerCore, store, authenticator,
+                 stats: Stats) -> None:
+        self.config = config
+        self.core = core
+        self.store = store
+        self.authenticator = authenticator
+        self.stats = stats
+        self.ports: list[int] = []
+        self.addresses: list[tuple[str, str, int]] = []
+        self.connections: set[ServerConnection] = set()
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self.closing = False
+
+    # ----------------------------------------------------------- connection
+
+    async def handle_connection(self, stream: trio.abc.Stream, spec: Any = None) -> None:
+        """Serve one client over ``stream`` (TCP, TLS or WebSocket alike)."""
+        cfg = self.config
+        if self.closing:
+            return
+        conn = ServerConnection(
+            trio.current_time(), max_packet_size=cfg.max_packet_size,
+            topic_alias_maximum=cfg.topic_alias_maximum, connect_timeout=cfg.connect_timeout,
+            keepalive_grace=cfg.keepalive_grace, max_qos=cfg.max_qos,
+            retain_available=cfg.retain_available)
+        conn.peer = _peer_name(stream)
+        wake = _Wakeup()
+        conn.on_output = wake
+        self.connections.add(conn)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, stream, conn, wake, nursery.cancel_scope)
+                try:
+                    await self._reader(stream, conn)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    conn.close(None, f"connection lost: {exc or type(exc).__name__}")
+                except Exception:
+                    log.exception("client %s (%s): internal error", conn.client_id or "?", conn.peer)
+                    conn.will_on_close = True
+                    conn.close(0x83, "internal error", "implementation specific error")
+                finally:
+                    conn.close(None, "connection closed")
+                    self._lost(conn)
+                # The writer flushes what is queued (DISCONNECT included), then ends.
+                with trio.move_on_after(FLUSH_TIMEOUT):
+                    await trio.sleep_forever()
+                nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("client %s (%s): error in connection handler", conn.client_id or "?",
+                          conn.peer)
+            self._lost(conn)
+        finally:
+            self.connections.discard(conn)
+            if not self.connections:
+                self._idle.set()
+
+    def _lost(self, conn: ServerConnection) -> None:
+        if conn.extra.get("lost"):
+            return
+        conn.extra["lost"] = True
+        try:
+            was = conn.client is not None
+            self.core.connection_lost(conn, time.time())
+            if was:
+                log.info("client %s disconnected (%s)", conn.client_id, conn.close_reason or "closed")
+        except Exception:
+            log.exception("client %s: error while cleaning up the session", conn.client_id)
+
+    async def _reader(self, stream: trio.abc.Stream, conn: ServerConnection) -> None:
+        core = self.core
+        stats = self.stats
+        current_time = trio.current_time
+        wall = time.time
+        while not conn.closing:
+            deadline = conn.next_deadline()
+            data = None
+            if deadline == math.inf:
+                data = await stream.receive_some(RECV_SIZE)
+            else:
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(RECV_SIZE)
+            if data is None:
+                why = conn.timed_out(current_time())
+                if why == "connect":
+                    log.info("%s: no CONNECT within %.0fs, dropped", conn.peer,
+                             self.config.connect_timeout)
+                    conn.close(None, "CONNECT timeout")
+                    return
+                if why == "keepalive":
+                    log.info("client %s: keep alive timeout (%ds)", conn.client_id, conn.keep_alive)
+                    conn.will_on_close = True  # [MQTT-3.1.2-8]: the will is published
+                    conn.close(0x8D, "keep alive timeout", "keep alive timeout")
+                    return
+                continue
+            if not data:
+                if conn.client is not None and not conn.closing:
+                    conn.close(None, "connection closed by client")
+                return
+            stats.bytes_received += len(data)
+            events = conn.receive_data(data, current_time())
+            if not events:
+                continue
+            now = wall()
+            for ev in events:
+                if ev.__class__ is ProtocolViolation:
+                    self._violation(conn, ev)
+                    return
+                if ev.packet_type == 1:
+                    if not await self._connect(conn, ev):
+                        return
+                    now = wall()
+                else:
+                    core.handle(conn, ev, now)
+                if conn.closing:
+                    return
+
+    def _violation(self, conn: ServerConnection, ev: ProtocolViolation) -> None:
+        if conn.client is None:
+            self.stats.protocol_errors += 1
+            log.warning("%s: bad CONNECT phase 0x%02X: %s", conn.peer, ev.reason_code, ev.message)
+            if ev.reason_code == 0x84:
+                # Unsupported protocol level: CONNACK 0x84 (3.1.1 form: return
+                # code 1) then close [MQTT-3.1.2-2].
+                conn.write(encode(Connack(False, 0x84), 4))
+            conn.close(None, ev.message)
+            return
+        conn.will_on_close = True
+        self.core.protocol_error(conn, ev.reason_code, ev.message)
+
+    async def _connect(self, conn: ServerConnection, pkt) -> bool:
+        cfg = self.config
+        if cfg.max_connections is not None and self.stats.clients_connected >= cfg.max_connections:
+            self.core.reject(conn, 0x89 if pkt.protocol_level == 5 else 0x88, "server busy")
+            return False
+        try:
+            rc = await self.authenticator.authenticate(pkt.client_id, pkt.username, pkt.password, pkt)
+        except Exception:
+            log.exception("authenticator failed for %r", pkt.client_id)
+            rc = 0x80
+        if rc:
+            log.info("%s: client %r refused: 0x%02X", conn.peer, pkt.client_id, rc)
+            self.core.reject(conn, rc, "not authorized" if rc == 0x87 else "authentication failed")
+            return False
+        if conn.closing:
+            return False
+        ok = self.core.connect(conn, pkt, time.time())
+        if ok:
+            log.info("client %s connected from %s (MQTT %s, keep alive %d, clean %s)",
+                     conn.client_id, conn.peer, "5.0" if conn.version == 5 else "3.1.1"
+                     if conn.version == 4 else "3.1", conn.keep_alive, pkt.clean_start)
+        else:
+            log.info("%s: client %r refused (%s)", conn.peer, pkt.client_id, conn.close_reason)
+        return ok
+
+    async def _writer(self, stream: trio.abc.Stream, conn: ServerConnection, wake: _Wakeup,
+                      scope: trio.CancelScope) -> None:
+        stats = self.stats
+        store = self.store
+        core = self.core
+        timeout = self.config.slow_consumer_timeout
+        try:
+            while True:
+                if not conn.outbox and not conn.acks:
+                    if conn.closing:
+                        break
+                    await wake.event.wait()
+                    wake.event = trio.Event()
+                data = conn.take_output()
+                if data:
+                    with trio.move_on_after(timeout) as cs:
+                        await stream.send_all(data)
+                    if cs.cancelled_caught:
+                        log.warning("client %s: slow consumer, nothing written for %.0fs;"
+                                    " disconnecting", conn.client_id, timeout)
+                        stats.drop("slow_consumer")
+                        conn.send_failed()
+                        conn.close_reason = "slow consumer"
+                        break
+                    stats.bytes_sent += len(data)
+                    cs_state = conn.client
+                    if cs_state is not None and cs_state.queue and not conn.closing:
+                        core.pump(cs_state, time.time())
+                if conn.acks:
+                    ticket, data = conn.take_acks()
+                    if ticket:
+                        await store.durable(ticket)
+                    with trio.move_on_after(timeout) as cs:
+                        await stream.send_all(data)
+                    if cs.cancelled_caught:
+                        conn.send_failed()
+                        break
+                    stats.bytes_sent += len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            conn.send_failed()
+        except Exception:
+            log.exception("client %s: writer failed", conn.client_id)
+            conn.send_failed()
+        finally:
+            conn.closing = True
+            self._lost(conn)
+            scope.cancel()
+
+    # -------------------------------------------------------------- run loop
+
+    async def _housekeeping(self) -> None:
+        cfg = self.config
+        sys_pub = None
+        if cfg.sys_interval and cfg.sys_interval > 0:
+            from .sys_topics import SysTopics
+
+            sys_pub = SysTopics(self.core, self.stats, __version__)
+        next_sys = trio.current_time()
+        while True:
+            await trio.sleep(1.0)
+            now = time.time()
+            try:
+                self.core.tick(now)
+                if sys_pub is not None and trio.current_time() >= next_sys:
+                    sys_pub.publish(now)
+                    next_sys = trio.current_time() + cfg.sys_interval
+            except Exception:
+                log.exception("housekeeping failed")
+
+    async def aclose(self) -> None:
+        """Graceful shutdown: v5 clients get DISCONNECT 0x8B, queued bytes are
+        flushed (bounded by a short timeout), then the listeners close."""
+        if self.closing:
+            return
+        self.closing = True
+        log.info("shutting down")
+        self.core.shutdown()
+        for conn in list(self.connections):
+            conn.close(None, "server shutting down")
+        with trio.move_on_after(FLUSH_TIMEOUT):
+            await self._idle.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+
+def _peer_name(stream) -> str:
+    try:
+        inner = stream
+        for attr in ("transport_stream", "transport_stream"):
+            inner = getattr(inner, attr, inner)
+        sock = getattr(inner, "socket", None)
+        if sock is not None:
+            host, port = sock.getpeername()[:2]
+            return f"{host}:{port}"
+    except Exception:
+        pass
+    return "?"
+
+
+async def serve(config: BrokerConfig | None = None, *,
+                task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a broker until cancelled (or until ``Broker.aclose()``).
+
+    Args:
+        config: settings; default: everything default (port 1883, persistence on).
+        task_status: receives the :class:`Broker` once every listener is bound
+            (``broker.ports`` has the real ports when 0 was asked for).
+
+    Raises:
+        OSError: a listener cannot bind.
+    """
+    config = config or BrokerConfig()
+    stats = Stats()
+    stats.started_at = time.time()
+    store = _open_store(config, stats)
+    snapshot = store.open()
+    try:
+        authenticator, authorizer = _build_security(config)
+        history = _open_history(config, store)
+        core = BrokerCore(config, store, authorizer, stats, history)
+        core.restore(snapshot, time.time())
+        if snapshot.sessions or snapshot.retained:
+            log.info("restored %d sessions and %d retained messages from the store",
+                     len(snapshot.sessions), len(snapshot.retained))
+        broker = Broker(config, core, store, authenticator, stats)
+        from .listeners import serve_listener
+
+        async with trio.open_nursery() as nursery:
+            broker._nursery = nursery
+            for lc in config.listener_configs():
+                spec = _listener_spec(lc)
+                host, port = await nursery.start(functools.partial(
+                    serve_listener, spec, broker.handle_connection, stats=stats))
+                broker.ports.append(port)
+                broker.addresses.append((lc.type, host, port))
+                log.info("listening on %s://%s:%d", lc.type, host, port)
+            if config.metrics_port is not None:
+                try:
+                    from .metrics import serve_metrics
+                except ImportError:  # TEMPORARY: until fastmqtt.broker.metrics lands
+                    log.warning("metrics requested but fastmqtt.broker.metrics is missing")
+                else:
+                    bound = await nursery.start(functools.partial(
+                        serve_metrics, stats, config.metrics_host, config.metrics_port))
+                    log.info("metrics on http://%s:%s/metrics", config.metrics_host,
+                             bound[1] if isinstance(bound, tuple) else config.metrics_port)
+            nursery.start_soon(broker._housekeeping)
+            task_status.started(broker)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await store.aclose()
+            except Exception:
+                log.exception("closing the store failed")

@@ -46,11 +46,14 @@ class MemoryStore:
         also forgotten). May be called again after :meth:`aclose`."""
         now = self._clock() if now is None else now
         self._closed = False
+        high = max(self.messages, default=0)
         self.purge_expired(now)
-        return build_snapshot(
+        snap = build_snapshot(
             self.sessions, self.subs,
             {c: list(d.values()) for c, d in self.deliveries.items()},
             self.qos2, self.messages, self.retained, self.wills, now)
+        snap.next_msg_id = max(snap.next_msg_id, high + 1)
+        return snap
 
     def mark(self) -> int:
         return self._seq
@@ -70,13 +73,19 @@ class MemoryStore:
         retained messages. Returns how many sessions were removed."""
         dead = [c for c, (e, _, d) in self.sessions.items() if session_expired(e, d, now)]
         for c in dead:
+            will = self.wills.get(c)
             self.delete_session(c)
+            if will is not None:  # a will outlives its session: owed at session end
+                self.wills[c] = will
         for c, dl in self.deliveries.items():
-            for mid in [m for m, (_, d) in dl.items()
-                        if d.state == "queued" and message_expired(self.messages[m][1], now)]:
+            for mid in [m for m, (_, d) in dl.items() if m not in self.messages or (
+                    d.state == "queued" and message_expired(self.messages[m][1], now))]:
                 self.remove_delivery(c, mid)
         for t in [t for t, (_, e) in self.retained.items() if message_expired(e, now)]:
             self.delete_retained(t)
+        for mid in [m for m in self.messages if not self.refs.get(m)]:
+            del self.messages[mid]  # no delivery refers to it
+            self.refs.pop(mid, None)
         return len(dead)
 
     # -------------------------------------------------------------- sessions

@@ -192,6 +192,9 @@ class SqliteStore:
         self.moved_aside: str | None = None  # where a bad database went, if any
         self.commits = 0
         self.commit_seconds = 0.0
+        #: waits between attempts at a failing commit (disk full may clear up);
+        #: after the last one the store fails and ``durable()`` raises.
+        self.retry_delays: tuple[float, ...] = (0.05, 0.15, 0.45, 1.35, 2.0)
 
     # ============================================================ lifecycle
 
@@ -261,10 +264,6 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=0.5)
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            conn.close()
-            raise _Unusable(f"cannot switch to WAL mode (got {mode!r})")
         sync = "FULL" if self.durability == "sync" else "NORMAL"
         conn.execute(f"PRAGMA synchronous={sync}")
         conn.execute("PRAGMA foreign_keys=OFF")
@@ -294,6 +293,11 @@ class SqliteStore:
                         "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
                     if others:
                         raise _Unusable("not a fastmqtt database (no meta table)")
+                # Only now that the file is known to be ours may it change
+                # (switching to WAL rewrites the header of a foreign file).
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise _Unusable(f"cannot switch to WAL mode (got {mode!r})")
                 conn.executescript(_SCHEMA)
                 conn.execute("INSERT OR IGNORE INTO meta VALUES('schema_version', ?)",
                              (SCHEMA_VERSION,))
@@ -689,22 +693,24 @@ class SqliteStore:
 
     def _commit(self, b: _Batch) -> None:
         """Apply one batch in one transaction; retry transient failures."""
-        delay = 0.05
-        for attempt in range(6):
+        delays = self.retry_delays
+        for attempt in range(len(delays) + 1):
             t0 = time.perf_counter()
             try:
-                self._apply(b)
+                wrote = self._apply(b)
             except sqlite3.Error as e:
                 try:
                     self._conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                if attempt == 5:
+                if attempt == len(delays):
                     raise
-                log.warning("persistence: commit failed (%s); retrying in %.2fs", e, delay)
-                time.sleep(delay)
-                delay = min(delay * 3, 2.0)
+                log.warning("persistence: commit failed (%s); retrying in %.2fs", e,
+                            delays[attempt])
+                time.sleep(delays[attempt])
                 continue
+            if not wrote:
+                return
             dt = time.perf_counter() - t0
             self.commits += 1
             self.commit_seconds += dt
@@ -720,7 +726,7 @@ class SqliteStore:
             log.error("persistence: cannot store %s %r: %s", kind, key, e)
             return None
 
-    def _apply(self, b: _Batch) -> None:
+    def _apply(self, b: _Batch) -> bool:
         """One transaction with the batch's net effect. Runs on the writer thread."""
         c = self._conn
         if c is None:
@@ -776,7 +782,7 @@ class SqliteStore:
         if not (b.cascade or sessions or sub_put or sub_del or d_ins or d_upd or d_del
                 or q_put or q_del or msgs or b.msg_del or r_put or r_del or w_put or w_del
                 or h_put or b.hist_del):
-            return  # everything cancelled out: nothing to write, nothing to fsync
+            return False  # everything cancelled out: nothing to write, nothing to fsync
 
         ex = c.executemany
         c.execute("BEGIN IMMEDIATE")
@@ -818,3 +824,4 @@ class SqliteStore:
         if b.hist_del:
             ex("DELETE FROM history WHERE hist_id=?", [(h,) for h in b.hist_del])
         c.execute("COMMIT")
+        return True

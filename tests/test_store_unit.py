@@ -1,0 +1,675 @@
+"""Unit tests of the broker stores (memory and SQLite): every mutator, the
+snapshot round trip, expiry purge, and (SQLite) group commit, coalescing,
+durable() ordering, failure reporting and corrupt databases."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastmqtt.broker.interfaces import DeliveryRecord, NullStore, SubscriptionRecord
+from fastmqtt.codec import Publish
+from fastmqtt.enums import PropertyId
+from fastmqtt.store import MemoryStore, SqliteStore, StoreError, open_store
+from fastmqtt.store.base import decode_publish, encode_publish
+from fastmqtt.store.sqlite import DB_NAME
+
+NOW = 1_800_000_000.0
+NEVER = 0xFFFFFFFF
+
+
+def pub(topic="a/b", payload=b"x", qos=1, pid=0, **props):
+    return Publish(topic, payload, qos, False, False, pid, props or None)
+
+
+def fields(p):
+    """A Publish as plain values (properties as a dict, order-insensitive)."""
+    return (p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, dict(p.properties))
+
+
+class Reopener:
+    """Builds a store and "restarts" it: close, then a fresh open of the same
+    state (a new SqliteStore on the same directory; the same MemoryStore)."""
+
+    def __init__(self, kind, path):
+        self.kind = kind
+        self.path = path
+        self.store = None
+
+    def new(self):
+        if self.kind == "memory":
+            if self.store is None:
+                self.store = MemoryStore()
+        else:
+            self.store = SqliteStore(self.path)
+        return self.store
+
+    def first(self, now=NOW):
+        s = self.new()
+        snap = s.open(now=now)
+        return s, snap
+
+    def restart(self, now=NOW):
+        self.store.close()
+        return self.first(now)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def reopener(request, tmp_path):
+    r = Reopener(request.param, str(tmp_path / "data"))
+    yield r
+    if r.store is not None:
+        r.store.close()
+
+
+def by_client(snap):
+    return {s.client_id: s for s in snap.sessions}
+
+
+# ---------------------------------------------------------------- serialisation
+
+@pytest.mark.parametrize("p", [
+    Publish("t", b"", 0),
+    Publish("chat/acme/channel/1", b'{"type":1}', 1, True, True, 77,
+            {PropertyId.MESSAGE_EXPIRY_INTERVAL: 60, PropertyId.CONTENT_TYPE: "application/json",
+             PropertyId.USER_PROPERTY: (("k", "v"), ("k", "w")),
+             PropertyId.CORRELATION_DATA: b"\x00\x01"}),
+    Publish("q/2", b"\xff" * 1000, 2, False, False, 0),  # QoS 2 without a packet id
+])
+def test_publish_blob_round_trip(p):
+    assert fields(decode_publish(encode_publish(p))) == fields(p)
+
+
+def test_undecodable_blob_raises_value_error():
+    with pytest.raises(ValueError):
+        decode_publish(b"\x00\x30")
+    with pytest.raises(ValueError):
+        decode_publish(b"")
+
+
+# --------------------------------------------------------------------- open_store
+
+class Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_open_store_picks_implementation(tmp_path):
+    assert isinstance(open_store(Cfg(persistence=False)), NullStore)
+    s = open_store(Cfg(persistence=True, data_dir=str(tmp_path / "d"), durability="batch",
+                       batch_interval_ms=5))
+    assert isinstance(s, SqliteStore)
+    assert s.durability == "batch" and s.batch_interval == 0.005
+    assert s.path == str(tmp_path / "d" / DB_NAME)
+    assert isinstance(open_store(Cfg(persistence=True, store_backend="memory")), MemoryStore)
+    with pytest.raises(ValueError):
+        open_store(Cfg(persistence=True, data_dir=str(tmp_path), durability="never"))
+
+
+def test_default_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = open_store(Cfg())
+    s.open()
+    s.close()
+    assert (tmp_path / "fastmqtt-data" / DB_NAME).exists()
+
+
+# ------------------------------------------------------------------ every mutator
+
+def test_empty_store_gives_empty_snapshot(reopener):
+    _, snap = reopener.first()
+    assert snap.sessions == [] and snap.messages == {} and snap.retained == []
+    assert snap.wills == [] and snap.next_msg_id == 1
+
+
+def test_sessions_and_subscriptions_round_trip(reopener):
+    s, _ = reopener.first()
+    s.put_session("c1", 3600, 5, None)
+    s.put_session("c2", NEVER, 4, NOW - 10)
+    sub = SubscriptionRecord("$share/g/chat/+/channel/#", 1, no_local=True,
+                             retain_as_published=True, retain_handling=2, subscription_id=9)
+    s.put_subscription("c1", sub)
+    s.put_subscription("c1", SubscriptionRecord("x/y", 0))
+    s.put_subscription("c1", SubscriptionRecord("x/y", 2))  # replaces
+    s.put_subscription("c1", SubscriptionRecord("gone", 1))
+    s.delete_subscription("c1", "gone")
+    s.put_session("c2", NEVER, 5, NOW - 5)  # replaces
+    _, snap = reopener.restart()
+    sessions = by_client(snap)
+    assert set(sessions) == {"c1", "c2"}
+    c1 = sessions["c1"]
+    assert (c1.expiry_interval, c1.protocol_level, c1.disconnected_at) == (3600, 5, None)
+    subs = {x.topic_filter: x for x in c1.subscriptions}
+    assert subs == {sub.topic_filter: sub, "x/y": SubscriptionRecord("x/y", 2)}
+    assert (sessions["c2"].protocol_level, sessions["c2"].disconnected_at) == (5, NOW - 5)
+
+
+def test_deliveries_keep_queue_order_and_state(reopener):
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, NOW)
+    for mid in (5, 3, 9):
+        s.put_message(mid, pub(payload=b"m%d" % mid), None)
+        s.add_delivery("c", DeliveryRecord(mid, 1))
+    s.update_delivery("c", DeliveryRecord(3, 1, packet_id=12, state="sent"))
+    s.put_message(11, pub(qos=2, pid=4), None)
+    s.add_delivery("c", DeliveryRecord(11, 2))
+    s.update_delivery("c", DeliveryRecord(11, 2, packet_id=13, state="sent"))
+    s.update_delivery("c", DeliveryRecord(11, 2, packet_id=13, state="released"))
+    s.update_delivery("c", DeliveryRecord(99, 1, 1, "sent"))  # unknown: ignored
+    _, snap = reopener.restart()
+    c = by_client(snap)["c"]
+    assert c.deliveries == [DeliveryRecord(5, 1), DeliveryRecord(3, 1, 12, "sent"),
+                            DeliveryRecord(9, 1), DeliveryRecord(11, 2, 13, "released")]
+    assert snap.messages[5][0].payload == b"m5"
+    assert snap.messages[11][0] == pub(qos=2, pid=4)
+    assert set(snap.messages) == {3, 5, 9, 11}
+    assert snap.next_msg_id == 12
+
+
+def test_message_kept_while_any_delivery_refers_to_it(reopener):
+    s, _ = reopener.first()
+    for c in ("a", "b"):
+        s.put_session(c, NEVER, 5, None)
+    s.put_message(1, pub(), None)
+    s.add_delivery("a", DeliveryRecord(1, 1))
+    s.add_delivery("b", DeliveryRecord(1, 1))
+    s, snap = reopener.restart()
+    assert 1 in snap.messages
+    s.remove_delivery("a", 1)
+    s, snap = reopener.restart()
+    assert 1 in snap.messages and by_client(snap)["a"].deliveries == []
+    assert by_client(snap)["b"].deliveries == [DeliveryRecord(1, 1)]
+    s.remove_delivery("b", 1)
+    _, snap = reopener.restart()
+    assert snap.messages == {}
+    if reopener.kind == "sqlite":
+        with sqlite3.connect(reopener.store.path) as db:
+            assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+
+
+def test_delete_session_removes_everything_hanging_on_it(reopener):
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, None)
+    s.put_subscription("c", SubscriptionRecord("t", 1))
+    s.put_message(1, pub(), None)
+    s.add_delivery("c", DeliveryRecord(1, 1))
+    s.put_incoming_qos2("c", 7)
+    s.put_will("c", pub("will"), NOW + 5)
+    s.put_session("other", NEVER, 5, None)
+    s, _ = reopener.restart()
+    s.delete_session("c")
+    _, snap = reopener.restart()
+    assert [x.client_id for x in snap.sessions] == ["other"]
+    assert snap.messages == {} and snap.wills == []
+
+
+def test_delete_then_recreate_session_in_one_batch(reopener):
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, None)
+    s.put_subscription("c", SubscriptionRecord("old", 1))
+    s, _ = reopener.restart()
+    # A clean-start reconnect: the old session goes, a new one is made at once.
+    s.delete_session("c")
+    s.put_session("c", 60, 5, None)
+    s.put_subscription("c", SubscriptionRecord("new", 1))
+    _, snap = reopener.restart()
+    c = by_client(snap)["c"]
+    assert c.expiry_interval == 60
+    assert [x.topic_filter for x in c.subscriptions] == ["new"]
+
+
+def test_incoming_qos2_ids(reopener):
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, None)
+    for pid in (1, 2, 65535):
+        s.put_incoming_qos2("c", pid)
+    s.delete_incoming_qos2("c", 2)
+    _, snap = reopener.restart()
+    assert by_client(snap)["c"].incoming_qos2 == {1, 65535}
+
+
+def test_retained_put_replace_delete_and_expiry(reopener):
+    s, _ = reopener.first()
+    s.put_retained("a", Publish("a", b"1", 1, True), None)
+    s.put_retained("a", Publish("a", b"2", 1, True), None)
+    s.put_retained("b", Publish("b", b"b", 0, True), None)
+    s.delete_retained("b")
+    s.put_retained("soon", Publish("soon", b"s", 0, True), NOW + 10)
+    s.put_retained("past", Publish("past", b"p", 0, True), NOW + 1)
+    _, snap = reopener.restart(now=NOW + 5)
+    got = {t: (p.payload, e) for t, p, e in snap.retained}
+    # [MQTT-3.3.2-5]: an expired retained message is not delivered.
+    assert got == {"a": (b"2", None), "soon": (b"s", NOW + 10)}
+
+
+def test_wills(reopener):
+    s, _ = reopener.first()
+    s.put_session("a", 60, 5, NOW)
+    s.put_will("a", pub("will/a", b"gone"), NOW + 30)
+    s.put_will("b", pub("will/b"), NOW + 1)
+    s.delete_will("b")
+    _, snap = reopener.restart()
+    assert snap.wills == [("a", pub("will/a", b"gone"), NOW + 30)]
+
+
+def test_expired_sessions_are_purged(reopener):
+    s, _ = reopener.first()
+    s.put_session("expired", 60, 5, NOW - 61)
+    s.put_message(1, pub(), None)
+    s.add_delivery("expired", DeliveryRecord(1, 1))
+    s.put_subscription("expired", SubscriptionRecord("t", 1))
+    s.put_session("zero", 0, 5, NOW - 1)  # expiry 0: ends at disconnect [MQTT-3.1.2-23]
+    s.put_session("alive", 60, 5, NOW - 30)
+    s.put_session("never", NEVER, 5, NOW - 10**8)
+    s.put_session("connected", 0, 5, None)
+    s.put_will("expired", pub("w"), NOW - 1)
+    _, snap = reopener.restart()
+    assert set(by_client(snap)) == {"alive", "never", "connected"}
+    assert snap.messages == {}
+    # A will whose session ended while the broker was down is still owed.
+    assert [c for c, _, _ in snap.wills] == ["expired"]
+    # Purged for good: a later start does not see it again.
+    _, snap = reopener.restart(now=NOW - 100)
+    assert "expired" not in by_client(snap)
+
+
+def test_queued_copies_of_expired_messages_are_dropped_but_inflight_kept(reopener):
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, NOW)
+    s.put_message(1, pub(), NOW + 1)
+    s.put_message(2, pub(), NOW + 1)
+    s.put_message(3, pub(), NOW + 100)
+    s.add_delivery("c", DeliveryRecord(1, 1))
+    s.add_delivery("c", DeliveryRecord(2, 1, 5, "sent"))
+    s.add_delivery("c", DeliveryRecord(3, 1))
+    _, snap = reopener.restart(now=NOW + 2)
+    # [MQTT-3.3.2-5]: delete the copy not yet sent; one in flight completes.
+    assert by_client(snap)["c"].deliveries == [DeliveryRecord(2, 1, 5, "sent"),
+                                               DeliveryRecord(3, 1)]
+    assert set(snap.messages) == {2, 3}
+
+
+async def test_durable_returns_for_every_mark(reopener):
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, None)
+    with trio.fail_after(10):
+        await s.durable(s.mark())
+        await s.durable(0)
+    await s.aclose()
+    with pytest.raises(StoreError):
+        s.put_session("d", NEVER, 5, None)
+        await s.durable(s.mark())
+
+
+# ------------------------------------------------------- property: same as memory
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("session"), st.sampled_from("abc"), st.sampled_from([0, 60, NEVER]),
+              st.sampled_from([None, NOW - 100, NOW - 1])),
+    st.tuples(st.just("del_session"), st.sampled_from("abc")),
+    st.tuples(st.just("sub"), st.sampled_from("abc"), st.sampled_from(["t/1", "t/+", "#"]),
+              st.integers(0, 2)),
+    st.tuples(st.just("unsub"), st.sampled_from("abc"), st.sampled_from(["t/1", "t/+", "#"])),
+    st.tuples(st.just("msg"), st.integers(1, 6), st.sampled_from([None, NOW - 1, NOW + 50])),
+    st.tuples(st.just("add"), st.sampled_from("abc"), st.integers(1, 6), st.integers(1, 2)),
+    st.tuples(st.just("upd"), st.sampled_from("abc"), st.integers(1, 6),
+              st.sampled_from(["sent", "released"])),
+    st.tuples(st.just("rm"), st.sampled_from("abc"), st.integers(1, 6)),
+    st.tuples(st.just("q2"), st.sampled_from("abc"), st.integers(1, 4), st.booleans()),
+    st.tuples(st.just("ret"), st.sampled_from(["r/1", "r/2"]), st.booleans()),
+    st.tuples(st.just("will"), st.sampled_from("abc"), st.booleans()),
+    st.tuples(st.just("flush")),
+), max_size=40)
+
+
+def apply_ops(store, ops, flush):
+    for op in ops:
+        kind = op[0]
+        if kind == "session":
+            store.put_session(op[1], op[2], 5, op[3])
+        elif kind == "del_session":
+            store.delete_session(op[1])
+        elif kind == "sub":
+            store.put_subscription(op[1], SubscriptionRecord(op[2], op[3]))
+        elif kind == "unsub":
+            store.delete_subscription(op[1], op[2])
+        elif kind == "msg":
+            store.put_message(op[1], pub(payload=b"%d" % op[1]), op[2])
+        elif kind == "add":
+            store.add_delivery(op[1], DeliveryRecord(op[2], op[3]))
+        elif kind == "upd":
+            store.update_delivery(op[1], DeliveryRecord(op[2], 1, op[2], op[3]))
+        elif kind == "rm":
+            store.remove_delivery(op[1], op[2])
+        elif kind == "q2":
+            (store.put_incoming_qos2 if op[3] else store.delete_incoming_qos2)(op[1], op[2])
+        elif kind == "ret":
+            if op[2]:
+                store.put_retained(op[1], Publish(op[1], b"r", 1, True, False, 1), None)
+            else:
+                store.delete_retained(op[1])
+        elif kind == "will":
+            if op[2]:
+                store.put_will(op[1], pub("w/" + op[1]), NOW + 9)
+            else:
+                store.delete_will(op[1])
+        elif kind == "flush":
+            flush(store)
+
+
+def normal(snap):
+    return (
+        sorted((s.client_id, s.expiry_interval, s.disconnected_at,
+                sorted((x.topic_filter, x.qos) for x in s.subscriptions),
+                [(d.msg_id, d.qos, d.packet_id, d.state) for d in s.deliveries],
+                sorted(s.incoming_qos2)) for s in snap.sessions),
+        {k: (v[0].payload, v[1]) for k, v in snap.messages.items()},
+        sorted((t, p.payload) for t, p, _ in snap.retained),
+        sorted((c, p.topic) for c, p, _ in snap.wills),
+        snap.next_msg_id,
+    )
+
+
+def wait_committed(store):
+    # Outside trio: wait for the writer thread to drain the current batch.
+    for _ in range(2000):
+        if store._committed >= store._seq:
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("writer did not commit")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(OPS)
+def test_sqlite_store_recovers_what_memory_store_holds(ops):
+    """Any sequence of mutations, cut into batches anywhere, recovers to the
+    same state as the reference memory store (group commit and coalescing
+    never change what survives)."""
+    mem = MemoryStore()
+    mem.open(now=NOW)
+    apply_ops(mem, ops, lambda s: None)
+    with tempfile.TemporaryDirectory() as d:
+        sq = SqliteStore(d)
+        sq.open(now=NOW)
+        apply_ops(sq, ops, wait_committed)
+        sq.close()
+        sq2 = SqliteStore(d)
+        got = sq2.open(now=NOW)
+        sq2.close()
+    assert normal(got) == normal(mem.open(now=NOW))
+
+
+# ------------------------------------------------------------- SQLite specifics
+
+@pytest.fixture
+def sq(tmp_path):
+    s = SqliteStore(str(tmp_path / "d"))
+    s.open(now=NOW)
+    yield s
+    s.close()
+
+
+def rows(store, table):
+    with sqlite3.connect(store.path) as db:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+class GatedApply:
+    """Holds the writer inside its next commit until released, to observe
+    what happens while a commit is in progress."""
+
+    def __init__(self, store):
+        self.store = store
+        self.inner = store._apply
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches = []
+        store._apply = self
+
+    def __call__(self, batch):
+        self.batches.append(batch.seq)
+        self.entered.set()
+        self.release.wait(10)
+        return self.inner(batch)
+
+
+async def test_durable_waits_for_the_commit(sq):
+    gate = GatedApply(sq)
+    sq.put_session("c", NEVER, 5, None)
+    ticket = sq.mark()
+    done = trio.Event()
+
+    async def waiter():
+        await sq.durable(ticket)
+        done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.to_thread.run_sync(gate.entered.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # the commit has not finished
+            gate.release.set()
+    assert done.is_set() and sq._committed >= ticket
+
+
+async def test_group_commit_many_concurrent_publishers(sq):
+    """Changes recorded while a commit runs go into the next batch: hundreds
+    of publishers share a handful of commits, and each durable() returns only
+    once its own changes are committed."""
+    gate = GatedApply(sq)
+    sq.put_session("sub", NEVER, 5, None)
+    n_pub = 300
+    seen = []
+
+    async def publisher(i):
+        sq.put_message(i, pub(payload=b"%d" % i), None)
+        sq.add_delivery("sub", DeliveryRecord(i, 1))
+        t = sq.mark()
+        await sq.durable(t)
+        assert sq._committed >= t
+        seen.append(i)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            for i in range(1, n_pub + 1):
+                n.start_soon(publisher, i)
+            await trio.to_thread.run_sync(gate.entered.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release.set()
+    assert sorted(seen) == list(range(1, n_pub + 1))
+    assert sq.commits <= 3  # the session, then (nearly) everyone together
+    assert rows(sq, "deliveries") == n_pub
+
+
+async def test_durable_tickets_complete_in_order(sq):
+    order = []
+
+    async def wait_for(t):
+        await sq.durable(t)
+        order.append(t)
+
+    tickets = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            for i in range(50):
+                sq.put_session(f"c{i}", NEVER, 5, None)
+                t = sq.mark()
+                tickets.append(t)
+                n.start_soon(wait_for, t)
+                if i % 7 == 0:
+                    await trio.sleep(0)
+    assert sorted(order) == tickets
+    # A ticket already committed returns without waiting.
+    with trio.fail_after(1):
+        await sq.durable(tickets[0])
+
+
+async def test_fast_subscriber_messages_never_touch_the_disk(sq):
+    gate = GatedApply(sq)
+    sq.put_session("fast", NEVER, 5, None)
+    await trio.to_thread.run_sync(gate.entered.wait)
+    # While the first commit is held, a message is queued, sent and acked.
+    for i in range(1, 101):
+        sq.put_message(i, pub(), None)
+        sq.add_delivery("fast", DeliveryRecord(i, 1))
+        sq.update_delivery("fast", DeliveryRecord(i, 1, i, "sent"))
+        sq.remove_delivery("fast", i)
+    t = sq.mark()
+    gate.release.set()
+    with trio.fail_after(10):
+        await sq.durable(t)
+    assert sq.commits == 1  # the second batch cancelled out entirely
+    assert rows(sq, "messages") == 0 and rows(sq, "deliveries") == 0
+
+
+async def test_remove_of_committed_delivery_reaches_disk(sq):
+    sq.put_session("c", NEVER, 5, None)
+    sq.put_message(1, pub(), None)
+    sq.add_delivery("c", DeliveryRecord(1, 1))
+    await sq.durable(sq.mark())
+    assert rows(sq, "deliveries") == 1
+    sq.update_delivery("c", DeliveryRecord(1, 1, 3, "sent"))
+    sq.remove_delivery("c", 1)
+    await sq.durable(sq.mark())
+    assert rows(sq, "deliveries") == 0 and rows(sq, "messages") == 0
+
+
+async def test_batch_mode_commits_and_recovers(tmp_path):
+    s = SqliteStore(str(tmp_path), durability="batch", batch_interval_ms=5)
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    for i in range(1, 51):
+        s.put_message(i, pub(), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+    with trio.fail_after(10):
+        await s.durable(s.mark())
+    await s.aclose()
+    s2 = SqliteStore(str(tmp_path), durability="batch")
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert len(snap.sessions[0].deliveries) == 50
+
+
+async def test_writer_failure_is_reported_by_durable(sq, caplog):
+    sq.retry_delays = (0.0, 0.0)
+    calls = []
+
+    def broken(batch):
+        calls.append(batch.seq)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    sq._apply = broken
+    sq.put_session("c", NEVER, 5, None)
+    with trio.fail_after(10), pytest.raises(StoreError, match="disk I/O error"):
+        await sq.durable(sq.mark())
+    assert len(calls) == 3  # first try and two retries
+    assert "writer failed" in caplog.text
+
+
+def test_second_process_on_same_directory_is_refused(sq):
+    other = SqliteStore(sq.data_dir)
+    with pytest.raises(StoreError, match="in use"):
+        other.open()
+
+
+def test_unencodable_message_is_logged_not_fatal(sq, caplog):
+    class Bad:
+        topic, payload, qos, retain, dup, packet_id, properties = "a/+", b"", 1, False, False, 1, {}
+
+    sq.put_session("c", NEVER, 5, None)
+    sq.put_message(1, Bad(), None)
+    sq.add_delivery("c", DeliveryRecord(1, 1))
+    sq.put_message(2, pub(), None)
+    sq.add_delivery("c", DeliveryRecord(2, 1))
+    wait_committed(sq)
+    assert "cannot store message 1" in caplog.text
+    sq.close()
+    s2 = SqliteStore(sq.data_dir)
+    snap = s2.open(now=NOW)
+    s2.close()
+    # The delivery without a message is dropped; the good one survives.
+    assert snap.sessions[0].deliveries == [DeliveryRecord(2, 1)]
+
+
+# ------------------------------------------------------------ corrupt databases
+
+def make_db_with_session(data_dir):
+    s = SqliteStore(data_dir)
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    s.put_retained("r", Publish("r", b"v", 0, True), None)
+    s.close()
+    return os.path.join(data_dir, DB_NAME)
+
+
+def corrupt_garbage(path):
+    with open(path, "wb") as f:
+        f.write(b"this is not a database" * 100)
+
+
+def corrupt_truncated(path):
+    with open(path, "r+b") as f:
+        size = os.path.getsize(path)
+        f.truncate(max(512, size // 2))
+        f.seek(100)
+        f.write(b"\xff" * 300)
+
+
+def corrupt_foreign(path):
+    os.remove(path)
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE users(name)")
+
+
+def corrupt_newer(path):
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value=99 WHERE key='schema_version'")
+
+
+@pytest.mark.parametrize("damage", [corrupt_garbage, corrupt_truncated, corrupt_foreign,
+                                    corrupt_newer])
+def test_unusable_database_is_moved_aside_and_logged(tmp_path, caplog, damage):
+    data = str(tmp_path / "d")
+    path = make_db_with_session(data)
+    damage(path)
+    with open(path, "rb") as f:
+        original = f.read()
+    caplog.set_level(logging.ERROR, "fastmqtt.store")
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    try:
+        assert snap.sessions == []  # started, empty
+        assert s.moved_aside and os.path.basename(s.moved_aside).startswith(DB_NAME + ".corrupt-")
+        with open(s.moved_aside, "rb") as f:
+            assert f.read() == original  # kept, not overwritten
+        assert "unusable" in caplog.text and s.moved_aside in caplog.text
+        s.put_session("new", NEVER, 5, None)
+    finally:
+        s.close()
+    s2 = SqliteStore(data)
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert [x.client_id for x in snap.sessions] == ["new"] and s2.moved_aside is None
+
+
+def test_undecodable_row_is_dropped_rest_recovered(tmp_path, caplog):
+    data = str(tmp_path / "d")
+    path = make_db_with_session(data)
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO retained VALUES('bad', x'00ff', NULL)")
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    s.close()
+    assert [t for t, _, _ in snap.retained] == ["r"]
+    assert [x.client_id for x in snap.sessions] == ["c"]
+    assert s.moved_aside is None and "undecodable retained message 'bad'" in caplog.text

@@ -1,0 +1,2315 @@
+# cython: language_level=3, embedsignature=True, cdivision=True
+"""Compiled MQTT 5.0 / 3.1.1 codec: packet classes, encoder, streaming decoder.
+
+It implements ``_codec.pyi`` name for name and behaves exactly like the
+pure-Python reference ``_codec_py`` (same packets, same exception type and
+reason codes); the conformance suite runs against both.
+
+Theory of operation
+-------------------
+A packet is a fixed header (type nibble + flags nibble, then the Remaining
+Length as a variable byte integer of at most four bytes [MQTT-1.5.5-1]) and
+``Remaining Length`` bytes of body.
+
+Decoding never copies a body and never creates an intermediate Python object:
+the input buffer is taken once (bytes directly, anything else through the
+buffer protocol) and a ``Reader`` -- a C pointer plus an end pointer -- walks
+it. Each field read checks its length against ``end`` once; a property block
+temporarily narrows ``end`` to the block so a lying property cannot read past
+it. Only the objects that reach the caller are created: for a PUBLISH that is
+the packet (from a freelist, filled through ``__new__`` with no ``__init__``),
+the topic ``str`` (strict UTF-8 decode after a ``memchr`` for U+0000) and the
+payload ``bytes``.
+
+The streaming ``Decoder`` decodes straight from the caller's chunk whenever a
+packet lies whole inside it. Only the tail of a chunk that ends mid-packet is
+copied into a private ``PyMem`` buffer, which then never holds more than one
+packet: the next chunk first tops that packet up (the fixed header tells its
+exact size, checked against ``max_packet_size`` before any body byte is
+stored), and decoding resumes from the chunk itself.
+
+Encoding validates the same rules the decoder enforces, computes the exact
+size first (properties are checked, sorted by id and measured in a small C
+"plan"), allocates the result ``bytes`` once and fills it.
+
+Errors are only ever ``fastmqtt.errors.MalformedPacket(message, reason_code)``:
+0x81 byte layout, 0x82 "Protocol Error", 0x84 protocol name/level, 0x8F/0x90
+topic filter/name, 0x95 too large.
+"""
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport uint64_t
+from libc.string cimport memchr, memcmp, memcpy
+
+from types import MappingProxyType as _MappingProxyType
+
+from .enums import (
+    BOOLEAN_PROPERTIES as _BOOLEAN_PROPERTIES,
+    CONNACK_V5_TO_V311 as _CONNACK_V5_TO_V311,
+    CONNACK_V311_TO_V5 as _CONNACK_V311_TO_V5,
+    EMPTY_PROPERTIES as _EMPTY_PROPERTIES_py,
+    MAX_PACKET_SIZE as _MAX_PACKET_SIZE,
+    NONZERO_PROPERTIES as _NONZERO_PROPERTIES,
+    PROPERTY_PACKETS as _PROPERTY_PACKETS,
+    PROPERTY_TYPES as _PROPERTY_TYPES,
+    V311_SUBACK_CODES as _V311_SUBACK_CODES,
+    VALID_REASON_CODES as _VALID_REASON_CODES,
+    PacketType,
+    PropertyId,
+)
+from .errors import MalformedPacket as _MalformedPacket_py
+
+__all__ = [
+    "Will", "Connect", "Connack", "Publish", "Puback", "Pubrec", "Pubrel", "Pubcomp",
+    "Subscription", "Subscribe", "Suback", "Unsubscribe", "Unsuback", "Pingreq",
+    "Pingresp", "Disconnect", "Auth", "encode", "decode", "PublishTemplate", "Decoder",
+]
+
+cdef extern from "Python.h":
+    # Declared without exception handling so the hot paths test for NULL and
+    # convert the error themselves (no try/except frame per string).
+    PyObject* _PyUnicode_DecodeUTF8 "PyUnicode_DecodeUTF8"(
+        const char* s, Py_ssize_t size, const char* errors)
+    const char* _PyUnicode_AsUTF8AndSize "PyUnicode_AsUTF8AndSize"(
+        object s, Py_ssize_t* size)
+    object PyDictProxy_New(object mapping)
+    void PyErr_Clear()
+    bint PyUnicode_Check(object o)
+    bint PyLong_Check(object o)
+    bint PyBytes_CheckExact(object o)
+    bint PyUnicode_CheckExact(object o)
+
+# Hot module globals as C-level references (no module dict lookup).
+cdef object MalformedPacket = _MalformedPacket_py
+cdef object EMPTY = _EMPTY_PROPERTIES_py
+cdef object MappingProxyType = _MappingProxyType
+
+# ----------------------------------------------------------------- constants
+
+cdef enum:
+    CONNECT = 1
+    CONNACK = 2
+    PUBLISH = 3
+    PUBACK = 4
+    PUBREC = 5
+    PUBREL = 6
+    PUBCOMP = 7
+    SUBSCRIBE = 8
+    SUBACK = 9
+    UNSUBSCRIBE = 10
+    UNSUBACK = 11
+    PINGREQ = 12
+    PINGRESP = 13
+    DISCONNECT = 14
+    AUTH = 15
+    WILL = 0
+
+cdef enum:
+    T_BYTE = 1
+    T_U16 = 2
+    T_U32 = 3
+    T_VBI = 4
+    T_STR = 5
+    T_BIN = 6
+    T_PAIR = 7
+
+cdef enum:
+    P_SUBID = 0x0B
+    P_TOPIC_ALIAS = 0x23
+    P_USER = 0x26
+
+cdef enum:
+    RC_MALFORMED = 0x81
+    RC_PROTOCOL = 0x82
+    RC_VERSION = 0x84
+    RC_FILTER = 0x8F
+    RC_TOPIC = 0x90
+    RC_TOO_LARGE = 0x95
+
+cdef Py_ssize_t MAX_RL = 268435455
+
+# Property tables, filled once from enums (the single statement of the rules).
+cdef unsigned char _PTYPE[64]       # PropType, 0 = unknown id
+cdef unsigned int _PALLOW[64]       # bit n set: allowed in packet type n (bit 0 = WILL)
+cdef unsigned char _PBOOL[64]       # only 0/1 allowed (else Protocol Error)
+cdef unsigned char _PNONZERO[64]    # 0 is a Protocol Error
+cdef PyObject* _PKEY[256]           # PropertyId members (refs held by _PKEY_REFS)
+cdef object _PKEY_REFS = []
+cdef list _PNAME = [None] * 64      # property names for messages
+cdef unsigned char _VALID_RC[16][256]
+cdef unsigned char _V311_SUBACK[256]
+cdef int _V5_TO_V311[256]           # -1 = no mapping
+cdef int _V311_TO_V5[256]           # -1 = reserved return code
+cdef tuple _PKT_NAMES = ("CONNECT will", "CONNECT", "CONNACK", "PUBLISH", "PUBACK", "PUBREC",
+                         "PUBREL", "PUBCOMP", "SUBSCRIBE", "SUBACK", "UNSUBSCRIBE",
+                         "UNSUBACK", "PINGREQ", "PINGRESP", "DISCONNECT", "AUTH")
+cdef dict _PROPERTY_IDS = {int(p): p for p in PropertyId}
+
+
+cdef void _init_tables() except *:
+    cdef int i, pid
+    for i in range(64):
+        _PTYPE[i] = 0
+        _PALLOW[i] = 0
+        _PBOOL[i] = 0
+        _PNONZERO[i] = 0
+    for i in range(256):
+        _PKEY[i] = NULL
+        _V311_SUBACK[i] = 0
+        _V5_TO_V311[i] = -1
+        _V311_TO_V5[i] = -1
+    for i in range(16):
+        for pid in range(256):
+            _VALID_RC[i][pid] = 0
+    for prop, kind in _PROPERTY_TYPES.items():
+        pid = int(prop)
+        _PTYPE[pid] = int(kind)
+        _PNAME[pid] = PropertyId(pid).name
+        key = PropertyId(pid)
+        _PKEY_REFS.append(key)
+        _PKEY[pid] = <PyObject*>key
+        for packet in _PROPERTY_PACKETS[prop]:
+            _PALLOW[pid] |= 1u << int(packet)
+    for prop in _BOOLEAN_PROPERTIES:
+        _PBOOL[int(prop)] = 1
+    for prop in _NONZERO_PROPERTIES:
+        _PNONZERO[int(prop)] = 1
+    for packet, codes in _VALID_REASON_CODES.items():
+        for code in codes:
+            _VALID_RC[int(packet)][int(code)] = 1
+    for code in _V311_SUBACK_CODES:
+        _V311_SUBACK[int(code)] = 1
+    for a, b in _CONNACK_V5_TO_V311.items():
+        _V5_TO_V311[int(a)] = int(b)
+    for a, b in _CONNACK_V311_TO_V5.items():
+        _V311_TO_V5[int(a)] = int(b)
+
+
+_init_tables()
+
+
+# ------------------------------------------------------------------- errors
+
+cdef int _fail(str message, int reason_code=RC_MALFORMED) except -1:
+    raise MalformedPacket(message, reason_code)
+
+
+cdef inline str _pname(int ptype):
+    return <str>_PKT_NAMES[ptype]
+
+
+cdef int _wire_version(object version) except -1:
+    """5 for MQTT 5.0, 4 for 3.1.1 and 3.1 (same body layout)."""
+    if PyLong_Check(version):
+        if version == 5:
+            return 5
+        if version == 4 or version == 3:
+            return 4
+    _fail(f"unsupported protocol version {version!r} (5, 4 or 3)", RC_VERSION)
+
+
+# ---------------------------------------------------------- property helpers
+
+cdef object _normalise_properties(object properties):
+    """Constructor-side view: PropertyId keys, tuples for multi-valued
+    properties, read-only. Values are validated by encode, not here, and
+    anything odd is kept as given so encode can refuse it."""
+    if properties is None or properties is EMPTY:
+        return EMPTY
+    try:
+        items = list(properties.items())
+    except AttributeError:
+        return properties
+    if not items:
+        return EMPTY
+    cdef dict result = {}
+    for key, value in items:
+        if PyLong_Check(key):
+            key = _PROPERTY_IDS.get(key, key)
+        if key == P_USER and isinstance(value, (list, tuple)):
+            try:
+                value = tuple([tuple(pair) for pair in value])
+            except TypeError:
+                pass
+        elif key == P_SUBID:
+            if PyLong_Check(value):
+                value = (value,)
+            elif isinstance(value, list):
+                value = tuple(value)
+        result[key] = value
+    return PyDictProxy_New(result)
+
+
+cdef inline object _props_arg(object properties):
+    """Properties as a constructor argument for pickling (mappingproxy is not
+    picklable)."""
+    if properties is EMPTY:
+        return None
+    if isinstance(properties, MappingProxyType):
+        return dict(properties)
+    return properties
+
+
+cdef inline str _props_repr(object properties):
+    if isinstance(properties, MappingProxyType):
+        return repr(dict(properties))
+    return repr(properties)
+
+
+# ------------------------------------------------------------ packet classes
+
+@cython.final
+@cython.freelist(8)
+cdef class Will:
+    """The will message of a CONNECT, published by the server when the client
+    goes away without a normal DISCONNECT.
+
+    Args:
+        topic: will topic name.
+        payload: will payload.
+        qos: will QoS (0, 1, 2).
+        retain: will retain flag.
+        properties: will properties (WILL_DELAY_INTERVAL, MESSAGE_EXPIRY_INTERVAL, ...).
+    """
+
+    cdef readonly object topic
+    cdef readonly object payload
+    cdef readonly int qos
+    cdef readonly bint retain
+    cdef readonly object properties
+
+    def __init__(self, topic, payload=b"", int qos=0, bint retain=False, properties=None):
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Will:
+            return NotImplemented
+        cdef Will o = <Will>other
+        return (self.qos == o.qos and self.retain == o.retain and self.topic == o.topic
+                and self.payload == o.payload and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Will(topic={self.topic!r}, payload={self.payload!r}, qos={self.qos!r}, "
+                f"retain={self.retain!r}, properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Will, (self.topic, self.payload, self.qos, self.retain,
+                       _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Connect:
+    """CONNECT (3.1): the first packet a client sends.
+
+    Args:
+        client_id: client identifier (may be empty).
+        clean_start: Clean Start (v5) / Clean Session (3.1.1).
+        keep_alive: keep alive in seconds (0..65535).
+        username: user name or None.
+        password: password bytes or None.
+        will: the will message or None.
+        properties: CONNECT properties (v5).
+        protocol_level: 3, 4 or 5; 0 takes the level from ``encode``'s version.
+    """
+
+    packet_type = PacketType.CONNECT
+    cdef readonly object client_id
+    cdef readonly bint clean_start
+    cdef readonly int keep_alive
+    cdef readonly object username
+    cdef readonly object password
+    cdef readonly object will
+    cdef readonly object properties
+    cdef readonly int protocol_level
+
+    def __init__(self, client_id="", bint clean_start=True, int keep_alive=60,
+                 username=None, password=None, will=None, properties=None,
+                 int protocol_level=0):
+        self.client_id = client_id
+        self.clean_start = clean_start
+        self.keep_alive = keep_alive
+        self.username = username
+        self.password = password
+        self.will = will
+        self.properties = _normalise_properties(properties)
+        self.protocol_level = protocol_level
+
+    def __eq__(self, other):
+        if type(other) is not Connect:
+            return NotImplemented
+        cdef Connect o = <Connect>other
+        return (self.clean_start == o.clean_start and self.keep_alive == o.keep_alive
+                and self.protocol_level == o.protocol_level and self.client_id == o.client_id
+                and self.username == o.username and self.password == o.password
+                and self.will == o.will and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Connect(client_id={self.client_id!r}, clean_start={self.clean_start!r}, "
+                f"keep_alive={self.keep_alive!r}, username={self.username!r}, "
+                f"password={self.password!r}, will={self.will!r}, "
+                f"properties={_props_repr(self.properties)}, "
+                f"protocol_level={self.protocol_level!r})")
+
+    def __reduce__(self):
+        return (Connect, (self.client_id, self.clean_start, self.keep_alive, self.username,
+                          self.password, self.will, _props_arg(self.properties),
+                          self.protocol_level))
+
+
+@cython.final
+cdef class Connack:
+    """CONNACK (3.2): the server's answer to CONNECT.
+
+    Args:
+        session_present: the server resumed a session.
+        reason_code: MQTT 5.0 reason code (3.1.1 return codes are mapped both ways).
+        properties: CONNACK properties (v5).
+    """
+
+    packet_type = PacketType.CONNACK
+    cdef readonly bint session_present
+    cdef readonly int reason_code
+    cdef readonly object properties
+
+    def __init__(self, bint session_present=False, int reason_code=0, properties=None):
+        self.session_present = session_present
+        self.reason_code = reason_code
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Connack:
+            return NotImplemented
+        cdef Connack o = <Connack>other
+        return (self.session_present == o.session_present and self.reason_code == o.reason_code
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Connack(session_present={self.session_present!r}, "
+                f"reason_code={self.reason_code!r}, properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Connack, (self.session_present, self.reason_code, _props_arg(self.properties)))
+
+
+@cython.final
+@cython.freelist(64)
+cdef class Publish:
+    """PUBLISH (3.3): an application message.
+
+    Args:
+        topic: topic name; may be "" in v5 when a TOPIC_ALIAS property is present.
+        payload: application payload.
+        qos: 0, 1 or 2.
+        retain: retain flag.
+        dup: DUP flag (redelivery; QoS > 0 only).
+        packet_id: 1..65535 for QoS 1/2, 0 for QoS 0.
+        properties: PUBLISH properties (v5).
+    """
+
+    packet_type = PacketType.PUBLISH
+    cdef readonly object topic
+    cdef readonly object payload
+    cdef readonly int qos
+    cdef readonly bint retain
+    cdef readonly bint dup
+    cdef readonly int packet_id
+    cdef readonly object properties
+
+    def __init__(self, topic, payload=b"", int qos=0, bint retain=False, bint dup=False,
+                 int packet_id=0, properties=None):
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.dup = dup
+        self.packet_id = packet_id
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Publish:
+            return NotImplemented
+        cdef Publish o = <Publish>other
+        return (self.qos == o.qos and self.retain == o.retain and self.dup == o.dup
+                and self.packet_id == o.packet_id and self.topic == o.topic
+                and self.payload == o.payload and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Publish(topic={self.topic!r}, payload={self.payload!r}, qos={self.qos!r}, "
+                f"retain={self.retain!r}, dup={self.dup!r}, packet_id={self.packet_id!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Publish, (self.topic, self.payload, self.qos, self.retain, self.dup,
+                          self.packet_id, _props_arg(self.properties)))
+
+
+@cython.freelist(32)
+cdef class _Ack:
+    """Shared layout of PUBACK, PUBREC, PUBREL and PUBCOMP."""
+
+    cdef readonly int packet_id
+    cdef readonly int reason_code
+    cdef readonly object properties
+
+    def __init__(self, int packet_id, int reason_code=0, properties=None):
+        self.packet_id = packet_id
+        self.reason_code = reason_code
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        cdef _Ack o = <_Ack>other
+        return (self.packet_id == o.packet_id and self.reason_code == o.reason_code
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(packet_id={self.packet_id!r}, "
+                f"reason_code={self.reason_code!r}, properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (type(self), (self.packet_id, self.reason_code, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Puback(_Ack):
+    """PUBACK (3.4): acknowledges a QoS 1 PUBLISH.
+
+    Args:
+        packet_id: the PUBLISH's packet identifier.
+        reason_code: v5 reason code (dropped in 3.1.1).
+        properties: v5 properties.
+    """
+    packet_type = PacketType.PUBACK
+
+
+@cython.final
+cdef class Pubrec(_Ack):
+    """PUBREC (3.5): first acknowledgement of a QoS 2 PUBLISH (same arguments as Puback)."""
+    packet_type = PacketType.PUBREC
+
+
+@cython.final
+cdef class Pubrel(_Ack):
+    """PUBREL (3.6): the sender releases a QoS 2 packet id (same arguments as Puback)."""
+    packet_type = PacketType.PUBREL
+
+
+@cython.final
+cdef class Pubcomp(_Ack):
+    """PUBCOMP (3.7): completes a QoS 2 exchange (same arguments as Puback)."""
+    packet_type = PacketType.PUBCOMP
+
+
+@cython.final
+cdef class Subscription:
+    """One topic filter of a SUBSCRIBE with its options (v5 3.8.3.1).
+
+    Args:
+        topic_filter: the filter, e.g. ``chat/+/channel/#`` or ``$share/g/jobs/#``.
+        qos: maximum QoS (0, 1, 2).
+        no_local: do not receive own publications (v5; not on shared subscriptions).
+        retain_as_published: keep the RETAIN flag on forwarded messages (v5).
+        retain_handling: 0 send retained, 1 only on a new subscription, 2 never (v5).
+    """
+
+    cdef readonly object topic_filter
+    cdef readonly int qos
+    cdef readonly bint no_local
+    cdef readonly bint retain_as_published
+    cdef readonly int retain_handling
+
+    def __init__(self, topic_filter, int qos=0, bint no_local=False,
+                 bint retain_as_published=False, int retain_handling=0):
+        self.topic_filter = topic_filter
+        self.qos = qos
+        self.no_local = no_local
+        self.retain_as_published = retain_as_published
+        self.retain_handling = retain_handling
+
+    def __eq__(self, other):
+        if type(other) is not Subscription:
+            return NotImplemented
+        cdef Subscription o = <Subscription>other
+        return (self.qos == o.qos and self.no_local == o.no_local
+                and self.retain_as_published == o.retain_as_published
+                and self.retain_handling == o.retain_handling
+                and self.topic_filter == o.topic_filter)
+
+    def __hash__(self):
+        return hash((self.topic_filter, self.qos, self.no_local, self.retain_as_published,
+                     self.retain_handling))
+
+    def __repr__(self):
+        return (f"Subscription(topic_filter={self.topic_filter!r}, qos={self.qos!r}, "
+                f"no_local={self.no_local!r}, retain_as_published={self.retain_as_published!r}, "
+                f"retain_handling={self.retain_handling!r})")
+
+    def __reduce__(self):
+        return (Subscription, (self.topic_filter, self.qos, self.no_local,
+                               self.retain_as_published, self.retain_handling))
+
+
+@cython.final
+cdef class Subscribe:
+    """SUBSCRIBE (3.8).
+
+    Args:
+        packet_id: 1..65535.
+        subscriptions: Subscription objects (at least one to encode).
+        properties: v5 properties (SUBSCRIPTION_IDENTIFIER, USER_PROPERTY).
+    """
+
+    packet_type = PacketType.SUBSCRIBE
+    cdef readonly int packet_id
+    cdef readonly tuple subscriptions
+    cdef readonly object properties
+
+    def __init__(self, int packet_id, subscriptions, properties=None):
+        self.packet_id = packet_id
+        self.subscriptions = tuple(subscriptions)
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Subscribe:
+            return NotImplemented
+        cdef Subscribe o = <Subscribe>other
+        return (self.packet_id == o.packet_id and self.subscriptions == o.subscriptions
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Subscribe(packet_id={self.packet_id!r}, subscriptions={self.subscriptions!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Subscribe, (self.packet_id, self.subscriptions, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Suback:
+    """SUBACK (3.9): one reason code per subscription, in order.
+
+    Args:
+        packet_id: the SUBSCRIBE's packet identifier.
+        reason_codes: granted QoS or failure codes.
+        properties: v5 properties.
+    """
+
+    packet_type = PacketType.SUBACK
+    cdef readonly int packet_id
+    cdef readonly tuple reason_codes
+    cdef readonly object properties
+
+    def __init__(self, int packet_id, reason_codes, properties=None):
+        self.packet_id = packet_id
+        self.reason_codes = tuple(reason_codes)
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Suback:
+            return NotImplemented
+        cdef Suback o = <Suback>other
+        return (self.packet_id == o.packet_id and self.reason_codes == o.reason_codes
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Suback(packet_id={self.packet_id!r}, reason_codes={self.reason_codes!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Suback, (self.packet_id, self.reason_codes, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Unsubscribe:
+    """UNSUBSCRIBE (3.10).
+
+    Args:
+        packet_id: 1..65535.
+        topic_filters: the filters to remove (at least one to encode).
+        properties: v5 properties.
+    """
+
+    packet_type = PacketType.UNSUBSCRIBE
+    cdef readonly int packet_id
+    cdef readonly tuple topic_filters
+    cdef readonly object properties
+
+    def __init__(self, int packet_id, topic_filters, properties=None):
+        self.packet_id = packet_id
+        self.topic_filters = tuple(topic_filters)
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Unsubscribe:
+            return NotImplemented
+        cdef Unsubscribe o = <Unsubscribe>other
+        return (self.packet_id == o.packet_id and self.topic_filters == o.topic_filters
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Unsubscribe(packet_id={self.packet_id!r}, topic_filters={self.topic_filters!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Unsubscribe, (self.packet_id, self.topic_filters, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Unsuback:
+    """UNSUBACK (3.11): reason codes exist in MQTT 5.0 only.
+
+    Args:
+        packet_id: the UNSUBSCRIBE's packet identifier.
+        reason_codes: v5 reason codes (``()`` when decoded from 3.1.1).
+        properties: v5 properties.
+    """
+
+    packet_type = PacketType.UNSUBACK
+    cdef readonly int packet_id
+    cdef readonly tuple reason_codes
+    cdef readonly object properties
+
+    def __init__(self, int packet_id, reason_codes=(), properties=None):
+        self.packet_id = packet_id
+        self.reason_codes = tuple(reason_codes)
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Unsuback:
+            return NotImplemented
+        cdef Unsuback o = <Unsuback>other
+        return (self.packet_id == o.packet_id and self.reason_codes == o.reason_codes
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"Unsuback(packet_id={self.packet_id!r}, reason_codes={self.reason_codes!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Unsuback, (self.packet_id, self.reason_codes, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Pingreq:
+    """PINGREQ (3.12)."""
+
+    packet_type = PacketType.PINGREQ
+
+    def __eq__(self, other):
+        if type(other) is not Pingreq:
+            return NotImplemented
+        return True
+
+    def __repr__(self):
+        return "Pingreq()"
+
+    def __reduce__(self):
+        return (Pingreq, ())
+
+
+@cython.final
+cdef class Pingresp:
+    """PINGRESP (3.13)."""
+
+    packet_type = PacketType.PINGRESP
+
+    def __eq__(self, other):
+        if type(other) is not Pingresp:
+            return NotImplemented
+        return True
+
+    def __repr__(self):
+        return "Pingresp()"
+
+    def __reduce__(self):
+        return (Pingresp, ())
+
+
+@cython.final
+cdef class Disconnect:
+    """DISCONNECT (3.14).
+
+    Args:
+        reason_code: v5 reason code (dropped in 3.1.1).
+        properties: v5 properties.
+    """
+
+    packet_type = PacketType.DISCONNECT
+    cdef readonly int reason_code
+    cdef readonly object properties
+
+    def __init__(self, int reason_code=0, properties=None):
+        self.reason_code = reason_code
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Disconnect:
+            return NotImplemented
+        cdef Disconnect o = <Disconnect>other
+        return self.reason_code == o.reason_code and self.properties == o.properties
+
+    def __repr__(self):
+        return (f"Disconnect(reason_code={self.reason_code!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Disconnect, (self.reason_code, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Auth:
+    """AUTH (3.15), MQTT 5.0 only: enhanced authentication exchange.
+
+    Args:
+        reason_code: 0x00, 0x18 or 0x19.
+        properties: AUTHENTICATION_METHOD, AUTHENTICATION_DATA, ...
+    """
+
+    packet_type = PacketType.AUTH
+    cdef readonly int reason_code
+    cdef readonly object properties
+
+    def __init__(self, int reason_code=0, properties=None):
+        self.reason_code = reason_code
+        self.properties = _normalise_properties(properties)
+
+    def __eq__(self, other):
+        if type(other) is not Auth:
+            return NotImplemented
+        cdef Auth o = <Auth>other
+        return self.reason_code == o.reason_code and self.properties == o.properties
+
+    def __repr__(self):
+        return (f"Auth(reason_code={self.reason_code!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (Auth, (self.reason_code, _props_arg(self.properties)))
+
+
+# ================================================================== decoding
+
+cdef struct Reader:
+    const unsigned char* p
+    const unsigned char* end
+    int ptype
+
+
+cdef int _overrun(Reader* r, str field, Py_ssize_t need) except -1:
+    _fail(f"{_pname(r.ptype)} {field} overruns the packet (need {need} bytes, "
+          f"{r.end - r.p} left)")
+
+
+cdef inline int r_byte(Reader* r, str field) except -1:
+    if r.p >= r.end:
+        _overrun(r, field, 1)
+    cdef int v = r.p[0]
+    r.p += 1
+    return v
+
+
+cdef inline int r_u16(Reader* r, str field) except -1:
+    if r.end - r.p < 2:
+        _overrun(r, field, 2)
+    cdef int v = (r.p[0] << 8) | r.p[1]
+    r.p += 2
+    return v
+
+
+cdef inline long long r_u32(Reader* r, str field) except -1:
+    if r.end - r.p < 4:
+        _overrun(r, field, 4)
+    cdef long long v = ((<long long>r.p[0] << 24) | (<long long>r.p[1] << 16)
+                        | (<long long>r.p[2] << 8) | <long long>r.p[3])
+    r.p += 4
+    return v
+
+
+cdef long long r_vbi(Reader* r, str field) except -1:
+    cdef long long value = 0
+    cdef int shift = 0
+    cdef int b
+    while shift < 28:
+        b = r_byte(r, field)
+        value |= (<long long>(b & 0x7F)) << shift
+        if not (b & 0x80):
+            return value
+        shift += 7
+    _fail(f"{_pname(r.ptype)} {field}: variable byte integer longer than 4 bytes "
+          "[MQTT-1.5.5-1]")
+
+
+cdef object _utf8(const unsigned char* s, Py_ssize_t n, int ptype, str field):
+    """A str from wire bytes: well-formed UTF-8 [MQTT-1.5.4-1] without U+0000
+    [MQTT-1.5.4-2]. The strict decoder also refuses surrogates and overlongs."""
+    cdef PyObject* u = _PyUnicode_DecodeUTF8(<const char*>s, n, NULL)
+    if u == NULL:
+        PyErr_Clear()
+        _fail(f"{_pname(ptype)} {field} is not well-formed UTF-8 [MQTT-1.5.4-1]")
+    result = <object>u
+    Py_DECREF(result)  # drop the extra reference the cast added
+    if n and memchr(s, 0, <size_t>n) != NULL:
+        _fail(f"{_pname(ptype)} {field} contains U+0000 [MQTT-1.5.4-2]")
+    return result
+
+
+cdef inline object r_str(Reader* r, str field):
+    cdef int n = r_u16(r, field + " length")
+    if r.end - r.p < n:
+        _overrun(r, field, n)
+    cdef const unsigned char* s = r.p
+    r.p += n
+    return _utf8(s, n, r.ptype, field)
+
+
+cdef inline bytes r_bin(Reader* r, str field):
+    cdef int n = r_u16(r, field + " length")
+    if r.end - r.p < n:
+        _overrun(r, field, n)
+    cdef bytes b = PyBytes_FromStringAndSize(<const char*>r.p, n)
+    r.p += n
+    return b
+
+
+cdef inline int r_done(Reader* r) except -1:
+    if r.p != r.end:
+        _fail(f"{_pname(r.ptype)} has {r.end - r.p} unexpected trailing bytes")
+    return 0
+
+
+cdef object _read_props(Reader* r, int ptype):
+    """Read a property block allowed in ``ptype`` (a packet type or WILL) and
+    enforce section 2.2.2.2: known id, allowed in this packet, value type,
+    repetition only for USER_PROPERTY (and SUBSCRIPTION_IDENTIFIER in PUBLISH)."""
+    cdef str what = _pname(ptype)
+    cdef long long length = r_vbi(r, "property length")
+    if length == 0:
+        return EMPTY
+    if length > r.end - r.p:
+        _fail(f"{what} property length {length} overruns the packet")
+    cdef const unsigned char* outer_end = r.end
+    r.end = r.p + length
+    cdef int saved = r.ptype
+    r.ptype = ptype
+    cdef dict props = {}
+    cdef uint64_t seen = 0
+    cdef long long ident, iv
+    cdef int pid, kind, n
+    cdef bint multi = False
+    cdef str name
+    cdef const unsigned char* s
+    while r.p < r.end:
+        ident = r_vbi(r, "property identifier")
+        if ident >= 64 or _PTYPE[ident] == 0:
+            _fail(f"{what} unknown property identifier 0x{ident:02X}")
+        pid = <int>ident
+        if not (_PALLOW[pid] & (1u << ptype)):
+            _fail(f"{what} property {_PNAME[pid]} is not allowed in this packet (2.2.2.2)")
+        kind = _PTYPE[pid]
+        name = _PNAME[pid]
+        if kind == T_STR:
+            value = r_str(r, name)
+        elif kind == T_U32:
+            iv = r_u32(r, name)
+            if iv == 0 and _PNONZERO[pid]:
+                _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
+            value = iv
+        elif kind == T_U16:
+            iv = r_u16(r, name)
+            if iv == 0 and _PNONZERO[pid]:
+                _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
+            value = iv
+        elif kind == T_BYTE:
+            iv = r_byte(r, name)
+            if _PBOOL[pid] and iv > 1:
+                _fail(f"{what} property {name} must be 0 or 1, got {iv}", RC_PROTOCOL)
+            value = iv
+        elif kind == T_BIN:
+            value = r_bin(r, name)
+        elif kind == T_VBI:
+            iv = r_vbi(r, name)
+            if iv == 0 and _PNONZERO[pid]:
+                _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
+            value = iv
+        else:  # T_PAIR
+            value = (r_str(r, name + " name"), r_str(r, name + " value"))
+        if pid == P_USER or pid == P_SUBID:
+            multi = True
+            if seen & ((<uint64_t>1) << pid):
+                if pid == P_SUBID and ptype != PUBLISH:
+                    _fail(f"{what} property {name} included more than once", RC_PROTOCOL)
+                (<list>props[<object>_PKEY[pid]]).append(value)
+            else:
+                props[<object>_PKEY[pid]] = [value]
+        elif seen & ((<uint64_t>1) << pid):
+            _fail(f"{what} property {name} included more than once", RC_PROTOCOL)
+        else:
+            props[<object>_PKEY[pid]] = value
+        seen |= (<uint64_t>1) << pid
+    r.end = outer_end
+    r.ptype = saved
+    if multi:
+        if seen & ((<uint64_t>1) << P_USER):
+            key = <object>_PKEY[P_USER]
+            props[key] = tuple(props[key])
+        if seen & ((<uint64_t>1) << P_SUBID):
+            key = <object>_PKEY[P_SUBID]
+            props[key] = tuple(props[key])
+    return PyDictProxy_New(props)
+
+
+cdef inline int r_packet_id(Reader* r) except -1:
+    cdef int pid = r_u16(r, "packet identifier")
+    if pid == 0:
+        _fail(f"{_pname(r.ptype)} packet identifier is 0 [MQTT-2.2.1-3]", RC_PROTOCOL)
+    return pid
+
+
+cdef inline int _check_rc(Reader* r, int code) except -1:
+    if not _VALID_RC[r.ptype][code]:
+        _fail(f"{_pname(r.ptype)} reason code 0x{code:02X} is not valid for this packet",
+              RC_PROTOCOL)
+    return code
+
+
+cdef Connect _decode_connect(Reader* r):
+    cdef int nlen = r_u16(r, "protocol name length")
+    if r.end - r.p < nlen:
+        _overrun(r, "protocol name", nlen)
+    cdef const unsigned char* name = r.p
+    r.p += nlen
+    name_str = _utf8(name, nlen, CONNECT, "protocol name")
+    cdef int level = r_byte(r, "protocol level")
+    if not ((nlen == 4 and memcmp(name, b"MQTT", 4) == 0 and (level == 4 or level == 5))
+            or (nlen == 6 and memcmp(name, b"MQIsdp", 6) == 0 and level == 3)):
+        _fail(f"CONNECT protocol name {name_str!r} level {level} is not supported "
+              "(MQTT 5, MQTT 4 or MQIsdp 3) [MQTT-3.1.2-2]", RC_VERSION)
+    cdef bint v5 = level == 5
+    cdef int cflags = r_byte(r, "connect flags")
+    if cflags & 0x01:
+        _fail("CONNECT reserved connect flag is set [MQTT-3.1.2-3]")
+    cdef bint has_will = cflags & 0x04
+    cdef int will_qos = (cflags >> 3) & 0x03
+    cdef bint will_retain = cflags & 0x20
+    cdef bint has_password = cflags & 0x40
+    cdef bint has_username = cflags & 0x80
+    if not has_will:
+        if will_qos:
+            _fail("CONNECT will QoS set without the will flag [MQTT-3.1.2-11]")
+        if will_retain:
+            _fail("CONNECT will retain set without the will flag [MQTT-3.1.2-13]")
+    elif will_qos == 3:
+        _fail("CONNECT will QoS is 3 [MQTT-3.1.2-12]")
+    if has_password and not has_username and not v5:
+        _fail("CONNECT password flag set without user name flag [MQTT-3.1.2-22]")
+    cdef int keep_alive = r_u16(r, "keep alive")
+    properties = _read_props(r, CONNECT) if v5 else EMPTY
+    client_id = r_str(r, "client identifier")
+    will = None
+    cdef Will w
+    if has_will:
+        will_props = _read_props(r, WILL) if v5 else EMPTY
+        w = Will.__new__(Will)
+        w.topic = r_str(r, "will topic")
+        w.payload = r_bin(r, "will payload")
+        w.qos = will_qos
+        w.retain = will_retain
+        w.properties = will_props
+        will = w
+    username = r_str(r, "user name") if has_username else None
+    password = r_bin(r, "password") if has_password else None
+    r_done(r)
+    cdef Connect c = Connect.__new__(Connect)
+    c.client_id = client_id
+    c.clean_start = cflags & 0x02
+    c.keep_alive = keep_alive
+    c.username = username
+    c.password = password
+    c.will = will
+    c.properties = properties
+    c.protocol_level = level
+    return c
+
+
+cdef Connack _decode_connack(Reader* r, bint v5):
+    cdef int ack_flags = r_byte(r, "acknowledge flags")
+    if ack_flags & 0xFE:
+        _fail("CONNACK reserved acknowledge flag bits are set [MQTT-3.2.2-1]")
+    cdef int code = r_byte(r, "reason code")
+    if v5:
+        _check_rc(r, code)
+        properties = _read_props(r, CONNACK)
+    else:
+        if _V311_TO_V5[code] < 0:
+            _fail(f"CONNACK return code {code} is reserved (3.2.2.3)")
+        code = _V311_TO_V5[code]
+        properties = EMPTY
+    r_done(r)
+    cdef Connack c = Connack.__new__(Connack)
+    c.session_present = ack_flags & 0x01
+    c.reason_code = code
+    c.properties = properties
+    return c
+
+
+cdef int _check_topic_name(const unsigned char* s, Py_ssize_t n, bint alias_ok) except -1:
+    """Topic name rules for PUBLISH: non-empty unless a v5 Topic Alias stands in
+    for it (3.3.2.3.4), no wildcard [MQTT-3.3.2-2]."""
+    if n == 0:
+        if alias_ok:
+            return 0
+        _fail("PUBLISH topic name is empty [MQTT-4.7.3-1]", RC_TOPIC)
+    if memchr(s, b'+', <size_t>n) != NULL:
+        _fail("PUBLISH topic name contains wildcard '+' [MQTT-3.3.2-2]", RC_TOPIC)
+    if memchr(s, b'#', <size_t>n) != NULL:
+        _fail("PUBLISH topic name contains wildcard '#' [MQTT-3.3.2-2]", RC_TOPIC)
+    return 0
+
+
+cdef Publish _decode_publish(Reader* r, int flags, bint v5):
+    cdef int qos = (flags >> 1) & 0x03
+    if qos == 3:
+        _fail("PUBLISH QoS is 3 [MQTT-3.3.1-4]")
+    if (flags & 0x08) and qos == 0:
+        _fail("PUBLISH DUP flag set on a QoS 0 message [MQTT-3.3.1-2]")
+    cdef int tlen = r_u16(r, "topic name length")
+    if r.end - r.p < tlen:
+        _overrun(r, "topic name", tlen)
+    cdef const unsigned char* ts = r.p
+    r.p += tlen
+    topic = _utf8(ts, tlen, PUBLISH, "topic name")
+    cdef int packet_id = r_packet_id(r) if qos else 0
+    properties = _read_props(r, PUBLISH) if v5 else EMPTY
+    _check_topic_name(ts, tlen, v5 and properties is not EMPTY
+                      and <object>_PKEY[P_TOPIC_ALIAS] in properties)
+    cdef Publish p = Publish.__new__(Publish)
+    p.topic = topic
+    p.payload = PyBytes_FromStringAndSize(<const char*>r.p, r.end - r.p)
+    r.p = r.end
+    p.qos = qos
+    p.retain = flags & 0x01
+    p.dup = flags & 0x08
+    p.packet_id = packet_id
+    p.properties = properties
+    return p
+
+
+cdef _Ack _decode_ack(Reader* r, int ptype, bint v5):
+    cdef int packet_id = r_packet_id(r)
+    cdef int code = 0
+    properties = EMPTY
+    if v5 and r.p < r.end:
+        # Remaining length 2: reason 0 and no properties; 3: reason only (3.4.2.1).
+        code = _check_rc(r, r_byte(r, "reason code"))
+        if r.p < r.end:
+            properties = _read_props(r, ptype)
+    r_done(r)
+    cdef _Ack a
+    if ptype == PUBACK:
+        a = Puback.__new__(Puback)
+    elif ptype == PUBREC:
+        a = Pubrec.__new__(Pubrec)
+    elif ptype == PUBREL:
+        a = Pubrel.__new__(Pubrel)
+    else:
+        a = Pubcomp.__new__(Pubcomp)
+    a.packet_id = packet_id
+    a.reason_code = code
+    a.properties = properties
+    return a
+
+
+cdef int _check_filter(const unsigned char* s, Py_ssize_t n, int ptype) except -1:
+    """Topic filter rules (4.7.1, 4.8.2) on the UTF-8 bytes; returns 1 for a
+    shared subscription ``$share/{name}/{filter}``, 0 otherwise.
+
+    '#' must be a whole level and the last one [MQTT-4.7.1-1]; '+' must be a
+    whole level [MQTT-4.7.1-2]; a ShareName is non-empty without wildcards
+    [MQTT-4.8.2-1] and is followed by '/' and a non-empty filter [MQTT-4.8.2-2].
+    """
+    cdef str what = _pname(ptype)
+    if n == 0:
+        _fail(f"{what} topic filter is empty [MQTT-4.7.3-1]", RC_FILTER)
+    cdef bint shared = False
+    cdef Py_ssize_t i, start = 0
+    cdef unsigned char c
+    if n >= 7 and memcmp(s, b"$share/", 7) == 0:
+        shared = True
+        i = 7
+        while i < n and s[i] != b'/':
+            if s[i] == b'+' or s[i] == b'#':
+                _fail(f"{what} shared subscription ShareName contains a wildcard "
+                      "[MQTT-4.8.2-1]", RC_FILTER)
+            i += 1
+        if i == 7:
+            _fail(f"{what} shared subscription has an empty ShareName [MQTT-4.8.2-1]",
+                  RC_FILTER)
+        if i >= n - 1:
+            _fail(f"{what} shared subscription has no topic filter after the ShareName "
+                  "[MQTT-4.8.2-2]", RC_FILTER)
+        start = i + 1
+    for i in range(start, n):
+        c = s[i]
+        if c == b'#':
+            if i != n - 1 or (i > start and s[i - 1] != b'/'):
+                _fail(f"{what} topic filter: '#' must be the last level on its own "
+                      "[MQTT-4.7.1-1]", RC_FILTER)
+        elif c == b'+':
+            if (i > start and s[i - 1] != b'/') or (i < n - 1 and s[i + 1] != b'/'):
+                _fail(f"{what} topic filter: '+' must occupy a whole level [MQTT-4.7.1-2]",
+                      RC_FILTER)
+    return shared
+
+
+cdef Subscribe _decode_subscribe(Reader* r, bint v5):
+    cdef int packet_id = r_packet_id(r)
+    properties = _read_props(r, SUBSCRIBE) if v5 else EMPTY
+    cdef list subs = []
+    cdef int flen, options, qos, rh
+    cdef bint no_local, rap, shared
+    cdef const unsigned char* fs
+    cdef Subscription sub
+    while r.p < r.end:
+        flen = r_u16(r, "topic filter length")
+        if r.end - r.p < flen:
+            _overrun(r, "topic filter", flen)
+        fs = r.p
+        r.p += flen
+        topic_filter = _utf8(fs, flen, SUBSCRIBE, "topic filter")
+        options = r_byte(r, "subscription options")
+        qos = options & 0x03
+        if v5:
+            if options & 0xC0:
+                _fail("SUBSCRIBE reserved subscription option bits are set [MQTT-3.8.3-5]",
+                      RC_PROTOCOL)
+            if qos == 3:
+                _fail("SUBSCRIBE maximum QoS is 3 (3.8.3.1)", RC_PROTOCOL)
+            rh = (options >> 4) & 0x03
+            if rh == 3:
+                _fail("SUBSCRIBE retain handling is 3 (3.8.3.1)", RC_PROTOCOL)
+            no_local = options & 0x04
+            rap = options & 0x08
+        else:
+            # 3.1.1: upper 6 bits reserved, QoS 3 forbidden: malformed
+            # [MQTT-3.8.3-4] (3.1.1 numbering).
+            if options & 0xFC or qos == 3:
+                _fail("SUBSCRIBE reserved bits set or QoS 3 in requested QoS byte "
+                      "[MQTT-3.8.3-4]")
+            rh = 0
+            no_local = rap = False
+        shared = _check_filter(fs, flen, SUBSCRIBE)
+        if no_local and shared:
+            _fail("SUBSCRIBE no local set on a shared subscription [MQTT-3.8.3-4]",
+                  RC_PROTOCOL)
+        sub = Subscription.__new__(Subscription)
+        sub.topic_filter = topic_filter
+        sub.qos = qos
+        sub.no_local = no_local
+        sub.retain_as_published = rap
+        sub.retain_handling = rh
+        subs.append(sub)
+    if not subs:
+        _fail("SUBSCRIBE contains no topic filter [MQTT-3.8.3-3]", RC_PROTOCOL)
+    cdef Subscribe p = Subscribe.__new__(Subscribe)
+    p.packet_id = packet_id
+    p.subscriptions = tuple(subs)
+    p.properties = properties
+    return p
+
+
+cdef Suback _decode_suback(Reader* r, bint v5):
+    cdef int packet_id = r_packet_id(r)
+    properties = _read_props(r, SUBACK) if v5 else EMPTY
+    cdef Py_ssize_t n = r.end - r.p, i
+    cdef tuple codes = _int_tuple(r.p, n)
+    cdef int code
+    for i in range(n):
+        code = r.p[i]
+        if not (_VALID_RC[SUBACK][code] if v5 else _V311_SUBACK[code]):
+            _fail(f"SUBACK reason code 0x{code:02X} is not valid for this packet", RC_PROTOCOL)
+    r.p = r.end
+    cdef Suback p = Suback.__new__(Suback)
+    p.packet_id = packet_id
+    p.reason_codes = codes
+    p.properties = properties
+    return p
+
+
+cdef tuple _int_tuple(const unsigned char* s, Py_ssize_t n):
+    cdef list out = [None] * n
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = <int>s[i]
+    return tuple(out)
+
+
+cdef Unsubscribe _decode_unsubscribe(Reader* r, bint v5):
+    cdef int packet_id = r_packet_id(r)
+    properties = _read_props(r, UNSUBSCRIBE) if v5 else EMPTY
+    cdef list filters = []
+    cdef int flen
+    cdef const unsigned char* fs
+    while r.p < r.end:
+        flen = r_u16(r, "topic filter length")
+        if r.end - r.p < flen:
+            _overrun(r, "topic filter", flen)
+        fs = r.p
+        r.p += flen
+        topic_filter = _utf8(fs, flen, UNSUBSCRIBE, "topic filter")
+        _check_filter(fs, flen, UNSUBSCRIBE)
+        filters.append(topic_filter)
+    if not filters:
+        _fail("UNSUBSCRIBE contains no topic filter [MQTT-3.10.3-2]", RC_PROTOCOL)
+    cdef Unsubscribe p = Unsubscribe.__new__(Unsubscribe)
+    p.packet_id = packet_id
+    p.topic_filters = tuple(filters)
+    p.properties = properties
+    return p
+
+
+cdef Unsuback _decode_unsuback(Reader* r, bint v5):
+    cdef int packet_id = r_packet_id(r)
+    properties = EMPTY
+    cdef tuple codes = ()
+    cdef Py_ssize_t i
+    if v5:
+        properties = _read_props(r, UNSUBACK)
+        for i in range(r.end - r.p):
+            _check_rc(r, r.p[i])
+        codes = _int_tuple(r.p, r.end - r.p)
+        r.p = r.end
+    r_done(r)
+    cdef Unsuback p = Unsuback.__new__(Unsuback)
+    p.packet_id = packet_id
+    p.reason_codes = codes
+    p.properties = properties
+    return p
+
+
+cdef object _decode_disconnect_auth(Reader* r, int ptype, bint v5):
+    if ptype == AUTH and not v5:
+        _fail("AUTH packet in MQTT 3.1.1 (it exists in MQTT 5.0 only)", RC_PROTOCOL)
+    cdef int code = 0
+    properties = EMPTY
+    # Remaining length 0: reason 0x00 and no properties (3.14.2.1, 3.15.2.1).
+    if v5 and r.p < r.end:
+        code = _check_rc(r, r_byte(r, "reason code"))
+        if r.p < r.end:
+            properties = _read_props(r, ptype)
+    r_done(r)
+    cdef Disconnect d
+    cdef Auth a
+    if ptype == DISCONNECT:
+        d = Disconnect.__new__(Disconnect)
+        d.reason_code = code
+        d.properties = properties
+        return d
+    a = Auth.__new__(Auth)
+    a.reason_code = code
+    a.properties = properties
+    return a
+
+
+cdef int _check_first_byte(int first) except -1:
+    """Packet type and the reserved flag bits of the fixed header [MQTT-2.1.3-1]."""
+    cdef int ptype = first >> 4
+    cdef int flags = first & 0x0F
+    if ptype == 0:
+        _fail("packet type 0 is reserved (2.1.2)")
+    if ptype == PUBLISH:
+        return ptype
+    cdef int required = 0x02 if (ptype == PUBREL or ptype == SUBSCRIBE
+                                 or ptype == UNSUBSCRIBE) else 0x00
+    if flags != required:
+        _fail(f"{_pname(ptype)} reserved fixed header flags are 0x{flags:X}, "
+              f"must be 0x{required:X} [MQTT-2.1.3-1]")
+    return ptype
+
+
+cdef object _decode_body(int first, const unsigned char* body, Py_ssize_t n, int version):
+    """Decode one packet body; ``version`` is 5 or 4 (CONNECT uses its own)."""
+    cdef int ptype = _check_first_byte(first)
+    cdef Reader r
+    r.p = body
+    r.end = body + n
+    r.ptype = ptype
+    cdef bint v5 = version == 5
+    if ptype == PUBLISH:
+        return _decode_publish(&r, first & 0x0F, v5)
+    if ptype >= PUBACK and ptype <= PUBCOMP:
+        return _decode_ack(&r, ptype, v5)
+    if ptype == PINGREQ or ptype == PINGRESP:
+        r_done(&r)
+        return Pingreq.__new__(Pingreq) if ptype == PINGREQ else Pingresp.__new__(Pingresp)
+    if ptype == CONNECT:
+        return _decode_connect(&r)
+    if ptype == CONNACK:
+        return _decode_connack(&r, v5)
+    if ptype == SUBSCRIBE:
+        return _decode_subscribe(&r, v5)
+    if ptype == SUBACK:
+        return _decode_suback(&r, v5)
+    if ptype == UNSUBSCRIBE:
+        return _decode_unsubscribe(&r, v5)
+    if ptype == UNSUBACK:
+        return _decode_unsuback(&r, v5)
+    return _decode_disconnect_auth(&r, ptype, v5)
+
+
+cdef inline int _parse_length(const unsigned char* p, Py_ssize_t avail,
+                              Py_ssize_t* rl, int* hlen) except -1:
+    """Remaining Length of the packet at ``p``: 1 and sets ``rl``/``hlen`` when
+    the fixed header is complete, 0 when more bytes are needed."""
+    cdef Py_ssize_t value = 0
+    cdef int i, b
+    for i in range(1, 5):
+        if i >= avail:
+            return 0
+        b = p[i]
+        value |= (<Py_ssize_t>(b & 0x7F)) << (7 * (i - 1))
+        if not (b & 0x80):
+            rl[0] = value
+            hlen[0] = i + 1
+            return 1
+    _fail("remaining length: variable byte integer longer than 4 bytes [MQTT-1.5.5-1]")
+
+
+def decode(data, version=5):
+    """Decode exactly one complete packet.
+
+    Args:
+        data: the whole packet, fixed header included (bytes-like).
+        version: protocol level of the connection (5, 4 or 3). A CONNECT is
+            decoded with its own protocol level whatever this says.
+
+    Returns:
+        The packet object.
+
+    Raises:
+        MalformedPacket: if ``data`` is incomplete, has trailing bytes or breaks
+            a rule of the specification.
+    """
+    cdef int wire = _wire_version(version)
+    cdef Py_buffer view
+    cdef const unsigned char* p
+    cdef Py_ssize_t n, rl = 0
+    cdef int hlen = 0
+    cdef bint release = False
+    if PyBytes_CheckExact(data):
+        p = <const unsigned char*>PyBytes_AS_STRING(data)
+        n = PyBytes_GET_SIZE(data)
+    else:
+        try:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        except TypeError:
+            _fail(f"cannot decode {type(data).__name__}: not a bytes-like object")
+        release = True
+        p = <const unsigned char*>view.buf
+        n = view.len
+    try:
+        if n == 0:
+            _fail("empty input: no fixed header")
+        if not _parse_length(p, n, &rl, &hlen):
+            _fail("fixed header overruns the packet (remaining length incomplete)")
+        if n - hlen < rl:
+            _fail(f"packet incomplete: remaining length {rl}, {n - hlen} bytes given")
+        if n - hlen > rl:
+            _fail(f"{n - hlen - rl} trailing bytes after the packet")
+        return _decode_body(p[0], p + hlen, rl, wire)
+    finally:
+        if release:
+            PyBuffer_Release(&view)
+
+
+@cython.final
+cdef class Decoder:
+    """Streaming decoder: feed any chunking of the byte stream, get complete
+    packets in order.
+
+    Args:
+        version: protocol level (5, 4 or 3), or None to learn it from the first
+            packet, which must then be a CONNECT [MQTT-3.1.0-1].
+        max_packet_size: largest packet accepted (whole packet, fixed header
+            included); checked as soon as the fixed header is complete, before
+            the body is buffered.
+
+    Raises:
+        MalformedPacket: (0x84) for an unsupported ``version``.
+    """
+
+    cdef int _version        # 0 = learn from the CONNECT
+    cdef int _level          # the level as given/learned (3, 4, 5) for .version
+    cdef public Py_ssize_t max_packet_size
+    cdef unsigned char* _buf
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _len     # bytes of the pending (incomplete) packet
+    cdef Py_ssize_t _need    # its total size once the fixed header is known, else -1
+    cdef object _broken      # (message, reason_code) after an error
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._cap = 0
+        self._len = 0
+        self._need = -1
+        self._broken = None
+
+    def __dealloc__(self):
+        if self._buf != NULL:
+            PyMem_Free(self._buf)
+            self._buf = NULL
+
+    def __init__(self, version=None, max_packet_size=_MAX_PACKET_SIZE):
+        self.version = version
+        self.max_packet_size = max_packet_size
+
+    @property
+    def version(self):
+        """Protocol level (3, 4, 5), or None until the CONNECT is seen."""
+        return None if self._version == 0 else self._level
+
+    @version.setter
+    def version(self, value):
+        if value is None:
+            self._version = 0
+            self._level = 0
+        else:
+            self._version = _wire_version(value)
+            self._level = value
+
+    @property
+    def buffered(self):
+        """Bytes held for a packet not yet complete."""
+        return self._len
+
+    cdef int _append(self, const unsigned char* p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t want
+        cdef unsigned char* nb
+        if self._len + n > self._cap:
+            want = self._cap * 2
+            if want < self._len + n:
+                want = self._len + n
+            if want < 256:
+                want = 256
+            nb = <unsigned char*>PyMem_Realloc(self._buf, want)
+            if nb == NULL:
+                raise MemoryError()
+            self._buf = nb
+            self._cap = want
+        memcpy(self._buf + self._len, p, n)
+        self._len += n
+        return 0
+
+    cdef int _check_header(self, int first, Py_ssize_t total) except -1:
+        if total > self.max_packet_size:
+            _fail(f"packet of {total} bytes exceeds the maximum packet size "
+                  f"{self.max_packet_size}", RC_TOO_LARGE)
+        return 0
+
+    cdef inline int _check_first(self, int first) except -1:
+        if self._version == 0 and (first >> 4) != CONNECT:
+            _fail(f"first packet must be CONNECT, got type {first >> 4} [MQTT-3.1.0-1]",
+                  RC_PROTOCOL)
+        _check_first_byte(first)
+        return 0
+
+    cdef object _decode_one(self, const unsigned char* p, int hlen, Py_ssize_t rl):
+        cdef Connect c
+        if self._version == 0:
+            c = <Connect>_decode_body(p[0], p + hlen, rl, 5)
+            self._level = c.protocol_level
+            self._version = 5 if c.protocol_level == 5 else 4
+            return c
+        return _decode_body(p[0], p + hlen, rl, self._version)
+
+    def feed(self, data):
+        """Add bytes from the stream and return the packets now complete.
+
+        Args:
+            data: any number of bytes (bytes, bytearray or memoryview).
+
+        Returns:
+            The complete packets, in stream order (possibly empty).
+
+        Raises:
+            MalformedPacket: on the first bad packet, with ``packets`` holding
+                the packets completed before it in this call. The decoder is then
+                broken and every later call raises again.
+        """
+        cdef Py_buffer view
+        cdef list out
+        if self._broken is not None:
+            message, code = self._broken
+            _fail(f"decoder is broken by an earlier error: {message}", code)
+        if PyBytes_CheckExact(data):
+            out = []
+            self._feed(<const unsigned char*>PyBytes_AS_STRING(data),
+                       PyBytes_GET_SIZE(data), out)
+            return out
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            out = []
+            self._feed(<const unsigned char*>view.buf, view.len, out)
+            return out
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _feed(self, const unsigned char* p, Py_ssize_t n, list out) except -1:
+        cdef Py_ssize_t pos = 0, avail, rl, total, take
+        cdef int hlen
+        try:
+            if self._len:
+                pos = self._top_up(p, n, out)
+                if self._len:
+                    return 0
+            # Whole packets are decoded straight from the caller's chunk.
+            while pos < n:
+                self._check_first(p[pos])
+                if not _parse_length(p + pos, n - pos, &rl, &hlen):
+                    break
+                total = hlen + rl
+                self._check_header(p[pos], total)
+                if total > n - pos:
+                    self._need = total
+                    break
+                out.append(self._decode_one(p + pos, hlen, rl))
+                pos += total
+            if pos < n:
+                # Keep only the tail: one packet, incomplete.
+                self._append(p + pos, n - pos)
+        except MalformedPacket as exc:
+            exc.packets = out
+            self._broken = (str(exc), exc.reason_code)
+            self._len = 0
+            self._need = -1
+            raise
+        return 0
+
+    cdef Py_ssize_t _top_up(self, const unsigned char* p, Py_ssize_t n, list out) except -1:
+        """Complete the pending packet from the head of ``p``; returns the
+        bytes of ``p`` consumed."""
+        cdef Py_ssize_t consumed = 0, take, rl, total, excess
+        cdef int hlen
+        if self._need < 0:
+            # The fixed header itself was cut: it is at most 5 bytes.
+            take = 5 - self._len
+            if take > n:
+                take = n
+            self._append(p, take)
+            consumed = take
+            if not _parse_length(self._buf, self._len, &rl, &hlen):
+                return consumed
+            total = hlen + rl
+            self._check_header(self._buf[0], total)
+            if total < self._len:
+                excess = self._len - total
+                self._len = total
+                consumed -= excess
+            self._need = total
+        take = self._need - self._len
+        if take > n - consumed:
+            take = n - consumed
+        if take:
+            self._append(p + consumed, take)
+            consumed += take
+        if self._len == self._need:
+            _parse_length(self._buf, self._len, &rl, &hlen)
+            pkt = self._decode_one(self._buf, hlen, rl)
+            self._len = 0
+            self._need = -1
+            out.append(pkt)
+        return consumed
+
+
+# ================================================================== encoding
+
+cdef inline int _vbi_len(Py_ssize_t v) noexcept:
+    if v < 128:
+        return 1
+    if v < 16384:
+        return 2
+    if v < 2097152:
+        return 3
+    return 4
+
+
+cdef inline unsigned char* w_vbi(unsigned char* w, Py_ssize_t v) noexcept:
+    while True:
+        if v < 128:
+            w[0] = <unsigned char>v
+            return w + 1
+        w[0] = <unsigned char>((v & 0x7F) | 0x80)
+        w += 1
+        v >>= 7
+
+
+cdef inline unsigned char* w_u16(unsigned char* w, Py_ssize_t v) noexcept:
+    w[0] = <unsigned char>(v >> 8)
+    w[1] = <unsigned char>v
+    return w + 2
+
+
+cdef inline unsigned char* w_u32(unsigned char* w, long long v) noexcept:
+    w[0] = <unsigned char>(v >> 24)
+    w[1] = <unsigned char>(v >> 16)
+    w[2] = <unsigned char>(v >> 8)
+    w[3] = <unsigned char>v
+    return w + 4
+
+
+cdef inline unsigned char* w_raw(unsigned char* w, const char* s, Py_ssize_t n) noexcept:
+    memcpy(w, s, n)
+    return w + n
+
+
+cdef inline unsigned char* w_lstr(unsigned char* w, const char* s, Py_ssize_t n) noexcept:
+    w[0] = <unsigned char>(n >> 8)
+    w[1] = <unsigned char>n
+    memcpy(w + 2, s, n)
+    return w + 2 + n
+
+
+cdef struct Str:
+    const char* s
+    Py_ssize_t n
+
+
+cdef int _str_view(object value, Str* out, str what) except -1:
+    """UTF-8 view of a str for the wire: well-formed [MQTT-1.5.4-1], no U+0000
+    [MQTT-1.5.4-2], at most 65535 bytes (1.5.4). ASCII strs need no copy."""
+    if not PyUnicode_Check(value):
+        _fail(f"{what} must be a str, not {type(value).__name__}")
+    cdef const char* s = _PyUnicode_AsUTF8AndSize(value, &out.n)
+    if s == NULL:
+        PyErr_Clear()
+        _fail(f"{what} is not well-formed UTF-8 [MQTT-1.5.4-1]")
+    if out.n and memchr(s, 0, <size_t>out.n) != NULL:
+        _fail(f"{what} contains U+0000 [MQTT-1.5.4-2]")
+    if out.n > 0xFFFF:
+        _fail(f"{what} is longer than 65535 bytes (1.5.4)")
+    out.s = s
+    return 0
+
+
+cdef bytes _as_bytes(object value, str what, Py_ssize_t limit):
+    """Binary data (bytes, bytearray, memoryview) as bytes of at most ``limit``."""
+    cdef bytes b
+    if PyBytes_CheckExact(value):
+        b = <bytes>value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        b = bytes(value)
+    else:
+        _fail(f"{what} must be bytes, not {type(value).__name__}")
+    if PyBytes_GET_SIZE(b) > limit:
+        _fail(f"{what} is longer than 65535 bytes (1.5.6)")
+    return b
+
+
+cdef struct PropPlan:
+    int n
+    unsigned char ids[48]
+    PyObject* vals[48]      # borrowed from the packet's properties dict
+    Py_ssize_t size         # bytes of the property block after its length
+    bint has_alias
+
+
+cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
+    """Validate a properties mapping for ``ptype`` and measure its encoding.
+
+    Ids are checked first (known, allowed here), then values in ascending id
+    order, which is also the order they are written in."""
+    pl.n = 0
+    pl.size = 0
+    pl.has_alias = False
+    if props is EMPTY or props is None:
+        return 0
+    cdef str what = _pname(ptype)
+    if not isinstance(props, MappingProxyType):
+        # The constructor turned every mapping into a read-only view; anything
+        # else was kept as given for this error.
+        _fail(f"{what} properties must be a mapping, not {type(props).__name__}")
+    cdef int pid, i
+    for key, value in props.items():
+        if not PyLong_Check(key) or not (0 < key < 64) or _PTYPE[<int>key] == 0:
+            _fail(f"{what} unknown property identifier {key!r}")
+        pid = <int>key
+        if not (_PALLOW[pid] & (1u << ptype)):
+            _fail(f"{what} property {_PNAME[pid]} is not allowed in this packet (2.2.2.2)")
+        if pl.n >= 48:  # unreachable: ids are unique
+            _fail(f"{what} has too many properties")
+        i = pl.n
+        while i > 0 and pl.ids[i - 1] > pid:
+            pl.ids[i] = pl.ids[i - 1]
+            pl.vals[i] = pl.vals[i - 1]
+            i -= 1
+        pl.ids[i] = pid
+        pl.vals[i] = <PyObject*>value
+        pl.n += 1
+        if pid == P_TOPIC_ALIAS:
+            pl.has_alias = True
+    for i in range(pl.n):
+        pl.size += _prop_size(pl.ids[i], <object>pl.vals[i], ptype)
+    return 0
+
+
+cdef Py_ssize_t _prop_size(int pid, object value, int ptype) except -1:
+    cdef Py_ssize_t size = 0
+    cdef str what = _pname(ptype)
+    if pid == P_USER or pid == P_SUBID:
+        if pid == P_SUBID and PyLong_Check(value):
+            values = (value,)
+        elif isinstance(value, (list, tuple)):
+            values = value
+        else:
+            _fail(f"{what} property {_PNAME[pid]} must be a list or tuple")
+        if pid == P_SUBID and ptype != PUBLISH and len(values) > 1:
+            _fail(f"{what} property {_PNAME[pid]} included more than once", RC_PROTOCOL)
+        for item in values:
+            size += 1 + _value_size(pid, item, what)
+        return size
+    return 1 + _value_size(pid, value, what)
+
+
+cdef Py_ssize_t _value_size(int pid, object value, str what) except -1:
+    cdef int kind = _PTYPE[pid]
+    cdef str name
+    cdef Str sv
+    if kind <= T_VBI:
+        if not PyLong_Check(value):
+            name = f"{what} property {_PNAME[pid]}"
+            _fail(f"{name} must be an int, not {type(value).__name__}")
+        if value == 0 and _PNONZERO[pid]:
+            _fail(f"{what} property {_PNAME[pid]} must not be 0", RC_PROTOCOL)
+        if kind == T_BYTE:
+            if _PBOOL[pid] and not (value == 0 or value == 1):
+                _fail(f"{what} property {_PNAME[pid]} must be 0 or 1, got {value!r}",
+                      RC_PROTOCOL)
+            if not (0 <= value <= 0xFF):
+                _fail(f"{what} property {_PNAME[pid]} must fit one byte, got {value!r}")
+            return 1
+        if kind == T_U16:
+            if not (0 <= value <= 0xFFFF):
+                _fail(f"{what} property {_PNAME[pid]} must be 0..65535, got {value!r}")
+            return 2
+        if kind == T_U32:
+            if not (0 <= value <= 0xFFFFFFFF):
+                _fail(f"{what} property {_PNAME[pid]} must be 0..4294967295, got {value!r}")
+            return 4
+        if not (0 <= value <= MAX_RL):
+            _fail(f"{what} property {_PNAME[pid]} must be 1..268435455, got {value!r}")
+        return _vbi_len(<Py_ssize_t>value)
+    name = f"{what} property {_PNAME[pid]}"
+    if kind == T_STR:
+        _str_view(value, &sv, name)
+        return 2 + sv.n
+    if kind == T_BIN:
+        return 2 + PyBytes_GET_SIZE(_as_bytes(value, name, 0xFFFF))
+    # T_PAIR
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        _fail(f"{name} must be a (name, value) pair of str, got {value!r}")
+    _str_view(value[0], &sv, name + " name")
+    size = 4 + sv.n
+    _str_view(value[1], &sv, name + " value")
+    return size + sv.n
+
+
+cdef unsigned char* _write_props(unsigned char* w, PropPlan* pl) except NULL:
+    """Write the property block measured by ``_plan_props`` (values already valid)."""
+    w = w_vbi(w, pl.size)
+    cdef int i, pid
+    for i in range(pl.n):
+        pid = pl.ids[i]
+        value = <object>pl.vals[i]
+        if pid == P_USER or pid == P_SUBID:
+            if PyLong_Check(value):
+                value = (value,)
+            for item in value:
+                w[0] = <unsigned char>pid
+                w = _write_value(w + 1, pid, item)
+        else:
+            w[0] = <unsigned char>pid
+            w = _write_value(w + 1, pid, value)
+    return w
+
+
+cdef unsigned char* _write_value(unsigned char* w, int pid, object value) except NULL:
+    cdef int kind = _PTYPE[pid]
+    cdef Str sv
+    cdef bytes b
+    if kind == T_BYTE:
+        w[0] = <unsigned char>(<long long>value)
+        return w + 1
+    if kind == T_U16:
+        return w_u16(w, <long long>value)
+    if kind == T_U32:
+        return w_u32(w, <long long>value)
+    if kind == T_VBI:
+        return w_vbi(w, <Py_ssize_t>value)
+    if kind == T_STR:
+        _str_view(value, &sv, "property")
+        return w_lstr(w, sv.s, sv.n)
+    if kind == T_BIN:
+        b = _as_bytes(value, "property", 0xFFFF)
+        return w_lstr(w, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
+    _str_view(value[0], &sv, "property")
+    w = w_lstr(w, sv.s, sv.n)
+    _str_view(value[1], &sv, "property")
+    return w_lstr(w, sv.s, sv.n)
+
+
+cdef inline Py_ssize_t _props_part(PropPlan* pl) noexcept:
+    """Bytes of a property block including its length prefix."""
+    return _vbi_len(pl.size) + pl.size
+
+
+cdef inline bytes _alloc(int first, Py_ssize_t rl, unsigned char** w):
+    """Result bytes for a packet with remaining length ``rl``; ``w`` is left
+    after the fixed header."""
+    if rl > MAX_RL:
+        _fail(f"remaining length {rl} exceeds 268435455 (2.1.4)", RC_TOO_LARGE)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 1 + _vbi_len(rl) + rl)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    p[0] = <unsigned char>first
+    w[0] = w_vbi(p + 1, rl)
+    return out
+
+
+cdef inline int _enc_packet_id(int packet_id, int ptype) except -1:
+    if packet_id < 1 or packet_id > 0xFFFF:
+        _fail(f"{_pname(ptype)} packet identifier must be 1..65535, got {packet_id!r} "
+              "[MQTT-2.2.1-3]", RC_PROTOCOL)
+    return packet_id
+
+
+cdef inline int _enc_reason(int code, int ptype) except -1:
+    if code < 0 or code > 255 or not _VALID_RC[ptype][code]:
+        _fail(f"{_pname(ptype)} reason code {code!r} is not valid for this packet",
+              RC_PROTOCOL)
+    return code
+
+
+cdef bytes _encode_connect(Connect p, int version):
+    cdef int level = p.protocol_level
+    if level == 0:
+        level = version
+    if level != 3 and level != 4 and level != 5:
+        _fail(f"CONNECT protocol level {level!r} is not supported (5, 4 or 3)", RC_VERSION)
+    cdef bint v5 = level == 5
+    cdef int flags = 0x02 if p.clean_start else 0x00
+    cdef Will will = None
+    cdef PropPlan pl, wpl
+    cdef Str cid, wtopic, user
+    cdef bytes wpayload = None, password = None
+    if p.will is not None:
+        if type(p.will) is not Will:
+            _fail(f"CONNECT will must be a Will, not {type(p.will).__name__}")
+        will = <Will>p.will
+        if will.qos < 0 or will.qos > 2:
+            _fail(f"CONNECT will QoS must be 0, 1 or 2, got {will.qos!r} [MQTT-3.1.2-12]")
+        flags |= 0x04 | (will.qos << 3)
+        if will.retain:
+            flags |= 0x20
+    if p.username is not None:
+        flags |= 0x80
+    if p.password is not None:
+        if p.username is None and not v5:
+            _fail("CONNECT password without user name in MQTT 3.1.1 [MQTT-3.1.2-22]")
+        flags |= 0x40
+    if p.keep_alive < 0 or p.keep_alive > 0xFFFF:
+        _fail(f"CONNECT keep alive must be an int 0..65535, got {p.keep_alive!r}")
+    cdef Py_ssize_t rl = (6 if level == 4 or level == 5 else 8) + 1 + 1 + 2
+    if v5:
+        _plan_props(p.properties, CONNECT, &pl)
+        rl += _props_part(&pl)
+    _str_view(p.client_id, &cid, "CONNECT client identifier")
+    rl += 2 + cid.n
+    if will is not None:
+        if v5:
+            _plan_props(will.properties, WILL, &wpl)
+            rl += _props_part(&wpl)
+        _str_view(will.topic, &wtopic, "CONNECT will topic")
+        wpayload = _as_bytes(will.payload, "CONNECT will payload", 0xFFFF)
+        rl += 4 + wtopic.n + PyBytes_GET_SIZE(wpayload)
+    if p.username is not None:
+        _str_view(p.username, &user, "CONNECT user name")
+        rl += 2 + user.n
+    if p.password is not None:
+        password = _as_bytes(p.password, "CONNECT password", 0xFFFF)
+        rl += 2 + PyBytes_GET_SIZE(password)
+    cdef unsigned char* w
+    out = _alloc(0x10, rl, &w)
+    if level == 3:
+        w = w_lstr(w, b"MQIsdp", 6)
+    else:
+        w = w_lstr(w, b"MQTT", 4)
+    w[0] = <unsigned char>level
+    w[1] = <unsigned char>flags
+    w = w_u16(w + 2, p.keep_alive)
+    if v5:
+        w = _write_props(w, &pl)
+    w = w_lstr(w, cid.s, cid.n)
+    if will is not None:
+        if v5:
+            w = _write_props(w, &wpl)
+        w = w_lstr(w, wtopic.s, wtopic.n)
+        w = w_lstr(w, PyBytes_AS_STRING(wpayload), PyBytes_GET_SIZE(wpayload))
+    if p.username is not None:
+        w = w_lstr(w, user.s, user.n)
+    if password is not None:
+        w = w_lstr(w, PyBytes_AS_STRING(password), PyBytes_GET_SIZE(password))
+    return out
+
+
+cdef bytes _encode_connack(Connack p, bint v5):
+    cdef int code = _enc_reason(p.reason_code, CONNACK)
+    cdef int flags = 0x01 if p.session_present else 0x00
+    cdef PropPlan pl
+    cdef unsigned char* w
+    if v5:
+        _plan_props(p.properties, CONNACK, &pl)
+        out = _alloc(0x20, 2 + _props_part(&pl), &w)
+        w[0] = <unsigned char>flags
+        w[1] = <unsigned char>code
+        _write_props(w + 2, &pl)
+        return out
+    if _V5_TO_V311[code] < 0:
+        _fail(f"CONNACK reason code 0x{code:02X} has no MQTT 3.1.1 return code", RC_PROTOCOL)
+    out = _alloc(0x20, 2, &w)
+    w[0] = <unsigned char>flags
+    w[1] = <unsigned char>_V5_TO_V311[code]
+    return out
+
+
+cdef bytes _encode_publish(Publish p, bint v5, bint template, Py_ssize_t* id_offset):
+    """PUBLISH bytes; with ``template`` the packet id is written as 0 (and not
+    checked), DUP is cleared, and ``id_offset`` receives the id's position."""
+    cdef int qos = p.qos
+    if qos < 0 or qos > 2:
+        _fail(f"PUBLISH QoS must be 0, 1 or 2, got {qos!r} [MQTT-3.3.1-4]")
+    cdef bint dup = p.dup and not template
+    if dup and qos == 0:
+        _fail("PUBLISH DUP flag set on a QoS 0 message [MQTT-3.3.1-2]")
+    cdef PropPlan pl
+    cdef Py_ssize_t rl = 2
+    if v5:
+        if p.properties is EMPTY:
+            pl.n = 0
+            pl.size = 0
+            pl.has_alias = False
+        else:
+            _plan_props(p.properties, PUBLISH, &pl)
+        rl += _props_part(&pl)
+    cdef Str topic
+    _str_view(p.topic, &topic, "PUBLISH topic name")
+    _check_topic_name(<const unsigned char*>topic.s, topic.n, v5 and pl.has_alias)
+    payload = p.payload
+    if not PyBytes_CheckExact(payload):
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            payload = bytes(payload)
+        else:
+            _fail(f"PUBLISH payload must be bytes, not {type(payload).__name__}")
+    cdef int packet_id = 0
+    if qos:
+        if not template:
+            packet_id = _enc_packet_id(p.packet_id, PUBLISH)
+        rl += 2
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload)
+    rl += topic.n + plen
+    cdef unsigned char* w
+    cdef int first = 0x30 | (qos << 1) | (0x08 if dup else 0) | (0x01 if p.retain else 0)
+    out = _alloc(first, rl, &w)
+    w = w_lstr(w, topic.s, topic.n)
+    if qos:
+        id_offset[0] = w - <unsigned char*>PyBytes_AS_STRING(out)
+        w = w_u16(w, packet_id)
+    if v5:
+        if pl.n:
+            w = _write_props(w, &pl)
+        else:
+            w[0] = 0
+            w += 1
+    memcpy(w, PyBytes_AS_STRING(payload), plen)
+    return out
+
+
+cdef bytes _encode_ack(_Ack p, int ptype, bint v5):
+    cdef int first = (ptype << 4) | (0x02 if ptype == PUBREL else 0)
+    _enc_packet_id(p.packet_id, ptype)
+    cdef unsigned char* w
+    cdef PropPlan pl
+    if not v5:
+        out = _alloc(first, 2, &w)
+        w_u16(w, p.packet_id)
+        return out
+    cdef int code = _enc_reason(p.reason_code, ptype)
+    _plan_props(p.properties, ptype, &pl)
+    if pl.n == 0:
+        # Short forms (3.4.2.1): no properties -> no property length; reason 0
+        # -> no reason code either.
+        out = _alloc(first, 2 if code == 0 else 3, &w)
+        w = w_u16(w, p.packet_id)
+        if code:
+            w[0] = <unsigned char>code
+        return out
+    out = _alloc(first, 3 + _props_part(&pl), &w)
+    w = w_u16(w, p.packet_id)
+    w[0] = <unsigned char>code
+    _write_props(w + 1, &pl)
+    return out
+
+
+cdef bytes _encode_subscribe(Subscribe p, bint v5):
+    _enc_packet_id(p.packet_id, SUBSCRIBE)
+    cdef PropPlan pl
+    cdef Py_ssize_t rl = 2
+    if v5:
+        _plan_props(p.properties, SUBSCRIBE, &pl)
+        rl += _props_part(&pl)
+    if not p.subscriptions:
+        _fail("SUBSCRIBE contains no topic filter [MQTT-3.8.3-3]", RC_PROTOCOL)
+    cdef Str sv
+    cdef Subscription sub
+    cdef bint shared
+    for item in p.subscriptions:
+        if type(item) is not Subscription:
+            _fail(f"SUBSCRIBE subscriptions must be Subscription, not {type(item).__name__}")
+        sub = <Subscription>item
+        _str_view(sub.topic_filter, &sv, "SUBSCRIBE topic filter")
+        shared = _check_filter(<const unsigned char*>sv.s, sv.n, SUBSCRIBE)
+        if sub.qos < 0 or sub.qos > 2:
+            _fail(f"SUBSCRIBE maximum QoS must be 0, 1 or 2, got {sub.qos!r} (3.8.3.1)",
+                  RC_PROTOCOL)
+        if v5:
+            if sub.retain_handling < 0 or sub.retain_handling > 2:
+                _fail(f"SUBSCRIBE retain handling must be 0, 1 or 2, got "
+                      f"{sub.retain_handling!r} (3.8.3.1)", RC_PROTOCOL)
+            if sub.no_local and shared:
+                _fail("SUBSCRIBE no local set on a shared subscription [MQTT-3.8.3-4]",
+                      RC_PROTOCOL)
+        rl += 3 + sv.n
+    cdef unsigned char* w
+    out = _alloc(0x82, rl, &w)
+    w = w_u16(w, p.packet_id)
+    if v5:
+        w = _write_props(w, &pl)
+    for item in p.subscriptions:
+        sub = <Subscription>item
+        _str_view(sub.topic_filter, &sv, "SUBSCRIBE topic filter")
+        w = w_lstr(w, sv.s, sv.n)
+        if v5:
+            w[0] = <unsigned char>(sub.qos | (0x04 if sub.no_local else 0)
+                                   | (0x08 if sub.retain_as_published else 0)
+                                   | (sub.retain_handling << 4))
+        else:
+            w[0] = <unsigned char>sub.qos
+        w += 1
+    return out
+
+
+cdef bytes _encode_codes_packet(int first, int ptype, int packet_id, tuple codes,
+                                object props, bint v5, bint with_codes):
+    """SUBACK / UNSUBACK: packet id, v5 properties, one byte per reason code."""
+    _enc_packet_id(packet_id, ptype)
+    cdef PropPlan pl
+    cdef Py_ssize_t rl = 2
+    if v5:
+        _plan_props(props, ptype, &pl)
+        rl += _props_part(&pl)
+    cdef Py_ssize_t n = len(codes) if with_codes else 0
+    cdef Py_ssize_t i
+    cdef long long code
+    for i in range(n):
+        c = codes[i]
+        if not PyLong_Check(c) or not (0 <= c <= 255):
+            _fail(f"{_pname(ptype)} reason code {c!r} is not valid for this packet",
+                  RC_PROTOCOL)
+        code = c
+        if not (_VALID_RC[ptype][code] if v5 else _V311_SUBACK[code]):
+            _fail(f"{_pname(ptype)} reason code {c!r} is not valid for this packet"
+                  + ("" if v5 else " in MQTT 3.1.1"), RC_PROTOCOL)
+    rl += n
+    cdef unsigned char* w
+    out = _alloc(first, rl, &w)
+    w = w_u16(w, packet_id)
+    if v5:
+        w = _write_props(w, &pl)
+    for i in range(n):
+        w[i] = <unsigned char>(<long long>codes[i])
+    return out
+
+
+cdef bytes _encode_unsubscribe(Unsubscribe p, bint v5):
+    _enc_packet_id(p.packet_id, UNSUBSCRIBE)
+    cdef PropPlan pl
+    cdef Py_ssize_t rl = 2
+    if v5:
+        _plan_props(p.properties, UNSUBSCRIBE, &pl)
+        rl += _props_part(&pl)
+    if not p.topic_filters:
+        _fail("UNSUBSCRIBE contains no topic filter [MQTT-3.10.3-2]", RC_PROTOCOL)
+    cdef Str sv
+    for tf in p.topic_filters:
+        _str_view(tf, &sv, "UNSUBSCRIBE topic filter")
+        _check_filter(<const unsigned char*>sv.s, sv.n, UNSUBSCRIBE)
+        rl += 2 + sv.n
+    cdef unsigned char* w
+    out = _alloc(0xA2, rl, &w)
+    w = w_u16(w, p.packet_id)
+    if v5:
+        w = _write_props(w, &pl)
+    for tf in p.topic_filters:
+        _str_view(tf, &sv, "UNSUBSCRIBE topic filter")
+        w = w_lstr(w, sv.s, sv.n)
+    return out
+
+
+cdef bytes _encode_reason_only(int ptype, int code, object props, bint v5):
+    """DISCONNECT / AUTH."""
+    cdef int first = ptype << 4
+    if not v5:
+        if ptype == AUTH:
+            _fail("AUTH cannot be encoded for MQTT 3.1.1 (MQTT 5.0 only)", RC_PROTOCOL)
+        return b"\xe0\x00"
+    _enc_reason(code, ptype)
+    cdef PropPlan pl
+    _plan_props(props, ptype, &pl)
+    cdef unsigned char* w
+    if pl.n == 0:
+        # Short form (3.14.2.1, 3.15.2.1): reason 0 and no properties -> empty body.
+        if code == 0:
+            return b"\xe0\x00" if ptype == DISCONNECT else b"\xf0\x00"
+        out = _alloc(first, 1, &w)
+        w[0] = <unsigned char>code
+        return out
+    out = _alloc(first, 1 + _props_part(&pl), &w)
+    w[0] = <unsigned char>code
+    _write_props(w + 1, &pl)
+    return out
+
+
+def encode(packet, version=5):
+    """Encode one packet.
+
+    Args:
+        packet: a packet object of this module.
+        version: protocol level (5, 4 or 3). A CONNECT with a non-zero
+            ``protocol_level`` uses that instead (3 is sent as ``MQIsdp``). For 4
+            and 3, properties and v5-only reason codes are dropped and CONNACK's
+            reason code is mapped to a 3.1.1 return code.
+
+    Returns:
+        The packet's bytes, fixed header included.
+
+    Raises:
+        MalformedPacket: if the packet breaks a rule a conforming peer would
+            enforce (wildcard topic name, QoS 3, packet id 0, property not
+            allowed in the packet, string over 65535 bytes, ...), or ``version``
+            is not 3, 4 or 5 (0x84).
+    """
+    cdef int v
+    if version == 5:
+        v = 5
+    else:
+        v = _wire_version(version)
+    cdef bint v5 = v == 5
+    cdef type t = type(packet)
+    cdef Py_ssize_t off
+    if t is Publish:
+        return _encode_publish(<Publish>packet, v5, False, &off)
+    if t is Puback or t is Pubrec or t is Pubrel or t is Pubcomp:
+        return _encode_ack(<_Ack>packet, PUBACK if t is Puback else PUBREC if t is Pubrec
+                           else PUBREL if t is Pubrel else PUBCOMP, v5)
+    if t is Subscribe:
+        return _encode_subscribe(<Subscribe>packet, v5)
+    if t is Suback:
+        return _encode_codes_packet(0x90, SUBACK, (<Suback>packet).packet_id,
+                                    (<Suback>packet).reason_codes,
+                                    (<Suback>packet).properties, v5, True)
+    if t is Unsubscribe:
+        return _encode_unsubscribe(<Unsubscribe>packet, v5)
+    if t is Unsuback:
+        return _encode_codes_packet(0xB0, UNSUBACK, (<Unsuback>packet).packet_id,
+                                    (<Unsuback>packet).reason_codes,
+                                    (<Unsuback>packet).properties, v5, v5)
+    if t is Pingreq:
+        return b"\xc0\x00"
+    if t is Pingresp:
+        return b"\xd0\x00"
+    if t is Connect:
+        # 3 is its own level for CONNECT (MQIsdp); 4/5 as given.
+        return _encode_connect(<Connect>packet, version if version == 3 else v)
+    if t is Connack:
+        return _encode_connack(<Connack>packet, v5)
+    if t is Disconnect:
+        return _encode_reason_only(DISCONNECT, (<Disconnect>packet).reason_code,
+                                   (<Disconnect>packet).properties, v5)
+    if t is Auth:
+        return _encode_reason_only(AUTH, (<Auth>packet).reason_code,
+                                   (<Auth>packet).properties, v5)
+    _fail(f"cannot encode {t.__name__}: not a packet of this codec")
+
+
+@cython.final
+cdef class PublishTemplate:
+    """A PUBLISH encoded once, re-emitted per receiver with its own packet id
+    and DUP flag, without re-encoding (the broker's fan-out path).
+
+    Args:
+        publish: the message; its ``packet_id`` and ``dup`` are ignored.
+        version: protocol level to encode for (5, 4 or 3).
+
+    Raises:
+        MalformedPacket: if the PUBLISH cannot be encoded.
+    """
+
+    cdef readonly bytes data
+    cdef readonly int qos
+    cdef Py_ssize_t _id_offset
+
+    def __init__(self, publish, version=5):
+        if type(publish) is not Publish:
+            _fail(f"PublishTemplate needs a Publish, not {type(publish).__name__}")
+        cdef int v = _wire_version(version)
+        self._id_offset = 0
+        self.data = _encode_publish(<Publish>publish, v == 5, True, &self._id_offset)
+        self.qos = (<Publish>publish).qos
+
+    def with_packet_id(self, int packet_id, bint dup=False):
+        """The PUBLISH bytes with ``packet_id`` and the DUP flag patched in.
+
+        Args:
+            packet_id: 1..65535 for QoS 1/2; ignored for QoS 0.
+            dup: set DUP (a redelivery); not allowed for QoS 0 [MQTT-3.3.1-2].
+
+        Returns:
+            The encoded PUBLISH.
+
+        Raises:
+            MalformedPacket: packet id out of range (0x82) or DUP on QoS 0 (0x81).
+        """
+        if self.qos == 0:
+            if dup:
+                _fail("PUBLISH DUP flag set on a QoS 0 message [MQTT-3.3.1-2]")
+            return self.data
+        _enc_packet_id(packet_id, PUBLISH)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(self.data)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+        cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(out)
+        memcpy(w, PyBytes_AS_STRING(self.data), n)
+        if dup:
+            w[0] |= 0x08
+        w[self._id_offset] = <unsigned char>(packet_id >> 8)
+        w[self._id_offset + 1] = <unsigned char>packet_id
+        return out
+
+    def __repr__(self):
+        return f"PublishTemplate(qos={self.qos}, data={self.data!r})"

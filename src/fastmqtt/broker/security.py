@@ -63,7 +63,8 @@ class RateLimiter:
             self._tokens = tokens if tokens < self.burst else self.burst
         if last is None or now > last:
             self._last = now
-        if self._tokens >= 1.0:
+        # The epsilon absorbs float error: 0.1 s at 10/s must buy a whole token.
+        if self._tokens >= 0.999999999:
             self._tokens -= 1.0
             return True
         return False

@@ -1,0 +1,400 @@
+"""Listeners with a trivial handler: TCP, TLS, WebSocket, WSS, limits, failures.
+
+Every test binds 127.0.0.1 port 0 and runs under ``trio.fail_after``.
+"""
+
+import ssl
+
+import pytest
+import trio
+import trustme
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
+
+from fastmqtt.broker.interfaces import Stats
+from fastmqtt.broker.listeners import ListenerSpec, WebSocketStream, serve_listener
+
+TIMEOUT = 10
+
+
+async def echo(stream, spec):
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        await stream.send_all(data)
+
+
+async def recv_exactly(stream, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = await stream.receive_some(n - len(buf))
+        if not chunk:
+            raise EOFError(buf)
+        buf += chunk
+    return buf
+
+
+async def closed_by_peer(stream) -> bool:
+    """True when the server closed the connection (EOF or reset) without data."""
+    try:
+        return await stream.receive_some(10) == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def certs(ca, tmp_path_factory):
+    d = tmp_path_factory.mktemp("certs")
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    certfile, keyfile, cafile = d / "server.pem", d / "server.key", d / "ca.pem"
+    cert.private_key_pem.write_to_path(str(keyfile))
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(certfile), append=True)
+    ca.cert_pem.write_to_path(str(cafile))
+    return {"certfile": str(certfile), "keyfile": str(keyfile), "cafile": str(cafile)}
+
+
+def client_ctx(ca, client_cert=None):
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    if client_cert is not None:
+        client_cert.configure_cert(ctx)
+    return ctx
+
+
+async def start(nursery, handler=echo, stats=None, **kw):
+    spec = ListenerSpec(host="127.0.0.1", port=0, **kw)
+    host, port = await nursery.start(lambda task_status: serve_listener(
+        spec, handler, stats=stats, task_status=task_status))
+    assert host == "127.0.0.1" and port > 0
+    return port
+
+
+# ------------------------------------------------------------------ TCP
+
+async def test_tcp_echo_and_real_port():
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n)
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(b"\x10\x00hello")
+            assert await recv_exactly(s, 7) == b"\x10\x00hello"
+            await s.aclose()
+            n.cancel_scope.cancel()
+
+
+async def test_handler_errors_stay_in_their_connection():
+    calls = []
+
+    async def flaky(stream, spec):
+        calls.append(spec.type)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        await echo(stream, spec)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, flaky)
+            s1 = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await closed_by_peer(s1)  # closed after the handler raised
+            s2 = await trio.open_tcp_stream("127.0.0.1", port)
+            await s2.send_all(b"ok")
+            assert await recv_exactly(s2, 2) == b"ok"
+            n.cancel_scope.cancel()
+
+
+async def test_max_connections():
+    stats = Stats()
+    released = trio.Event()
+    finished = trio.Semaphore(0)
+
+    async def hold(stream, spec):
+        await stream.send_all(b"hi")
+        try:
+            await stream.receive_some(10)
+        finally:
+            finished.release()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, hold, stats=stats, max_connections=2)
+            a = await trio.open_tcp_stream("127.0.0.1", port)
+            b = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await recv_exactly(a, 2) == b"hi" and await recv_exactly(b, 2) == b"hi"
+            c = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await closed_by_peer(c)  # over the limit: closed without a byte
+            assert stats.connections_rejected == {"max_connections": 1}
+            await a.aclose()
+            await finished.acquire()  # a's handler is done: its slot is free again
+            d = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await recv_exactly(d, 2) == b"hi"
+            released.set()
+            n.cancel_scope.cancel()
+
+
+async def test_connection_rate():
+    stats = Stats()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            # 0.01/s gives a burst of one connection, then none for 100 s.
+            port = await start(n, stats=stats, connection_rate=0.01)
+            a = await trio.open_tcp_stream("127.0.0.1", port)
+            await a.send_all(b"x")
+            assert await recv_exactly(a, 1) == b"x"
+            b = await trio.open_tcp_stream("127.0.0.1", port)
+            assert await closed_by_peer(b)
+            assert stats.connections_rejected == {"connection_rate": 1}
+            n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kw", [
+    {"type": "udp"}, {"type": "tls"}, {"require_certificate": True},
+    {"max_connections": -1}, {"connection_rate": 0},
+])
+def test_spec_validation(kw):
+    with pytest.raises(ValueError):
+        ListenerSpec(**kw)
+
+
+async def test_bind_conflict_raises():
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n)
+            with pytest.raises(OSError):
+                await n.start(serve_listener, ListenerSpec(host="127.0.0.1", port=port), echo)
+            n.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ TLS
+
+async def test_tls_echo(ca, certs):
+    seen = []
+
+    async def h(stream, spec):
+        seen.append(type(stream).__name__)
+        await echo(stream, spec)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, h, type="tls", certfile=certs["certfile"], keyfile=certs["keyfile"])
+            s = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_ctx(ca))
+            await s.send_all(b"secure")
+            assert await recv_exactly(s, 6) == b"secure"
+            assert seen == ["SSLStream"]
+            n.cancel_scope.cancel()
+
+
+async def test_tls_bad_handshake_is_dropped(ca, certs):
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="tls", handshake_timeout=1.0, **{
+                k: certs[k] for k in ("certfile", "keyfile")})
+            raw = await trio.open_tcp_stream("127.0.0.1", port)
+            await raw.send_all(b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")  # plain MQTT
+            assert await closed_by_peer(raw)
+            silent = await trio.open_tcp_stream("127.0.0.1", port)  # says nothing at all
+            assert await closed_by_peer(silent)  # handshake_timeout
+            # An untrusting client fails too, and the listener keeps serving.
+            with pytest.raises(trio.BrokenResourceError):
+                bad = await trio.open_ssl_over_tcp_stream(
+                    "127.0.0.1", port, ssl_context=ssl.create_default_context())
+                await bad.do_handshake()
+            good = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_ctx(ca))
+            await good.send_all(b"still")
+            assert await recv_exactly(good, 5) == b"still"
+            n.cancel_scope.cancel()
+
+
+async def test_tls_client_certificates(ca, certs):
+    peers = []
+
+    async def h(stream, spec):
+        peers.append(stream.getpeercert())
+        await echo(stream, spec)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, h, type="tls", require_certificate=True, **certs)
+            # no client certificate: refused during the handshake
+            s = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_ctx(ca))
+            with pytest.raises(trio.BrokenResourceError):
+                # TLS 1.3 reports the refusal on the first read
+                await s.send_all(b"x")
+                await s.receive_some(10)
+            other_ca = trustme.CA()
+            s = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=client_ctx(ca, other_ca.issue_cert("mallory@example.com")))
+            with pytest.raises(trio.BrokenResourceError):
+                await s.send_all(b"x")
+                await s.receive_some(10)
+            assert peers == []
+            # signed by our CA: accepted, and the handler can read the certificate
+            s = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=client_ctx(ca, ca.issue_cert("alice@example.com")))
+            await s.send_all(b"me")
+            assert await recv_exactly(s, 2) == b"me"
+            assert peers and peers[0]["subjectAltName"] == (("email", "alice@example.com"),)
+            n.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ WebSocket
+
+async def test_ws_binary_frames_and_subprotocol():
+    got = []
+
+    async def collect(stream, spec):
+        assert isinstance(stream, WebSocketStream)
+        # Three packets arrive in two messages: one split, two joined [MQTT-6.0.0-2].
+        got.append(await recv_exactly(stream, 12))
+        await stream.send_all(b"\x20\x02\x00\x00")
+        await stream.send_all(b"\xd0\x00")
+        await stream.receive_some()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, collect, type="ws")
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/mqtt",
+                                          subprotocols=["mqtt"]) as ws:
+                assert ws.subprotocol == "mqtt"  # [MQTT-6.0.0-4]
+                await ws.send_message(b"\xc0\x00\x30\x06\x00\x01")
+                await ws.send_message(b"tabc\xc0\x00")
+                assert await ws.get_message() == b"\x20\x02\x00\x00"  # one send_all, one message
+                assert await ws.get_message() == b"\xd0\x00"
+            assert got == [b"\xc0\x00\x30\x06\x00\x01tabc\xc0\x00"]
+            n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("url_path", ["/", "/mqtt", "/anything?x=1"])
+async def test_ws_any_path_by_default(url_path):
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="ws")
+            async with open_websocket_url(f"ws://127.0.0.1:{port}{url_path}",
+                                          subprotocols=["mqtt"]) as ws:
+                await ws.send_message(b"\xc0\x00")
+                assert await ws.get_message() == b"\xc0\x00"
+            n.cancel_scope.cancel()
+
+
+async def test_ws_fixed_path():
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="ws", path="/mqtt")
+            with pytest.raises(ConnectionRejected) as exc:
+                async with open_websocket_url(f"ws://127.0.0.1:{port}/other", subprotocols=["mqtt"]):
+                    pass
+            assert exc.value.status_code == 404
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/mqtt?token=1",
+                                          subprotocols=["mqtt"]) as ws:
+                await ws.send_message(b"\xc0\x00")
+                assert await ws.get_message() == b"\xc0\x00"
+            n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("offered,chosen", [
+    (["mqttv3.1"], "mqttv3.1"), (["foo", "mqtt"], "mqtt"), ([], None), (["MQTT"], "MQTT")])
+async def test_ws_subprotocol_choice(offered, chosen):
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="ws")
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=offered) as ws:
+                assert ws.subprotocol == chosen
+                await ws.send_message(b"\xc0\x00")
+                assert await ws.get_message() == b"\xc0\x00"
+            n.cancel_scope.cancel()
+
+
+async def test_ws_foreign_subprotocol_rejected():
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="ws")
+            with pytest.raises(ConnectionRejected) as exc:
+                async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=["stomp"]):
+                    pass
+            assert exc.value.status_code == 400
+            n.cancel_scope.cancel()
+
+
+async def test_ws_text_frame_closes_connection():
+    """[MQTT-6.0.0-1]: a non-binary data frame closes the network connection."""
+    ended = trio.Event()
+
+    async def h(stream, spec):
+        try:
+            assert await stream.receive_some() == b""
+        finally:
+            ended.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, h, type="ws")
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=["mqtt"]) as ws:
+                await ws.send_message("\u00c0 text")
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.get_message()
+                assert exc.value.reason.code == 1003
+            await ended.wait()
+            n.cancel_scope.cancel()
+
+
+async def test_ws_plain_http_request_is_dropped():
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="ws", handshake_timeout=2)
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while True:
+                try:
+                    chunk = await s.receive_some()
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                data += chunk
+            assert not data.startswith(b"HTTP/1.1 101")
+            # and the listener is still fine
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=["mqtt"]) as ws:
+                await ws.send_message(b"\xc0\x00")
+                assert await ws.get_message() == b"\xc0\x00"
+            n.cancel_scope.cancel()
+
+
+async def test_ws_server_close_reaches_client():
+    async def once(stream, spec):
+        await stream.send_all(await stream.receive_some())
+        await stream.aclose()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, once, type="ws")
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=["mqtt"]) as ws:
+                await ws.send_message(b"\xe0\x00")
+                assert await ws.get_message() == b"\xe0\x00"
+                with pytest.raises(ConnectionClosed) as exc:
+                    await ws.get_message()
+                assert exc.value.reason.code == 1000  # a clean close
+            n.cancel_scope.cancel()
+
+
+async def test_wss_echo_and_limit(ca, certs):
+    stats = Stats()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, stats=stats, type="wss", max_connections=1,
+                               certfile=certs["certfile"], keyfile=certs["keyfile"])
+            async with open_websocket_url(f"wss://127.0.0.1:{port}/mqtt", client_ctx(ca),
+                                          subprotocols=["mqtt"]) as ws:
+                assert ws.subprotocol == "mqtt"
+                await ws.send_message(b"\xc0\x00")
+                assert await ws.get_message() == b"\xc0\x00"
+                raw = await trio.open_tcp_stream("127.0.0.1", port)
+                assert await closed_by_peer(raw)
+                assert stats.connections_rejected == {"max_connections": 1}
+            n.cancel_scope.cancel()

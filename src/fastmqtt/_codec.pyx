@@ -998,11 +998,11 @@ cdef Connect _decode_connect(Reader* r):
     cdef int cflags = r_byte(r, "connect flags")
     if cflags & 0x01:
         _fail("CONNECT reserved connect flag is set [MQTT-3.1.2-3]")
-    cdef bint has_will = cflags & 0x04
+    cdef bint has_will = (cflags & 0x04) != 0
     cdef int will_qos = (cflags >> 3) & 0x03
-    cdef bint will_retain = cflags & 0x20
-    cdef bint has_password = cflags & 0x40
-    cdef bint has_username = cflags & 0x80
+    cdef bint will_retain = (cflags & 0x20) != 0
+    cdef bint has_password = (cflags & 0x40) != 0
+    cdef bint has_username = (cflags & 0x80) != 0
     if not has_will:
         if will_qos:
             _fail("CONNECT will QoS set without the will flag [MQTT-3.1.2-11]")
@@ -1031,7 +1031,7 @@ cdef Connect _decode_connect(Reader* r):
     r_done(r)
     cdef Connect c = Connect.__new__(Connect)
     c.client_id = client_id
-    c.clean_start = cflags & 0x02
+    c.clean_start = (cflags & 0x02) != 0
     c.keep_alive = keep_alive
     c.username = username
     c.password = password
@@ -1056,7 +1056,7 @@ cdef Connack _decode_connack(Reader* r, bint v5):
         properties = EMPTY
     r_done(r)
     cdef Connack c = Connack.__new__(Connack)
-    c.session_present = ack_flags & 0x01
+    c.session_present = (ack_flags & 0x01) != 0
     c.reason_code = code
     c.properties = properties
     return c
@@ -1097,8 +1097,8 @@ cdef Publish _decode_publish(Reader* r, int flags, bint v5):
     p.payload = PyBytes_FromStringAndSize(<const char*>r.p, r.end - r.p)
     r.p = r.end
     p.qos = qos
-    p.retain = flags & 0x01
-    p.dup = flags & 0x08
+    p.retain = (flags & 0x01) != 0
+    p.dup = (flags & 0x08) != 0
     p.packet_id = packet_id
     p.properties = properties
     return p
@@ -1197,8 +1197,8 @@ cdef Subscribe _decode_subscribe(Reader* r, bint v5):
             rh = (options >> 4) & 0x03
             if rh == 3:
                 _fail("SUBSCRIBE retain handling is 3 (3.8.3.1)", RC_PROTOCOL)
-            no_local = options & 0x04
-            rap = options & 0x08
+            no_local = (options & 0x04) != 0
+            rap = (options & 0x08) != 0
         else:
             # 3.1.1: upper 6 bits reserved, QoS 3 forbidden: malformed
             # [MQTT-3.8.3-4] (3.1.1 numbering).

@@ -1,0 +1,229 @@
+"""In-process server tests: ``serve()`` on 127.0.0.1 port 0, real sockets.
+
+paho-mqtt (threaded, run through ``trio.to_thread``) checks interoperability
+for 3.1.1 and 5; a small trio raw client (our codec over a TCP stream) checks
+timeouts, shutdown and slow consumers where exact packets matter.
+"""
+
+import queue
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+import trio
+
+from fastmqtt.broker.config import BrokerConfig
+from fastmqtt.broker.server import serve
+from fastmqtt.codec import (Connect, Decoder, Disconnect, Pingreq, Publish, Subscribe,
+                            Subscription, Will, encode)
+from fastmqtt.enums import PropertyId
+
+
+def config(**kw):
+    kw.setdefault("host", "127.0.0.1")
+    kw.setdefault("port", 0)
+    kw.setdefault("persistence", False)
+    kw.setdefault("sys_interval", 0)
+    return BrokerConfig(**kw)
+
+
+class Raw:
+    """A minimal trio MQTT client speaking through our codec."""
+
+    def __init__(self, stream, version):
+        self.stream = stream
+        self.version = version
+        self.decoder = Decoder(version)
+        self.pending = []
+
+    @classmethod
+    async def open(cls, port, version=5):
+        return cls(await trio.open_tcp_stream("127.0.0.1", port), version)
+
+    async def send(self, *packets):
+        await self.stream.send_all(b"".join(encode(p, self.version) for p in packets))
+
+    async def next(self):
+        """Next packet, or None at EOF."""
+        while not self.pending:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.pending += self.decoder.feed(data)
+        return self.pending.pop(0)
+
+    async def connect(self, cid, **kw):
+        await self.send(Connect(cid, protocol_level=self.version, **kw))
+        ack = await self.next()
+        assert ack.packet_type == 2 and ack.reason_code == 0
+        return ack
+
+
+def paho_roundtrip(port, version):
+    """Subscriber + publisher over paho: QoS 0/1/2 and a retained message."""
+    proto = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
+    got = queue.Queue()
+    subscribed = threading.Event()
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sub{version}", protocol=proto)
+    sub.on_message = lambda c, u, m: got.put((m.topic, m.payload, m.qos, m.retain))
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"pub{version}", protocol=proto)
+    try:
+        sub.subscribe("a/#", 2)
+        assert subscribed.wait(5)
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        for qos in (0, 1, 2):
+            assert pub.publish("a/b", f"q{qos}".encode(), qos).wait_for_publish(5) is None
+        pub.publish("a/r", b"kept", 1, retain=True).wait_for_publish(5)
+        out = [got.get(timeout=5) for _ in range(4)]
+        # a late subscriber gets the retained message with RETAIN=1 [MQTT-3.3.1-9]
+        late_q = queue.Queue()
+        late = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"late{version}",
+                           protocol=proto)
+        late.on_message = lambda c, u, m: late_q.put((m.topic, m.payload, m.retain))
+        late.connect("127.0.0.1", port)
+        late.loop_start()
+        late.subscribe("a/r", 1)
+        retained = late_q.get(timeout=5)
+        late.disconnect()
+        late.loop_stop()
+        return out, retained
+    finally:
+        pub.disconnect()
+        sub.disconnect()
+        pub.loop_stop()
+        sub.loop_stop()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+async def test_paho_publish_subscribe_retained(version):
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            out, retained = await trio.to_thread.run_sync(paho_roundtrip, broker.ports[0], version)
+            assert out == [("a/b", b"q0", 0, False), ("a/b", b"q1", 1, False),
+                           ("a/b", b"q2", 2, False), ("a/r", b"kept", 1, False)]
+            assert retained == ("a/r", b"kept", True)
+            assert broker.stats.messages_received == 4
+            await broker.aclose()
+
+
+async def test_connection_without_connect_is_dropped():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config(connect_timeout=0.3))
+            raw = await Raw.open(broker.ports[0])
+            assert await raw.next() is None  # closed by the server, nothing sent
+            await broker.aclose()
+
+
+async def test_shutdown_sends_0x8B_to_v5_clients():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            raw = await Raw.open(broker.ports[0])
+            await raw.connect("c")
+            nursery.start_soon(broker.aclose)
+            pkt = await raw.next()
+            assert isinstance(pkt, Disconnect) and pkt.reason_code == 0x8B
+            assert await raw.next() is None
+
+
+async def test_malformed_packet_closes_only_that_client():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            good = await Raw.open(broker.ports[0])
+            await good.connect("good")
+            bad = await Raw.open(broker.ports[0])
+            await bad.connect("bad")
+            await bad.stream.send_all(b"\xc0\x01\x00")  # PINGREQ with a body
+            pkt = await bad.next()
+            assert isinstance(pkt, Disconnect) and pkt.reason_code == 0x81
+            assert await bad.next() is None
+            await good.send(Pingreq())
+            assert (await good.next()).packet_type == 13
+            assert broker.stats.protocol_errors == 1
+            await broker.aclose()
+
+
+async def test_keepalive_timeout_publishes_will():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            watcher = await Raw.open(broker.ports[0])
+            await watcher.connect("watcher")
+            await watcher.send(Subscribe(1, [Subscription("will/#", 0)]))
+            assert (await watcher.next()).packet_type == 9
+            quiet = await Raw.open(broker.ports[0])
+            await quiet.connect("quiet", keep_alive=1,
+                                will=Will("will/quiet", b"timeout", 0))
+            # 1.5 x 1 s without a packet [MQTT-3.1.2-24]: DISCONNECT 0x8D, then the will
+            pkt = await quiet.next()
+            assert isinstance(pkt, Disconnect) and pkt.reason_code == 0x8D
+            will = await watcher.next()
+            assert isinstance(will, Publish) and will.payload == b"timeout"
+            await broker.aclose()
+
+
+async def test_slow_consumer_is_disconnected_others_unaffected():
+    cfg = config(slow_consumer_timeout=0.5, max_outgoing_bytes=64 * 1024)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, cfg)
+            port = broker.ports[0]
+            slow = await Raw.open(port)
+            await slow.connect("slow")
+            await slow.send(Subscribe(1, [Subscription("t", 0)]))
+            assert (await slow.next()).packet_type == 9
+            fast = await Raw.open(port)
+            await fast.connect("fast")
+            await fast.send(Subscribe(1, [Subscription("t", 0)]))
+            assert (await fast.next()).packet_type == 9
+            pub = await Raw.open(port)
+            await pub.connect("pub")
+            payload = b"x" * 60_000
+            n = 200  # 12 MB: far more than the socket buffers hold
+            received = 0
+
+            async def drain_fast():
+                nonlocal received
+                while received < n:
+                    pkt = await fast.next()
+                    assert pkt is not None
+                    received += 1
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(drain_fast)
+                for i in range(n):
+                    await pub.send(Publish("t", payload, 0))
+                    if i % 20 == 0:
+                        await trio.sleep(0)
+            # the slow one never read: it was dropped, not waited for
+            assert received == n
+            while "slow" in broker.core.clients:
+                await trio.sleep(0.05)
+            assert broker.stats.publish_dropped.get("qos0_slow", 0) > 0
+            await broker.aclose()
+
+
+async def test_v5_topic_alias_and_expiry_through_the_socket():
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config(topic_alias_maximum=2))
+            sub = await Raw.open(broker.ports[0])
+            await sub.connect("s")
+            await sub.send(Subscribe(1, [Subscription("x/#", 1)]))
+            await sub.next()
+            pub = await Raw.open(broker.ports[0])
+            await pub.connect("p")
+            props = {PropertyId.TOPIC_ALIAS: 1, PropertyId.MESSAGE_EXPIRY_INTERVAL: 60}
+            await pub.send(Publish("x/y", b"1", 0, properties=props),
+                           Publish("", b"2", 0, properties={PropertyId.TOPIC_ALIAS: 1}))
+            a, b = await sub.next(), await sub.next()
+            assert (a.topic, b.topic) == ("x/y", "x/y")
+            assert a.properties[PropertyId.MESSAGE_EXPIRY_INTERVAL] <= 60
+            await broker.aclose()

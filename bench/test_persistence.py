@@ -1,0 +1,274 @@
+"""Persistence benchmark: QoS 1 throughput into persistent sessions with the
+SQLite store in ``sync`` and ``batch`` durability, next to in-memory storage,
+and as a ratio to the in-memory figure.
+
+Two levels, each measured side by side in the same run:
+
+* **store**: the broker's store calls without a network. 50 trio tasks play
+  publishers; each message is ``put_message`` plus two ``add_delivery`` (one
+  persistent subscriber offline, one online), then ``await durable(mark())``
+  (the PUBACK), then the online subscriber's ack (``update_delivery`` +
+  ``remove_delivery``). Implementations: ``NullStore`` (in memory, nothing
+  kept: the baseline), ``MemoryStore``, SQLite ``batch`` and ``sync``.
+* **broker**: ``fastmqtt-broker`` as a subprocess with ``--no-persistence``,
+  ``--durability batch`` and ``--durability sync``; an offline persistent QoS 1
+  subscriber; 4 publisher connections each keeping 64 QoS 1 PUBLISHes in
+  flight, counting PUBACKs.
+
+Speed is never asserted; a table of messages/s and ratios is printed at the
+end. With ``CI=true`` the workloads are scaled down.
+
+Short (CI) run::
+
+    python -m pytest bench/test_persistence.py -q --benchmark-min-rounds=1 \
+        --benchmark-max-time=0.02 --benchmark-warmup=off
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import trio
+
+from fastmqtt.broker.interfaces import DeliveryRecord, NullStore
+from fastmqtt.codec import Connect, Decoder, Publish, Subscribe, Subscription, encode
+from fastmqtt.store import MemoryStore, SqliteStore
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+STORE_MESSAGES = 2_000 if CI else 20_000
+BROKER_MESSAGES = 2_000 if CI else 20_000
+ROUNDS = 1 if CI else 3
+PUBLISHERS = 50
+PAYLOAD = b'{"type":"post","id":"0123456789abcdef","text":"hello from the benchmark"}'
+
+STORE_IMPLS = ["null", "memory", "sqlite-batch", "sqlite-sync"]
+BROKER_IMPLS = ["memory", "batch", "sync"]
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.rates: dict[tuple[str, str], float] = {}
+
+    def add(self, level: str, impl: str, seconds: float, messages: int) -> None:
+        if seconds > 0:
+            self.rates[(level, impl)] = messages / seconds
+
+    def render(self) -> str:
+        lines = ["", "persistent QoS 1 throughput (median of rounds; higher is better)",
+                 f"{'level':<8} {'storage':<14} {'msgs/s':>12} {'vs in-memory':>13}",
+                 "-" * 50]
+        for level, impls, base in (("store", STORE_IMPLS, "null"),
+                                   ("broker", BROKER_IMPLS, "memory")):
+            ref = self.rates.get((level, base))
+            for impl in impls:
+                rate = self.rates.get((level, impl))
+                if rate is None:
+                    continue
+                ratio = f"{rate / ref:>12.2f}x" if ref else f"{'-':>13}"
+                lines.append(f"{level:<8} {impl:<14} {rate:>12,.0f} {ratio}")
+        return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def table(request):
+    t = _Table()
+    yield t
+    if t.rates:
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        reporter = request.config.pluginmanager.getplugin("terminalreporter")
+        with capture.global_and_fixture_disabled():
+            for line in t.render().splitlines():
+                reporter.write_line(line)
+
+
+# ------------------------------------------------------------------ store level
+
+def make_store(impl: str, path: str):
+    if impl == "null":
+        return NullStore()
+    if impl == "memory":
+        return MemoryStore()
+    return SqliteStore(path, durability=impl.split("-")[1], batch_interval_ms=10)
+
+
+async def store_workload(store, n_messages: int) -> int:
+    store.put_session("offline", 0xFFFFFFFF, 5, 1.0)
+    store.put_session("online", 0xFFFFFFFF, 5, None)
+    publish = Publish("chat/acme/channel/42", PAYLOAD, 1, False, False, 1)
+    counter = iter(range(1, n_messages + 1))
+    acked = 0
+
+    async def publisher():
+        nonlocal acked
+        for msg_id in counter:
+            store.put_message(msg_id, publish, None)
+            store.add_delivery("offline", DeliveryRecord(msg_id, 1))
+            store.add_delivery("online", DeliveryRecord(msg_id, 1, msg_id & 0xFFFF or 1, "sent"))
+            await store.durable(store.mark())  # the PUBACK to the publisher
+            acked += 1
+            # The online subscriber's PUBACK arrives.
+            store.remove_delivery("online", msg_id)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(PUBLISHERS):
+            nursery.start_soon(publisher)
+    await store.durable(store.mark())
+    return acked
+
+
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.benchmark(group="persistence store"))
+                                  for i in STORE_IMPLS])
+def test_store_throughput(benchmark, table, impl):
+    dirs: list[str] = []
+    opened: list = []
+
+    def setup():
+        for s in opened:
+            s.close() if hasattr(s, "close") else None
+        opened.clear()
+        d = tempfile.mkdtemp(prefix="fastmqtt-bench-")
+        dirs.append(d)
+        store = make_store(impl, d)
+        store.open()
+        opened.append(store)
+        return (store,), {}
+
+    def run(store):
+        return trio.run(store_workload, store, STORE_MESSAGES)
+
+    try:
+        acked = benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
+    finally:
+        for s in opened:
+            s.close() if hasattr(s, "close") else None
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+    assert acked == STORE_MESSAGES
+    if benchmark.stats is not None:
+        table.add("store", impl, benchmark.stats.stats.median, STORE_MESSAGES)
+
+
+# ----------------------------------------------------------------- broker level
+
+LISTENING = re.compile(r"listening on tcp://127\.0\.0\.1:(\d+)")
+
+
+class BrokerProc:
+    def __init__(self, impl: str, data_dir: str) -> None:
+        args = ["--no-persistence"] if impl == "memory" else ["--durability", impl]
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastmqtt.broker", "--host", "127.0.0.1", "-p", "0",
+             "--data-dir", data_dir, "--sys-interval", "0", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.port = None
+        deadline = time.monotonic() + 20
+        for line in self.proc.stdout:
+            m = LISTENING.search(line)
+            if m:
+                self.port = int(m.group(1))
+                break
+            if time.monotonic() > deadline:
+                break
+        if self.port is None:
+            self.close()
+            raise RuntimeError("broker did not start")
+        # Keep draining the log so the broker never blocks on a full pipe.
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _session(port: int, client_id: str, clean: bool, expiry: int | None):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    props = {0x11: expiry} if expiry else None
+    sock.sendall(encode(Connect(client_id, clean, 60, properties=props), 5))
+    dec = Decoder(5)
+    return sock, dec
+
+
+def _read_packets(sock, dec, n_type: int, count: int) -> list:
+    got = []
+    while len(got) < count:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("broker closed the connection")
+        got += [p for p in dec.feed(data) if p.packet_type == n_type]
+    return got
+
+
+def _publisher(port: int, index: int, n: int, window: int, errors: list) -> None:
+    try:
+        sock, dec = _session(port, f"bench-pub-{index}", True, None)
+        _read_packets(sock, dec, 2, 1)
+        sent = acked = 0
+        pid = 0
+        while acked < n:
+            burst = []
+            while sent < n and sent - acked < window:
+                pid = pid % 65535 + 1
+                burst.append(encode(Publish("bench/persist", PAYLOAD, 1, False, False, pid), 5))
+                sent += 1
+            if burst:
+                sock.sendall(b"".join(burst))
+            acked += len(_read_packets(sock, dec, 4, 1)) if acked < sent else 0
+            # Drain whatever else is already there without blocking for more.
+            sock.setblocking(False)
+            try:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("closed")
+                    acked += sum(1 for p in dec.feed(data) if p.packet_type == 4)
+            except BlockingIOError:
+                pass
+            finally:
+                sock.setblocking(True)
+        sock.close()
+    except Exception as e:  # reported by the main thread
+        errors.append(e)
+
+
+def broker_run(port: int, n_messages: int) -> None:
+    per = n_messages // 4
+    errors: list = []
+    threads = [threading.Thread(target=_publisher, args=(port, i, per, 64, errors))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.benchmark(group="persistence broker"))
+                                  for i in BROKER_IMPLS])
+def test_broker_throughput(benchmark, table, impl, tmp_path):
+    broker = BrokerProc(impl, str(tmp_path / "data"))
+    try:
+        # An offline persistent QoS 1 subscriber: every message must be stored.
+        sock, dec = _session(broker.port, "bench-sub", False, 3600)
+        _read_packets(sock, dec, 2, 1)
+        sock.sendall(encode(Subscribe(1, [Subscription("bench/persist", 1)]), 5))
+        _read_packets(sock, dec, 9, 1)
+        sock.close()
+        n = BROKER_MESSAGES
+        benchmark.pedantic(broker_run, args=(broker.port, n), rounds=ROUNDS, iterations=1)
+        if benchmark.stats is not None:
+            table.add("broker", impl, benchmark.stats.stats.median, n)
+    finally:
+        broker.close()

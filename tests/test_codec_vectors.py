@@ -260,8 +260,9 @@ VECTORS = [
         f0 00               # AUTH, remaining length 0: success
     """),
     Vector("v5-auth-reason", 5, lambda c: c.Auth(0x19), """
-        f0 01               # AUTH, remaining length 1
+        f0 02               # AUTH, remaining length 2
         19                  # reason code 0x19 re-authenticate
+        00                  # property length 0: only "both omitted" is allowed (3.15.2)
     """),
     Vector("v5-auth-properties", 5, lambda c: c.Auth(0x18, {
         P.AUTHENTICATION_METHOD: "SCRAM", P.AUTHENTICATION_DATA: b"\x00\xff",
@@ -375,6 +376,9 @@ DECODE_ONLY = [
     Vector("v5-disconnect-explicit-success", 5, lambda c: c.Disconnect(), "e0 01 00"),
     Vector("v5-disconnect-empty-properties", 5, lambda c: c.Disconnect(), "e0 02 00 00"),
     Vector("v5-auth-explicit-success", 5, lambda c: c.Auth(), "f0 01 00"),
+    Vector("v5-auth-reason-without-property-length", 5, lambda c: c.Auth(0x18), """
+        f0 01 18            # accepted as DISCONNECT's rule would (lenient reading)
+    """),
     Vector("v4-connect-in-v5-decoder", 5, lambda c: c.Connect("x", True, 0, protocol_level=4), """
         10 0d 00 04 4d 51 54 54
         04                  # a CONNECT carries its own level, whatever the decoder's

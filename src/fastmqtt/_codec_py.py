@@ -1267,8 +1267,12 @@ def _encode_auth(p: Auth, version: int) -> bytes:
         raise _error("AUTH cannot be encoded for MQTT 3.1.1 (MQTT 5.0 only)", PROTOCOL_ERROR)
     code = _enc_reason(p.reason_code, PacketType.AUTH)
     props = _enc_properties(p.properties, PacketType.AUTH)
-    if props == b"\x00":
-        return _fixed(0xF0, b"" if code == 0 else bytes((code,)))
+    if props == b"\x00" and code == 0:
+        # 3.15.2: reason code and property length may be omitted together
+        # (remaining length 0). Unlike DISCONNECT (3.14.2.2.1) and the acks
+        # (3.4.2.2.1), AUTH has no clause letting the property length alone be
+        # left out, so a non-zero reason is always followed by it.
+        return b"\xf0\x00"
     return _fixed(0xF0, bytes((code,)) + props)
 
 

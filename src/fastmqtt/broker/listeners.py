@@ -394,7 +394,7 @@ async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = N
     listeners = await trio.open_tcp_listeners(spec.port, host=spec.host or None)
     bound = listeners[0].socket.getsockname()
     host, port = bound[0], bound[1]
-    log.info("listening on %s (%s %s:%d)", spec.label, spec.type, host, port)
+    log.debug("listening on %s (%s %s:%d)", spec.label, spec.type, host, port)
     gate = _Gate(spec, stats)
     try:
         async with trio.open_nursery() as nursery:

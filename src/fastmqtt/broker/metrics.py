@@ -178,7 +178,7 @@ async def serve_metrics(stats: Any, host: str, port: int, *,
     registry = make_registry(stats)
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound = listeners[0].socket.getsockname()
-    log.info("metrics on http://%s:%d/metrics", bound[0], bound[1])
+    log.debug("metrics on http://%s:%d/metrics", bound[0], bound[1])
     async with trio.open_nursery() as nursery:
         for listener in listeners:
             nursery.start_soon(_accept_http, listener, registry, nursery)

@@ -3,47 +3,57 @@
 
 Theory of operation
 -------------------
-Everything lives in C structs allocated with PyMem; no Python object exists
+Everything lives in C structs allocated with PyMem; there is no Python object
 per node or per subscription, because memory per subscription is what limits
-a chat broker with a million of them.
+a chat broker with a million of them, and pointer-chasing is what limits
+matching.
 
-*Nodes.* One ``Node`` per topic-filter level: the level's UTF-8 bytes are
-stored inline after the struct, with a 32-bit hash. Literal children are kept
-in ``table``: a plain array while there are at most ``LINEAR_MAX`` of them,
-then an open-addressing hash table (linear probing, backward-shift deletion,
-load <= 1/2). The ``+`` and ``#`` children have their own slots so matching
-never hashes a wildcard. Nodes that become empty are freed at once, walking
-back up the parents, so memory follows the live subscriptions.
+*Nodes.* One ``Node`` per topic-filter level: a 37-byte header, then the
+level's UTF-8 bytes inline (a UUID level fits pymalloc's 80-byte class).
+Children, the ``+`` and ``#`` children included, are in ``table``: a plain
+array while there are at most ``LINEAR_MAX``, then an open-addressing hash
+table (linear probing, backward-shift deletion, load <= 1/2). Hashes are not
+stored; they are recomputed from the key when a table is rebuilt. Flag bits
+on the parent say whether a ``+``/``#`` child or shared groups exist, so
+matching looks those up only when they are there. Nodes that become empty are
+freed at once, walking back up the parents, so memory follows the live
+subscriptions.
 
 *Subscribers.* A subscriber (any hashable) is interned to a small integer
-``sid`` through one dict; ``SubRec`` table slot ``sid`` holds the object and
-the subscriber's list of ``Ref`` (node, index of its entry there). Each node
-holds an ``Entry`` array (sid, subscription identifier, packed options and the
-index of the matching Ref). The two indexes point at each other, so removing
-a subscription is O(1) after it is found, and finding it scans whichever of
-the node's entries or the subscriber's refs is shorter. About 24 bytes per
-subscription plus array slack.
+``sid`` through an open-addressing table of sids keyed by the object's hash.
+Dense per-sid arrays hold the object, a match scratch word, and a ``SubRec``
+with the subscriber's ``Ref`` list (node, index of its entry there). Each
+node holds an ``Entry`` array (sid, subscription identifier, options and the
+index of the matching Ref in one word). Entry and Ref point at each other, so
+removing a subscription is O(1) once found, and finding one scans whichever
+of the node's entries or the subscriber's refs is shorter. That is 24 bytes
+per subscription plus array slack.
 
-*Shared groups.* ``$share/{name}/{filter}`` is a group node hanging off the
-filter's node (in ``extra``), flagged ``F_GROUP`` and keyed by the share name;
-its entries are the members in subscription order (removal keeps the order,
-so round robin is deterministic) and ``aux`` is the round-robin cursor.
+*Shared groups.* ``$share/{name}/{filter}`` is a group node (``F_GROUP``,
+keyed by the share name, salted hash) in the children table of the filter's
+node; its entries are the members in subscription order (removal keeps the
+order, so round robin is deterministic) and its ``nchildren`` field is the
+round-robin cursor, since a group node has no children.
 
-*Matching.* The topic is split once into levels with their hashes, then an
-explicit-stack DFS follows, per level, the literal child and the ``+`` child,
-and collects the ``#`` child (which also matches the parent level,
-[MQTT-4.7.1-2]). At the root a topic starting with ``$`` skips the wildcard
-children [MQTT-4.7.2-1]. Deliveries are merged per subscriber with a
-generation stamp in ``SubRec``, so the cost is depth x branching + matches.
+*Matching.* The topic is validated and split once into levels with their
+hashes, then an explicit-stack DFS follows, per level, the literal child and
+the ``+`` child, and collects the ``#`` child (which also matches the parent
+level, [MQTT-4.7.1-2]). At the root a topic starting with ``$`` skips the
+wildcard children [MQTT-4.7.2-1]. Deliveries are merged per subscriber with
+a generation stamp per sid; scratch words and subscriber objects are
+prefetched a node's worth at a time so their cache misses overlap. Cost:
+depth x branching + matches, independent of the subscription count.
 
-*Retained store.* The same node type; ``extra`` points at a ``RetVal``
-(message, expiry). A filter walks only the branches it can reach.
+*Retained store.* The same node type with only literal children; ``entries``
+points at a ``RetVal`` (message, expiry). A filter walks only the branches it
+can reach.
 """
 
 cimport cython
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
-from libc.string cimport memcmp, memcpy, memmove, memset
+from cpython.object cimport PyObject_Hash, PyObject_RichCompareBool, Py_EQ
+from libc.string cimport memcmp, memcpy, memmove, memset, memchr
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport qsort
 
@@ -54,6 +64,49 @@ cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
     object PyUnicode_DecodeUTF8(const char*, Py_ssize_t, const char*)
 
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #include <stdint.h>
+    struct FmqNode;
+    typedef struct FmqEntry {
+        uint32_t sid;
+        uint32_t subid;
+        uint32_t meta;       /* options in the low byte, index of the owner's Ref above */
+    } FmqEntry;
+    typedef struct FmqNode {
+        struct FmqNode *parent;
+        struct FmqNode **table;  /* children: array, or hash table when cap > LINEAR_MAX */
+        FmqEntry *entries;       /* retained store: FmqRetVal* */
+        uint32_t nchildren;      /* group node: round-robin cursor */
+        uint32_t nentries;
+        uint16_t keylen;
+        uint8_t tlog;            /* table capacity 1 << tlog; 0 = no table */
+        uint8_t ecls;            /* entry capacity class, see ECAP */
+        uint8_t flags;
+        char key[1];             /* keylen bytes, no terminator */
+    } __attribute__((packed)) FmqNode;
+    #define FMQ_NODE_HEAD offsetof(FmqNode, key)
+    #define fmq_prefetch(p) __builtin_prefetch((const void *)(p))
+    """
+    ctypedef struct Entry "FmqEntry":
+        uint32_t sid
+        uint32_t subid
+        uint32_t meta
+    ctypedef struct Node "FmqNode":
+        Node* parent
+        Node** table
+        Entry* entries
+        uint32_t nchildren
+        uint32_t nentries
+        uint16_t keylen
+        uint8_t tlog
+        uint8_t ecls
+        uint8_t flags
+        char key[1]
+    size_t FMQ_NODE_HEAD
+    void fmq_prefetch(const void*) noexcept nogil
+
 cdef object MalformedPacket = _MalformedPacket
 
 cdef int FILTER_INVALID = 0x8F
@@ -63,10 +116,15 @@ cdef Py_ssize_t MAX_UTF8 = 65535
 cdef uint32_t MAX_SUBSCRIPTION_ID = 268435455
 cdef uint32_t LINEAR_MAX = 8
 cdef uint32_t MAX_REFS = 1 << 24   # refpos lives in 24 bits of Entry.meta
+cdef uint32_t NO_SID = 0xFFFFFFFFu
+cdef uint32_t GROUP_SALT = 0x9E3779B9u
 
 cdef enum:
-    F_GROUP = 1
-    F_HAS_EXP = 2
+    F_GROUP = 1         # this node is a shared group
+    F_PLUS = 2          # has a '+' child
+    F_MULTI = 4         # has a '#' child
+    F_GROUPS = 8        # has shared-group children
+    F_HAS_EXP = 16      # retained value has an expiry
     LOCAL_LEVELS = 32
 
 # Entry.meta bits
@@ -78,43 +136,15 @@ cdef enum:
     M_OPTS = 0xFF
     M_REF_SHIFT = 8
 
-
-cdef struct Node
-ctypedef Node* NodeP
-
-cdef struct Entry:
-    uint32_t sid
-    uint32_t subid
-    uint32_t meta        # options in the low byte, index of the owner's Ref above
-
 cdef packed struct Ref:
     Node* node
     uint32_t pos         # index of the Entry in node.entries
 
-cdef struct Node:
-    Node* parent
-    Node** table         # literal children (array, or hash table when tcap > LINEAR_MAX)
-    Node* plus
-    Node* multi
-    Entry* entries
-    void* extra          # subscription trie: Node** shared groups; retained: RetVal*
-    uint32_t nchildren
-    uint32_t tcap
-    uint32_t nentries
-    uint32_t ecap
-    uint32_t hash
-    uint32_t aux         # filter node: number of groups; group node: round-robin cursor
-    uint16_t keylen
-    uint8_t flags
-    char key[1]
-
 cdef struct SubRec:
-    PyObject* obj        # strong reference; NULL when the slot is free
     Ref* refs
-    uint32_t nrefs
+    uint32_t nrefs       # when the sid is free: next free sid
     uint32_t rcap
-    uint32_t stamp       # match generation that last touched this subscriber
-    uint32_t slot        # accumulator index during match; next free sid when free
+    Py_hash_t hash
 
 cdef struct RetVal:
     PyObject* msg
@@ -125,6 +155,7 @@ cdef struct Acc:
     uint32_t qos_rap
     uint32_t subid
     uint32_t nsubids
+    PyObject* obj
 
 cdef struct Levels:
     const char* buf
@@ -139,6 +170,25 @@ cdef struct Levels:
     # shared subscription name (filters only)
     const char* share
     uint32_t share_len
+
+# Entry array capacities by class: exact up to 4, then ~x1.25, so a node's
+# array wastes at most a quarter and the class fits in one byte.
+cdef uint32_t ECAP[128]
+cdef int NECAP = 0
+
+
+cdef void _init_ecap() noexcept:
+    global NECAP
+    cdef uint64_t c = 0
+    cdef int k = 0
+    while k < 128 and c < 0xFFFFFFFFu:
+        ECAP[k] = <uint32_t>c
+        k += 1
+        c = c + 1 if c < 4 else c + (c >> 2)
+    NECAP = k
+
+
+_init_ecap()
 
 
 # ---------------------------------------------------------------------------
@@ -295,109 +345,131 @@ cdef int parse_filter(Levels* lv, object topic_filter) except -1:
 # ---------------------------------------------------------------------------
 # nodes
 
+cdef uint32_t HASH_PLUS = hash_bytes(b"+", 1)
+cdef uint32_t HASH_MULTI = hash_bytes(b"#", 1)
+
+
 cdef inline bint is_level(Levels* lv, uint32_t i, char c) noexcept:
     return lv.len[i] == 1 and lv.buf[lv.off[i]] == c
 
 
-cdef Node* node_new(Node* parent, const char* key, uint32_t keylen, uint32_t h) except NULL:
-    cdef Node* n = <Node*>PyMem_Malloc(sizeof(Node) + keylen)
+cdef inline uint32_t tcap_of(Node* n) noexcept:
+    return 0 if n.tlog == 0 else (<uint32_t>1) << n.tlog
+
+
+cdef inline uint32_t node_hash(Node* c) noexcept:
+    cdef uint32_t h = hash_bytes(c.key, c.keylen)
+    return h ^ GROUP_SALT if c.flags & F_GROUP else h
+
+
+cdef Node* node_new(Node* parent, const char* key, uint32_t keylen) except NULL:
+    cdef Node* n = <Node*>PyMem_Malloc(FMQ_NODE_HEAD + keylen)
     if n == NULL:
         raise MemoryError()
-    memset(n, 0, sizeof(Node))
+    memset(n, 0, FMQ_NODE_HEAD)
     n.parent = parent
-    n.hash = h
     n.keylen = <uint16_t>keylen
     if keylen:
         memcpy(n.key, key, keylen)
-    n.key[keylen] = 0
     return n
 
 
-cdef inline bint node_is(Node* c, const char* k, uint32_t klen, uint32_t h) noexcept:
-    return c.hash == h and c.keylen == klen and memcmp(c.key, k, klen) == 0
+cdef inline bint node_is(Node* c, const char* k, uint32_t klen, uint8_t group) noexcept:
+    return (c.keylen == klen and (c.flags & F_GROUP) == group
+            and memcmp(c.key, k, klen) == 0)
 
 
-cdef inline Node* child_find(Node* n, const char* k, uint32_t klen, uint32_t h) noexcept:
+cdef inline Node* child_find(Node* n, const char* k, uint32_t klen, uint32_t h,
+                             uint8_t group) noexcept:
+    """The child with key k (a shared group when group == F_GROUP), or NULL.
+
+    h is hash_bytes(k), already salted for a group.
+    """
     cdef Node** t = n.table
     cdef Node* c
     cdef uint32_t i, mask
-    if n.tcap <= LINEAR_MAX:
+    if n.tlog <= 3:      # linear array (capacity <= LINEAR_MAX)
         for i in range(n.nchildren):
             c = t[i]
-            if node_is(c, k, klen, h):
+            if node_is(c, k, klen, group):
                 return c
         return NULL
-    mask = n.tcap - 1
+    mask = ((<uint32_t>1) << n.tlog) - 1
     i = h & mask
     while True:
         c = t[i]
         if c == NULL:
             return NULL
-        if node_is(c, k, klen, h):
+        if node_is(c, k, klen, group):
             return c
         i = (i + 1) & mask
 
 
 cdef inline void table_put(Node** t, uint32_t cap, Node* c) noexcept:
     cdef uint32_t mask = cap - 1
-    cdef uint32_t i = c.hash & mask
+    cdef uint32_t i = node_hash(c) & mask
     while t[i] != NULL:
         i = (i + 1) & mask
     t[i] = c
 
 
+cdef inline uint8_t log2_of(uint32_t cap) noexcept:
+    cdef uint8_t k = 0
+    while ((<uint32_t>1) << k) < cap:
+        k += 1
+    return k
+
+
 cdef int table_resize(Node* n, uint32_t newcap) except -1:
-    """Rebuild n's child table with capacity newcap (linear when <= LINEAR_MAX)."""
+    """Rebuild n's child table with capacity newcap (a power of two; linear
+    when <= LINEAR_MAX, none when 0)."""
     cdef Node** old = n.table
-    cdef uint32_t oldcap = n.tcap, i, k = 0
+    cdef uint32_t oldcap = tcap_of(n), i, k = 0
     cdef Node** t = NULL
     if newcap:
         t = <Node**>PyMem_Malloc(newcap * sizeof(Node*))
         if t == NULL:
             raise MemoryError()
         memset(t, 0, newcap * sizeof(Node*))
-    if oldcap <= LINEAR_MAX:
-        for i in range(n.nchildren):
-            if newcap <= LINEAR_MAX:
-                t[i] = old[i]
-            else:
-                table_put(t, newcap, old[i])
-    else:
-        for i in range(oldcap):
-            if old[i] != NULL:
+        if oldcap <= LINEAR_MAX:
+            for i in range(n.nchildren):
                 if newcap <= LINEAR_MAX:
-                    t[k] = old[i]
-                    k += 1
+                    t[i] = old[i]
                 else:
                     table_put(t, newcap, old[i])
+        else:
+            for i in range(oldcap):
+                if old[i] != NULL:
+                    if newcap <= LINEAR_MAX:
+                        t[k] = old[i]
+                        k += 1
+                    else:
+                        table_put(t, newcap, old[i])
     PyMem_Free(old)
     n.table = t
-    n.tcap = newcap
+    n.tlog = log2_of(newcap) if newcap else 0
     return 0
 
 
 cdef int child_add(Node* n, Node* c) except -1:
-    cdef uint32_t cap = n.tcap
+    cdef uint32_t cap = tcap_of(n)
     if cap <= LINEAR_MAX:
         if n.nchildren == cap:
-            if cap == LINEAR_MAX:
-                table_resize(n, LINEAR_MAX * 4)
-            else:
-                table_resize(n, 2 if cap == 0 else cap * 2)
+            table_resize(n, LINEAR_MAX * 4 if cap == LINEAR_MAX else (2 if cap == 0 else cap * 2))
     elif (n.nchildren + 1) * 2 > cap:
         table_resize(n, cap * 2)
-    if n.tcap <= LINEAR_MAX:
+    if n.tlog <= 3:
         n.table[n.nchildren] = c
     else:
-        table_put(n.table, n.tcap, c)
+        table_put(n.table, tcap_of(n), c)
     n.nchildren += 1
     return 0
 
 
 cdef void child_remove(Node* n, Node* c) noexcept:
     cdef Node** t = n.table
-    cdef uint32_t i, j, k, mask
-    if n.tcap <= LINEAR_MAX:
+    cdef uint32_t i, j, k, mask, cap = tcap_of(n)
+    if cap <= LINEAR_MAX:
         for i in range(n.nchildren):
             if t[i] == c:
                 t[i] = t[n.nchildren - 1]
@@ -407,10 +479,10 @@ cdef void child_remove(Node* n, Node* c) noexcept:
         if n.nchildren == 0:
             PyMem_Free(t)
             n.table = NULL
-            n.tcap = 0
+            n.tlog = 0
         return
-    mask = n.tcap - 1
-    i = c.hash & mask
+    mask = cap - 1
+    i = node_hash(c) & mask
     while t[i] != c:
         i = (i + 1) & mask
     t[i] = NULL
@@ -420,46 +492,52 @@ cdef void child_remove(Node* n, Node* c) noexcept:
         j = (j + 1) & mask
         if t[j] == NULL:
             break
-        k = t[j].hash & mask
+        k = node_hash(t[j]) & mask
         if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
             continue
         t[i] = t[j]
         t[j] = NULL
         i = j
     n.nchildren -= 1
-    if n.nchildren * 8 < n.tcap:
-        # Shrinking cannot fail in a way that loses children: on MemoryError
-        # the old table stays.
+    if n.nchildren * 8 < cap:
+        # On MemoryError the old, larger table simply stays.
         try:
-            table_resize(n, n.tcap // 4 if n.tcap // 4 > LINEAR_MAX else LINEAR_MAX)
+            table_resize(n, cap // 4 if cap // 4 > LINEAR_MAX else LINEAR_MAX)
         except MemoryError:
             pass
 
 
 cdef inline bint node_empty(Node* n) noexcept:
-    return (n.nentries == 0 and n.nchildren == 0 and n.plus == NULL and n.multi == NULL
-            and n.extra == NULL)
+    # A group node's nchildren is its round-robin cursor, not a child count.
+    return n.entries == NULL and ((n.flags & F_GROUP) or n.nchildren == 0)
+
+
+cdef inline Node* node_child_at(Node* n, uint32_t i) noexcept:
+    """Slot i of n's table (NULL for an empty hash slot)."""
+    return n.table[i]
+
+
+cdef inline uint32_t node_slots(Node* n) noexcept:
+    """How many table slots to scan to see every child."""
+    if n.flags & F_GROUP:
+        return 0
+    return n.nchildren if n.tlog <= 3 else tcap_of(n)
 
 
 cdef void node_detach(Node* p, Node* n) noexcept:
-    cdef Node** groups
     cdef uint32_t i
+    cdef Node* c
+    child_remove(p, n)
     if n.flags & F_GROUP:
-        groups = <Node**>p.extra
-        for i in range(p.aux):
-            if groups[i] == n:
-                memmove(&groups[i], &groups[i + 1], (p.aux - i - 1) * sizeof(Node*))
-                break
-        p.aux -= 1
-        if p.aux == 0:
-            PyMem_Free(groups)
-            p.extra = NULL
-    elif p.plus == n:
-        p.plus = NULL
-    elif p.multi == n:
-        p.multi = NULL
-    else:
-        child_remove(p, n)
+        for i in range(node_slots(p)):
+            c = p.table[i]
+            if c != NULL and (c.flags & F_GROUP):
+                return
+        p.flags &= ~F_GROUPS
+    elif n.keylen == 1 and n.key[0] == b'+':
+        p.flags &= ~F_PLUS
+    elif n.keylen == 1 and n.key[0] == b'#':
+        p.flags &= ~F_MULTI
 
 
 cdef void node_prune(Node* n) noexcept:
@@ -469,7 +547,7 @@ cdef void node_prune(Node* n) noexcept:
         p = n.parent
         node_detach(p, n)
         PyMem_Free(n.entries)
-        PyMem_Free(n.table)
+        PyMem_Free(n.table if not (n.flags & F_GROUP) else NULL)
         PyMem_Free(n)
         n = p
 
@@ -522,6 +600,42 @@ cdef int qsort_u64(const void* a, const void* b) noexcept nogil:
     return (x > y) - (x < y)
 
 
+cdef void nodes_free(Node* root, bint retained) noexcept:
+    """Free a whole tree with an explicit stack (filters can be 32k levels deep)."""
+    cdef Node** stack
+    cdef Node** bigger
+    cdef Node* n
+    cdef Node* c
+    cdef uint32_t sp, cap = 64, i, slots
+    stack = <Node**>PyMem_Malloc(cap * sizeof(Node*))
+    if stack == NULL:
+        return      # leak rather than crash while out of memory
+    stack[0] = root
+    sp = 1
+    while sp:
+        sp -= 1
+        n = stack[sp]
+        slots = node_slots(n)
+        if sp + slots >= cap:
+            cap = (sp + slots) * 2
+            bigger = <Node**>PyMem_Realloc(stack, cap * sizeof(Node*))
+            if bigger == NULL:
+                break
+            stack = bigger
+        for i in range(slots):
+            c = n.table[i]
+            if c != NULL:
+                stack[sp] = c
+                sp += 1
+        if retained and n.entries != NULL:
+            Py_XDECREF((<RetVal*>n.entries).msg)
+        PyMem_Free(n.entries)
+        if not (n.flags & F_GROUP):
+            PyMem_Free(n.table)
+        PyMem_Free(n)
+    PyMem_Free(stack)
+
+
 # ---------------------------------------------------------------------------
 # the subscription trie
 
@@ -534,11 +648,17 @@ cdef class TopicTrie:
     """
 
     cdef Node* root
-    cdef SubRec* subs
-    cdef uint32_t subs_cap
-    cdef uint32_t subs_used     # high-water mark of sids
-    cdef uint32_t free_sid      # head of the free list (subs_cap when empty)
-    cdef dict sids              # subscriber -> sid
+    # subscribers, indexed by sid
+    cdef PyObject** objs        # strong references; NULL when the sid is free
+    cdef uint64_t* marks        # match scratch: stamp (low 32 bits), accumulator slot (high)
+    cdef SubRec* recs
+    cdef uint32_t sid_cap
+    cdef uint32_t sid_used      # high-water mark
+    cdef uint32_t free_sid      # head of the free list, NO_SID when empty
+    cdef uint32_t* stab         # open addressing: sid + 1, 0 = empty
+    cdef uint32_t stab_cap
+    cdef uint32_t nsubscribers
+    cdef uint64_t version       # bumped when stab changes (guards user __eq__)
     cdef Py_ssize_t count
     cdef uint32_t stamp
     cdef int policy_kind        # 0 round robin, 1 random, 2 callable
@@ -556,63 +676,27 @@ cdef class TopicTrie:
     cdef uint32_t xs_cap
 
     def __cinit__(self):
-        self.root = node_new(NULL, NULL, 0, 0)
-        self.sids = {}
-        self.free_sid = 0xFFFFFFFFu
-        self.stamp = 0
+        self.root = node_new(NULL, NULL, 0)
+        self.free_sid = NO_SID
         self.rng = (<uint64_t>_random.getrandbits(63)) | 1
 
     def __init__(self) -> None:
         """Create an empty trie (round-robin share policy)."""
 
     def __dealloc__(self):
-        cdef Node* n
-        cdef Node* c
-        cdef Node** stack = NULL
-        cdef uint32_t sp = 0, cap = 0, i
-        cdef Node** groups
+        cdef uint32_t i
         if self.root != NULL:
-            # Free every node with an explicit stack (depth can be 32k levels).
-            cap = 64
-            stack = <Node**>PyMem_Malloc(cap * sizeof(Node*))
-            if stack != NULL:
-                stack[0] = self.root
-                sp = 1
-                while sp:
-                    sp -= 1
-                    n = stack[sp]
-                    if sp + n.tcap + n.aux + 2 >= cap:
-                        cap = (sp + n.tcap + n.aux + 2) * 2
-                        stack = <Node**>PyMem_Realloc(stack, cap * sizeof(Node*))
-                        if stack == NULL:
-                            break
-                    if n.tcap <= LINEAR_MAX:
-                        for i in range(n.nchildren):
-                            stack[sp] = n.table[i]; sp += 1
-                    else:
-                        for i in range(n.tcap):
-                            if n.table[i] != NULL:
-                                stack[sp] = n.table[i]; sp += 1
-                    if n.plus != NULL:
-                        stack[sp] = n.plus; sp += 1
-                    if n.multi != NULL:
-                        stack[sp] = n.multi; sp += 1
-                    if not (n.flags & F_GROUP) and n.extra != NULL:
-                        groups = <Node**>n.extra
-                        for i in range(n.aux):
-                            stack[sp] = groups[i]; sp += 1
-                        PyMem_Free(groups)
-                    PyMem_Free(n.entries)
-                    PyMem_Free(n.table)
-                    PyMem_Free(n)
-                PyMem_Free(stack)
+            nodes_free(self.root, False)
             self.root = NULL
-        if self.subs != NULL:
-            for i in range(self.subs_used):
-                Py_XDECREF(self.subs[i].obj)
-                PyMem_Free(self.subs[i].refs)
-            PyMem_Free(self.subs)
-            self.subs = NULL
+        if self.objs != NULL:
+            for i in range(self.sid_used):
+                Py_XDECREF(self.objs[i])
+                if self.objs[i] != NULL:
+                    PyMem_Free(self.recs[i].refs)
+        PyMem_Free(self.objs)
+        PyMem_Free(self.marks)
+        PyMem_Free(self.recs)
+        PyMem_Free(self.stab)
         PyMem_Free(self.stk_node)
         PyMem_Free(self.stk_level)
         PyMem_Free(self.hits)
@@ -621,45 +705,129 @@ cdef class TopicTrie:
 
     # -- subscriber ids ----------------------------------------------------
 
-    cdef uint32_t sid_new(self, object subscriber) except? 0xFFFFFFFF:
-        cdef uint32_t sid, newcap
-        cdef SubRec* rec
-        if self.free_sid != 0xFFFFFFFFu:
+    cdef uint32_t sid_find(self, object obj, Py_hash_t h) except? 0xFFFFFFFE:
+        """The sid of obj, or NO_SID."""
+        cdef uint32_t mask, i, v, sid
+        cdef uint64_t ver
+        cdef PyObject* o
+        cdef int eq
+        while True:
+            if self.stab_cap == 0:
+                return NO_SID
+            mask = self.stab_cap - 1
+            i = (<uint32_t>h) & mask
+            while True:
+                v = self.stab[i]
+                if v == 0:
+                    return NO_SID
+                sid = v - 1
+                if self.recs[sid].hash == h:
+                    o = self.objs[sid]
+                    if o == <PyObject*>obj:
+                        return sid
+                    ver = self.version
+                    eq = PyObject_RichCompareBool(<object>o, obj, Py_EQ)
+                    if ver != self.version:
+                        break       # __eq__ changed the table: look again
+                    if eq:
+                        return sid
+                i = (i + 1) & mask
+
+    cdef int stab_resize(self, uint32_t cap) except -1:
+        cdef uint32_t* t = <uint32_t*>PyMem_Malloc(cap * sizeof(uint32_t))
+        cdef uint32_t i, j, mask = cap - 1, v
+        if t == NULL:
+            raise MemoryError()
+        memset(t, 0, cap * sizeof(uint32_t))
+        for i in range(self.stab_cap):
+            v = self.stab[i]
+            if v:
+                j = (<uint32_t>self.recs[v - 1].hash) & mask
+                while t[j]:
+                    j = (j + 1) & mask
+                t[j] = v
+        PyMem_Free(self.stab)
+        self.stab = t
+        self.stab_cap = cap
+        self.version += 1
+        return 0
+
+    cdef uint32_t sid_new(self, object obj, Py_hash_t h) except? 0xFFFFFFFE:
+        """Intern obj (known to be absent) and return its new sid."""
+        cdef uint32_t sid, newcap, i, mask
+        cdef void* p
+        if (self.nsubscribers + 1) * 2 > self.stab_cap:
+            self.stab_resize(self.stab_cap * 2 if self.stab_cap else 16)
+        if self.free_sid != NO_SID:
             sid = self.free_sid
-            self.free_sid = self.subs[sid].slot
+            self.free_sid = self.recs[sid].nrefs
         else:
-            if self.subs_used == self.subs_cap:
-                newcap = grow(self.subs_cap) + 15
-                rec = <SubRec*>PyMem_Realloc(self.subs, newcap * sizeof(SubRec))
-                if rec == NULL:
+            if self.sid_used == self.sid_cap:
+                newcap = grow(self.sid_cap) + 15
+                p = PyMem_Realloc(self.objs, newcap * sizeof(PyObject*))
+                if p == NULL:
                     raise MemoryError()
-                self.subs = rec
-                self.subs_cap = newcap
-            sid = self.subs_used
-            self.subs_used += 1
-        rec = &self.subs[sid]
-        memset(rec, 0, sizeof(SubRec))
-        self.sids[subscriber] = sid     # may raise TypeError (unhashable)
-        rec.obj = <PyObject*>subscriber
-        Py_INCREF(subscriber)
+                self.objs = <PyObject**>p
+                p = PyMem_Realloc(self.marks, newcap * sizeof(uint64_t))
+                if p == NULL:
+                    raise MemoryError()
+                self.marks = <uint64_t*>p
+                p = PyMem_Realloc(self.recs, newcap * sizeof(SubRec))
+                if p == NULL:
+                    raise MemoryError()
+                self.recs = <SubRec*>p
+                self.sid_cap = newcap
+            sid = self.sid_used
+            self.sid_used += 1
+        memset(&self.recs[sid], 0, sizeof(SubRec))
+        self.recs[sid].hash = h
+        self.marks[sid] = 0
+        Py_INCREF(obj)
+        self.objs[sid] = <PyObject*>obj
+        mask = self.stab_cap - 1
+        i = (<uint32_t>h) & mask
+        while self.stab[i]:
+            i = (i + 1) & mask
+        self.stab[i] = sid + 1
+        self.nsubscribers += 1
+        self.version += 1
         return sid
 
-    cdef void sid_release(self, uint32_t sid) except *:
-        cdef SubRec* rec = &self.subs[sid]
-        cdef object obj = <object>rec.obj
-        rec.obj = NULL
-        PyMem_Free(rec.refs)
-        rec.refs = NULL
-        rec.rcap = 0
-        rec.slot = self.free_sid
+    cdef void sid_release(self, uint32_t sid) noexcept:
+        cdef uint32_t mask = self.stab_cap - 1, i, j, k
+        cdef PyObject* obj = self.objs[sid]
+        i = (<uint32_t>self.recs[sid].hash) & mask
+        while self.stab[i] != sid + 1:
+            i = (i + 1) & mask
+        self.stab[i] = 0
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if self.stab[j] == 0:
+                break
+            k = (<uint32_t>self.recs[self.stab[j] - 1].hash) & mask
+            if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
+                continue
+            self.stab[i] = self.stab[j]
+            self.stab[j] = 0
+            i = j
+        PyMem_Free(self.recs[sid].refs)
+        self.recs[sid].refs = NULL
+        self.recs[sid].rcap = 0
+        self.recs[sid].nrefs = self.free_sid
         self.free_sid = sid
-        Py_DECREF(obj)          # balanced: `obj` holds its own reference
-        del self.sids[obj]
+        self.objs[sid] = NULL
+        self.nsubscribers -= 1
+        self.version += 1
+        Py_DECREF(<object>obj)   # last: may run arbitrary __del__ code
+
+    cdef uint32_t sid_of(self, object obj) except? 0xFFFFFFFE:
+        return self.sid_find(obj, PyObject_Hash(obj))
 
     # -- entries -----------------------------------------------------------
 
     cdef Py_ssize_t entry_find(self, Node* t, uint32_t sid) noexcept:
-        cdef SubRec* rec = &self.subs[sid]
+        cdef SubRec* rec = &self.recs[sid]
         cdef uint32_t i
         if t.nentries <= rec.nrefs:
             for i in range(t.nentries):
@@ -672,19 +840,20 @@ cdef class TopicTrie:
         return -1
 
     cdef int entry_add(self, Node* t, uint32_t sid, uint32_t opts, uint32_t subid) except -1:
-        cdef SubRec* rec = &self.subs[sid]
+        cdef SubRec* rec = &self.recs[sid]
         cdef uint32_t cap
         cdef Entry* e
         cdef Ref* r
         if rec.nrefs >= MAX_REFS:
             raise MemoryError("too many subscriptions for one subscriber")
-        if t.nentries == t.ecap:
-            cap = grow(t.ecap)
-            e = <Entry*>PyMem_Realloc(t.entries, cap * sizeof(Entry))
+        if t.nentries == ECAP[t.ecls]:
+            if t.ecls + 1 >= NECAP:
+                raise MemoryError("too many subscribers on one topic filter")
+            e = <Entry*>PyMem_Realloc(t.entries, ECAP[t.ecls + 1] * sizeof(Entry))
             if e == NULL:
                 raise MemoryError()
             t.entries = e
-            t.ecap = cap
+            t.ecls += 1
         if rec.nrefs == rec.rcap:
             cap = grow(rec.rcap)
             r = <Ref*>PyMem_Realloc(rec.refs, cap * sizeof(Ref))
@@ -708,8 +877,9 @@ cdef class TopicTrie:
         """Remove entry i of t and its Ref; the caller prunes and releases the sid."""
         cdef Entry e = t.entries[i]
         cdef uint32_t refpos = e.meta >> M_REF_SHIFT
-        cdef SubRec* rec = &self.subs[e.sid]
-        cdef uint32_t last = rec.nrefs - 1, j
+        cdef SubRec* rec = &self.recs[e.sid]
+        cdef uint32_t last = rec.nrefs - 1, j, want
+        cdef int c
         cdef Ref* moved
         cdef Entry* m
         if refpos != last:
@@ -718,27 +888,36 @@ cdef class TopicTrie:
             m = &moved.node.entries[moved.pos]
             m.meta = (m.meta & M_OPTS) | (refpos << M_REF_SHIFT)
         rec.nrefs = last
+        if last * 4 < rec.rcap and rec.rcap > 8:
+            moved = <Ref*>PyMem_Realloc(rec.refs, (last * 2) * sizeof(Ref))
+            if moved != NULL:
+                rec.refs = moved
+                rec.rcap = last * 2
         last = t.nentries - 1
         if t.flags & F_GROUP:
             # Members keep subscription order, so round robin stays predictable.
             memmove(&t.entries[i], &t.entries[i + 1], (last - i) * sizeof(Entry))
             for j in range(i, last):
                 m = &t.entries[j]
-                self.subs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = j
+                self.recs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = j
         elif i != last:
             t.entries[i] = t.entries[last]
             m = &t.entries[i]
-            self.subs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = i
+            self.recs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = i
         t.nentries = last
         if last == 0:
             PyMem_Free(t.entries)
             t.entries = NULL
-            t.ecap = 0
-        elif last * 4 < t.ecap:
-            m = <Entry*>PyMem_Realloc(t.entries, (last * 2) * sizeof(Entry))
+            t.ecls = 0
+        elif last * 2 < ECAP[t.ecls] and t.ecls > 4:
+            want = last + (last >> 2)
+            c = t.ecls
+            while c > 0 and ECAP[c - 1] >= want:
+                c -= 1
+            m = <Entry*>PyMem_Realloc(t.entries, ECAP[c] * sizeof(Entry))
             if m != NULL:
                 t.entries = m
-                t.ecap = last * 2
+                t.ecls = <uint8_t>c
         self.count -= 1
 
     # -- walking -------------------------------------------------------------
@@ -747,51 +926,42 @@ cdef class TopicTrie:
         """The node (or shared group node) for a parsed filter; NULL if absent."""
         cdef Node* n = self.root
         cdef Node* c
-        cdef Node** groups
         cdef uint32_t i, h
         cdef const char* k
+        cdef uint8_t flag
         for i in range(lv.n):
             k = lv.buf + lv.off[i]
-            if is_level(lv, i, b'+'):
-                c = n.plus
-                if c == NULL and create:
-                    c = n.plus = node_new(n, b"+", 1, lv.hash[i])
-            elif is_level(lv, i, b'#'):
-                c = n.multi
-                if c == NULL and create:
-                    c = n.multi = node_new(n, b"#", 1, lv.hash[i])
-            else:
-                c = child_find(n, k, lv.len[i], lv.hash[i])
-                if c == NULL and create:
-                    c = node_new(n, k, lv.len[i], lv.hash[i])
-                    try:
-                        child_add(n, c)
-                    except MemoryError:
-                        PyMem_Free(c)
-                        node_prune(n)
-                        raise
+            c = child_find(n, k, lv.len[i], lv.hash[i], 0)
             if c == NULL:
-                return NULL
+                if not create:
+                    return NULL
+                c = node_new(n, k, lv.len[i])
+                try:
+                    child_add(n, c)
+                except MemoryError:
+                    PyMem_Free(c)
+                    node_prune(n)
+                    raise
+                if is_level(lv, i, b'+'):
+                    n.flags |= F_PLUS
+                elif is_level(lv, i, b'#'):
+                    n.flags |= F_MULTI
             n = c
         if lv.share == NULL:
             return n
-        h = hash_bytes(lv.share, lv.share_len)
-        groups = <Node**>n.extra
-        for i in range(n.aux):
-            if node_is(groups[i], lv.share, lv.share_len, h):
-                return groups[i]
-        if not create:
-            return NULL
-        c = node_new(n, lv.share, lv.share_len, h)
+        h = hash_bytes(lv.share, lv.share_len) ^ GROUP_SALT
+        c = child_find(n, lv.share, lv.share_len, h, F_GROUP)
+        if c != NULL or not create:
+            return c
+        c = node_new(n, lv.share, lv.share_len)
         c.flags = F_GROUP
-        groups = <Node**>PyMem_Realloc(n.extra, (n.aux + 1) * sizeof(Node*))
-        if groups == NULL:
+        try:
+            child_add(n, c)
+        except MemoryError:
             PyMem_Free(c)
             node_prune(n)
-            raise MemoryError()
-        groups[n.aux] = c
-        n.aux += 1
-        n.extra = groups
+            raise
+        n.flags |= F_GROUPS
         return c
 
     # -- public API ------------------------------------------------------------
@@ -821,20 +991,20 @@ cdef class TopicTrie:
             TypeError: unhashable subscriber.
         """
         cdef Levels lv
-        cdef object found
         cdef uint32_t sid, opts
         cdef Node* t
         cdef Py_ssize_t i
-        cdef bint fresh_sid = False
+        cdef bint fresh = False
         if qos < 0 or qos > 2:
             raise ValueError("qos must be 0, 1 or 2")
         if retain_handling < 0 or retain_handling > 2:
             raise ValueError("retain_handling must be 0, 1 or 2")
         if subscription_id < 0 or subscription_id > MAX_SUBSCRIPTION_ID:
             raise ValueError("subscription_id must be in 0..268435455")
-        # Python-level lookups (which can run user __hash__/__eq__) come
-        # before any C pointer is held.
-        found = self.sids.get(subscriber)
+        # The lookup may run user __hash__/__eq__: do it before holding any
+        # node pointer.
+        cdef Py_hash_t h = PyObject_Hash(subscriber)
+        sid = self.sid_find(subscriber, h)
         levels_init(&lv)
         try:
             parse_filter(&lv, topic_filter)
@@ -843,21 +1013,19 @@ cdef class TopicTrie:
                                       PROTOCOL_ERROR)
             opts = (<uint32_t>qos | (M_NL if no_local else 0) | (M_RAP if retain_as_published else 0)
                     | (<uint32_t>retain_handling << M_RH_SHIFT))
-            if found is None:
-                sid = self.sid_new(subscriber)
-                fresh_sid = True
-            else:
-                sid = found
+            if sid == NO_SID:
+                sid = self.sid_new(subscriber, h)
+                fresh = True
             try:
                 t = self.find_node(&lv, True)
-                i = -1 if fresh_sid else self.entry_find(t, sid)
+                i = -1 if fresh else self.entry_find(t, sid)
                 if i >= 0:
                     t.entries[i].meta = (t.entries[i].meta & ~(<uint32_t>M_OPTS)) | opts
                     t.entries[i].subid = <uint32_t>subscription_id
                     return False
                 self.entry_add(t, sid, opts, <uint32_t>subscription_id)
             except BaseException:
-                if fresh_sid and self.subs[sid].nrefs == 0:
+                if fresh and self.recs[sid].nrefs == 0:
                     self.sid_release(sid)
                 raise
             return True
@@ -878,16 +1046,14 @@ cdef class TopicTrie:
             MalformedPacket: invalid filter (0x8F).
         """
         cdef Levels lv
-        cdef uint32_t sid
         cdef Node* t
         cdef Py_ssize_t i
-        found = self.sids.get(subscriber)
+        cdef uint32_t sid = self.sid_of(subscriber)
         levels_init(&lv)
         try:
             parse_filter(&lv, topic_filter)
-            if found is None:
+            if sid == NO_SID:
                 return False
-            sid = found
             t = self.find_node(&lv, False)
             if t == NULL:
                 return False
@@ -898,7 +1064,7 @@ cdef class TopicTrie:
             node_prune(t)
         finally:
             levels_free(&lv)
-        if self.subs[sid].nrefs == 0:
+        if self.recs[sid].nrefs == 0:
             self.sid_release(sid)
         return True
 
@@ -908,17 +1074,18 @@ cdef class TopicTrie:
         Returns:
             How many subscriptions were removed.
         """
-        found = self.sids.get(subscriber)
-        if found is None:
+        cdef uint32_t sid = self.sid_of(subscriber)
+        if sid == NO_SID:
             return 0
-        cdef uint32_t sid = found
-        cdef SubRec* rec = &self.subs[sid]
+        cdef SubRec* rec = &self.recs[sid]
         cdef uint32_t n = rec.nrefs
         cdef Node* t
+        cdef uint32_t pos
         while rec.nrefs:
             # Taking the last Ref means no Ref moves.
             t = rec.refs[rec.nrefs - 1].node
-            self.entry_remove(t, rec.refs[rec.nrefs - 1].pos)
+            pos = rec.refs[rec.nrefs - 1].pos
+            self.entry_remove(t, pos)
             node_prune(t)
         self.sid_release(sid)
         return n
@@ -931,17 +1098,16 @@ cdef class TopicTrie:
             subscription_id)`` tuples; shared ones carry their ``$share/`` filter.
             The order is unspecified.
         """
-        found = self.sids.get(subscriber)
-        if found is None:
+        cdef uint32_t sid = self.sid_of(subscriber), i
+        if sid == NO_SID:
             return []
-        cdef uint32_t sid = found, i
-        cdef SubRec* rec = &self.subs[sid]
+        cdef SubRec* rec = &self.recs[sid]
         cdef Entry* e
         cdef list out = []
         for i in range(rec.nrefs):
             e = &rec.refs[i].node.entries[rec.refs[i].pos]
             out.append((node_text(rec.refs[i].node), <int>(e.meta & M_QOS),
-                        bool(e.meta & M_NL), bool(e.meta & M_RAP),
+                        (e.meta & M_NL) != 0, (e.meta & M_RAP) != 0,
                         <int>((e.meta >> M_RH_SHIFT) & 3), <long long>e.subid))
         return out
 
@@ -979,29 +1145,17 @@ cdef class TopicTrie:
         subscribed, the count is back where it was (emptied nodes are pruned).
         """
         cdef Py_ssize_t total = 0
-        cdef list stack = []
-        cdef Node* n = self.root
+        cdef list stack = [<size_t>self.root]
+        cdef Node* n
+        cdef Node* c
         cdef uint32_t i
-        cdef Node** kids
-        # Breadth by a Python list of addresses keeps this simple; it is not hot.
-        stack.append(<size_t>n)
         while stack:
             n = <Node*><size_t>stack.pop()
-            kids = n.table
-            if n.tcap <= LINEAR_MAX:
-                for i in range(n.nchildren):
-                    stack.append(<size_t>kids[i])
-            else:
-                for i in range(n.tcap):
-                    if kids[i] != NULL:
-                        stack.append(<size_t>kids[i])
-            total += n.nchildren
-            if n.plus != NULL:
-                stack.append(<size_t>n.plus)
-                total += 1
-            if n.multi != NULL:
-                stack.append(<size_t>n.multi)
-                total += 1
+            for i in range(node_slots(n)):
+                c = n.table[i]
+                if c != NULL and not (c.flags & F_GROUP):
+                    stack.append(<size_t>c)
+                    total += 1
         return total
 
     def __len__(self):
@@ -1046,8 +1200,10 @@ cdef class TopicTrie:
         cdef Node* n
         cdef Node* c
         cdef bint wild
-        self.ensure_stack(64)
-        self.ensure_hits(64)
+        if self.stk_cap < 64:
+            self.ensure_stack(64)
+        if self.hits_cap < 64:
+            self.ensure_hits(64)
         self.stk_node[0] = self.root
         self.stk_level[0] = 0
         while sp:
@@ -1058,23 +1214,25 @@ cdef class TopicTrie:
             wild = not (lv.dollar and i == 0)
             if nh + 2 > self.hits_cap:
                 self.ensure_hits(nh + 2)
-            if wild and n.multi != NULL:
+            if wild and (n.flags & F_MULTI):
                 # '#' matches this level's children and the level itself [MQTT-4.7.1-2].
-                self.hits[nh] = n.multi
+                self.hits[nh] = child_find(n, b"#", 1, HASH_MULTI, 0)
                 nh += 1
             if i == L:
                 self.hits[nh] = n
                 nh += 1
                 continue
+            if n.nchildren == 0:
+                continue
             if sp + 2 > self.stk_cap:
                 self.ensure_stack(sp + 2)
-            c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+            c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i], 0)
             if c != NULL:
                 self.stk_node[sp] = c
                 self.stk_level[sp] = i + 1
                 sp += 1
-            if wild and n.plus != NULL:
-                self.stk_node[sp] = n.plus
+            if wild and (n.flags & F_PLUS):
+                self.stk_node[sp] = child_find(n, b"+", 1, HASH_PLUS, 0)
                 self.stk_level[sp] = i + 1
                 sp += 1
         return nh
@@ -1112,19 +1270,19 @@ cdef class TopicTrie:
             MalformedPacket: invalid topic name (0x90).
         """
         cdef Levels lv
-        cdef uint32_t nh, h, k, j, nacc = 0, nxs = 0, pub = 0xFFFFFFFFu, cap, stamp
-        cdef uint32_t qr, a
+        cdef uint32_t nh, h, k, j, nacc = 0, nxs = 0, pub = NO_SID, cap, stamp, sid
+        cdef uint32_t qr, a, ne
+        cdef uint64_t m, v
+        cdef bint groups = False
         cdef Node* n
+        cdef Entry* ent
         cdef Entry* e
-        cdef SubRec* rec
         cdef Acc* ac
+        cdef uint64_t* marks
         cdef list out
         cdef object ids
-        cdef uint64_t v
         if publisher is not None:
-            found = self.sids.get(publisher)
-            if found is not None:
-                pub = found
+            pub = self.sid_of(publisher)
         levels_init(&lv)
         try:
             parse_topic(&lv, topic)
@@ -1134,38 +1292,49 @@ cdef class TopicTrie:
         # New generation; on wrap-around clear every stamp once.
         self.stamp += 1
         if self.stamp == 0:
-            for k in range(self.subs_used):
-                self.subs[k].stamp = 0
+            for k in range(self.sid_used):
+                self.marks[k] = 0
             self.stamp = 1
         stamp = self.stamp
+        marks = self.marks
         for h in range(nh):
             n = self.hits[h]
-            if n.nentries and nacc + n.nentries > self.acc_cap:
-                cap = (nacc + n.nentries) * 2
+            if n.flags & F_GROUPS:
+                groups = True
+            ne = n.nentries
+            if ne == 0:
+                continue
+            ent = n.entries
+            if nacc + ne > self.acc_cap:
+                cap = (nacc + ne) * 2
                 ac = <Acc*>PyMem_Realloc(self.acc, cap * sizeof(Acc))
                 if ac == NULL:
                     raise MemoryError()
                 self.acc = ac
                 self.acc_cap = cap
-            for k in range(n.nentries):
-                e = &n.entries[k]
-                if (e.meta & M_NL) and e.sid == pub:
+            # Issue every scratch-word load of this node before using any, so
+            # the cache misses overlap instead of queueing.
+            for k in range(ne):
+                fmq_prefetch(&marks[ent[k].sid])
+            for k in range(ne):
+                e = &ent[k]
+                sid = e.sid
+                if (e.meta & M_NL) and sid == pub:
                     continue    # no_local [MQTT-3.8.3-3]
-                rec = &self.subs[e.sid]
                 qr = e.meta & (M_QOS | M_RAP)
-                if rec.stamp != stamp:
-                    rec.stamp = stamp
-                    rec.slot = nacc
+                m = marks[sid]
+                if <uint32_t>m != stamp:
+                    marks[sid] = (<uint64_t>nacc << 32) | stamp
                     ac = &self.acc[nacc]
                     nacc += 1
-                    ac.sid = e.sid
+                    ac.sid = sid
                     ac.qos_rap = qr
                     ac.subid = e.subid
                     ac.nsubids = 1 if e.subid else 0
                 else:
                     # One delivery per subscriber: highest QoS, every id
                     # [MQTT-3.3.4-3], [MQTT-3.3.4-4], [MQTT-3.3.4-5].
-                    a = rec.slot
+                    a = <uint32_t>(m >> 32)
                     ac = &self.acc[a]
                     if (qr & M_QOS) > (ac.qos_rap & M_QOS):
                         ac.qos_rap = (ac.qos_rap & M_RAP) | (qr & M_QOS)
@@ -1178,12 +1347,18 @@ cdef class TopicTrie:
                                 self.xs_append(&nxs, (<uint64_t>a << 32) | ac.subid)
                             self.xs_append(&nxs, (<uint64_t>a << 32) | e.subid)
                         ac.nsubids += 1
+        # Touch every subscriber object's header (for its refcount) ahead of
+        # building the tuples.
+        for a in range(nacc):
+            ac = &self.acc[a]
+            ac.obj = self.objs[ac.sid]
+            fmq_prefetch(ac.obj)
         out = [None] * nacc
         for a in range(nacc):
             ac = &self.acc[a]
             if ac.nsubids > 1:
                 continue
-            out[a] = (<object>self.subs[ac.sid].obj, <int>(ac.qos_rap & M_QOS),
+            out[a] = (<object>ac.obj, <int>(ac.qos_rap & M_QOS),
                       (ac.qos_rap & M_RAP) != 0, (<long long>ac.subid,) if ac.nsubids else ())
         if nxs:
             qsort(self.xs, nxs, sizeof(uint64_t), qsort_u64)
@@ -1197,64 +1372,92 @@ cdef class TopicTrie:
                         ids.append(<long long>v)
                     j += 1
                 ac = &self.acc[a]
-                out[a] = (<object>self.subs[ac.sid].obj, <int>(ac.qos_rap & M_QOS),
+                out[a] = (<object>ac.obj, <int>(ac.qos_rap & M_QOS),
                           (ac.qos_rap & M_RAP) != 0, tuple(ids))
-        # Shared groups: one delivery per matching group [MQTT-4.8.2].
-        for h in range(nh):
-            n = self.hits[h]
-            if n.extra != NULL:
-                self.share_deliveries(n, out)
+        if groups:
+            # Shared groups: one delivery per matching group [MQTT-4.8.2].
+            if self.policy_kind == 2:
+                self.share_by_callable(nh, out)
+            else:
+                for h in range(nh):
+                    n = self.hits[h]
+                    if n.flags & F_GROUPS:
+                        self.share_builtin(n, out)
         return out
 
-    cdef int share_deliveries(self, Node* n, list out) except -1:
-        cdef Node** groups = <Node**>n.extra
-        cdef uint32_t g, idx, ng = n.aux
+    cdef int share_builtin(self, Node* n, list out) except -1:
+        cdef uint32_t g, idx
         cdef Node* grp
         cdef Entry* e
-        cdef list snapshot
-        if self.policy_kind == 2:
-            # A callable may run arbitrary code (even change this trie), so
-            # copy what it needs into Python objects before calling it.
-            snapshot = []
-            filter_text = node_text(n)
-            for g in range(ng):
-                grp = groups[g]
-                members = [<object>self.subs[grp.entries[idx].sid].obj for idx in range(grp.nentries)]
-                opts = [(<int>(grp.entries[idx].meta & M_QOS), (grp.entries[idx].meta & M_RAP) != 0,
-                         (<long long>grp.entries[idx].subid,) if grp.entries[idx].subid else ())
-                        for idx in range(grp.nentries)]
-                snapshot.append((key_text(grp), members, opts))
-            for name, members, opts in snapshot:
-                chosen = self.policy(name, filter_text, list(members))
-                if chosen is None:
-                    continue
-                try:
-                    pos = members.index(chosen)
-                except ValueError:
-                    raise ValueError("share policy returned a non-member") from None
-                out.append((members[pos], *opts[pos]))
-            return 0
-        for g in range(ng):
-            grp = groups[g]
+        for g in range(node_slots(n)):
+            grp = n.table[g]
+            if grp == NULL or not (grp.flags & F_GROUP):
+                continue
             if self.policy_kind == 0:
-                idx = grp.aux % grp.nentries
-                grp.aux = idx + 1
+                idx = grp.nchildren % grp.nentries
+                grp.nchildren = idx + 1
             else:
                 self.rng ^= self.rng << 13
                 self.rng ^= self.rng >> 7
                 self.rng ^= self.rng << 17
                 idx = <uint32_t>(self.rng % grp.nentries)
             e = &grp.entries[idx]
-            out.append((<object>self.subs[e.sid].obj, <int>(e.meta & M_QOS),
+            out.append((<object>self.objs[e.sid], <int>(e.meta & M_QOS),
                         (e.meta & M_RAP) != 0, (<long long>e.subid,) if e.subid else ()))
         return 0
+
+    cdef int share_by_callable(self, uint32_t nh, list out) except -1:
+        # A callable may run arbitrary code (even change this trie), so copy
+        # what it needs into Python objects before calling it.
+        cdef uint32_t h, g, idx
+        cdef Node* n
+        cdef Node* grp
+        cdef Entry* e
+        cdef list snapshot = []
+        for h in range(nh):
+            n = self.hits[h]
+            if not (n.flags & F_GROUPS):
+                continue
+            filter_text = node_text(n)
+            for g in range(node_slots(n)):
+                grp = n.table[g]
+                if grp == NULL or not (grp.flags & F_GROUP):
+                    continue
+                members = []
+                opts = []
+                for idx in range(grp.nentries):
+                    e = &grp.entries[idx]
+                    members.append(<object>self.objs[e.sid])
+                    opts.append((<int>(e.meta & M_QOS), (e.meta & M_RAP) != 0,
+                                 (<long long>e.subid,) if e.subid else ()))
+                snapshot.append((key_text(grp), filter_text, members, opts))
+        for name, filter_text, members, opts in snapshot:
+            chosen = self.policy(name, filter_text, list(members))
+            if chosen is None:
+                continue
+            try:
+                pos = members.index(chosen)
+            except ValueError:
+                raise ValueError("share policy returned a non-member") from None
+            out.append((members[pos], *opts[pos]))
+        return 0
+
+
+cdef int children_into(Node* n, bint skip_dollar, uint32_t level, list work) except -1:
+    cdef uint32_t i
+    cdef Node* c
+    for i in range(node_slots(n)):
+        c = n.table[i]
+        if c != NULL and not (skip_dollar and c.keylen and c.key[0] == b'$'):
+            work.append((<size_t>c, level))
+    return 0
 
 
 # ---------------------------------------------------------------------------
 # the retained store
 
 cdef inline RetVal* retval(Node* n) noexcept:
-    return <RetVal*>n.extra
+    return <RetVal*>n.entries
 
 
 @cython.final
@@ -1269,44 +1472,26 @@ cdef class RetainedStore:
     cdef Py_ssize_t count
 
     def __cinit__(self):
-        self.root = node_new(NULL, NULL, 0, 0)
+        self.root = node_new(NULL, NULL, 0)
 
     def __init__(self) -> None:
         """Create an empty store."""
 
     def __dealloc__(self):
-        cdef list stack
-        cdef Node* n
-        cdef uint32_t i
-        if self.root == NULL:
-            return
-        stack = [<size_t>self.root]
-        while stack:
-            n = <Node*><size_t>stack.pop()
-            if n.tcap <= LINEAR_MAX:
-                for i in range(n.nchildren):
-                    stack.append(<size_t>n.table[i])
-            else:
-                for i in range(n.tcap):
-                    if n.table[i] != NULL:
-                        stack.append(<size_t>n.table[i])
-            if n.extra != NULL:
-                Py_XDECREF(retval(n).msg)
-                PyMem_Free(n.extra)
-            PyMem_Free(n.table)
-            PyMem_Free(n)
-        self.root = NULL
+        if self.root != NULL:
+            nodes_free(self.root, True)
+            self.root = NULL
 
     cdef Node* find(self, Levels* lv, bint create) except? NULL:
         cdef Node* n = self.root
         cdef Node* c
         cdef uint32_t i
         for i in range(lv.n):
-            c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+            c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i], 0)
             if c == NULL:
                 if not create:
                     return NULL
-                c = node_new(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+                c = node_new(n, lv.buf + lv.off[i], lv.len[i])
                 try:
                     child_add(n, c)
                 except MemoryError:
@@ -1322,7 +1507,7 @@ cdef class RetainedStore:
         cdef object msg = <object>rv.msg
         Py_DECREF(msg)          # `msg` keeps it alive until the caller drops it
         PyMem_Free(rv)
-        n.extra = NULL
+        n.entries = NULL
         n.flags = 0
         self.count -= 1
         node_prune(n)
@@ -1350,21 +1535,24 @@ cdef class RetainedStore:
             n = self.find(&lv, True)
         finally:
             levels_free(&lv)
-        if n.extra == NULL:
+        if n.entries == NULL:
             rv = <RetVal*>PyMem_Malloc(sizeof(RetVal))
             if rv == NULL:
                 node_prune(n)
                 raise MemoryError()
-            n.extra = rv
+            n.entries = <Entry*>rv
             self.count += 1
         else:
             rv = retval(n)
             old = <object>rv.msg
-            Py_DECREF(old)
+            Py_DECREF(old)      # `old` is released after the store is consistent
         Py_INCREF(message)
         rv.msg = <PyObject*>message
         rv.expires = exp
-        n.flags = 0 if expires_at is None else F_HAS_EXP
+        if expires_at is None:
+            n.flags &= ~F_HAS_EXP
+        else:
+            n.flags |= F_HAS_EXP
 
     cdef Node* lookup(self, object topic) except? NULL:
         cdef Levels lv
@@ -1385,7 +1573,7 @@ cdef class RetainedStore:
             MalformedPacket: invalid topic name (0x90).
         """
         cdef Node* n = self.lookup(topic)
-        if n == NULL or n.extra == NULL:
+        if n == NULL or n.entries == NULL:
             return False
         self.drop(n)
         return True
@@ -1397,7 +1585,7 @@ cdef class RetainedStore:
             MalformedPacket: invalid topic name (0x90).
         """
         cdef Node* n = self.lookup(topic)
-        if n == NULL or n.extra == NULL:
+        if n == NULL or n.entries == NULL:
             return None
         if now is not None and (n.flags & F_HAS_EXP) and retval(n).expires <= <double>now:
             self.drop(n)
@@ -1428,8 +1616,7 @@ cdef class RetainedStore:
         cdef list work
         cdef Node* n
         cdef Node* c
-        cdef uint32_t i, L, k
-        cdef bint below
+        cdef uint32_t i, L
         cdef double t_now = 0.0
         levels_init(&lv)
         try:
@@ -1437,26 +1624,24 @@ cdef class RetainedStore:
             if lv.share != NULL:
                 return []
             L = lv.n
-            # work items: (node address, level index); level L+1 means
-            # "everything below" (a '#').
             work = [(<size_t>self.root, 0)]
             while work:
                 addr, i = work.pop()
                 n = <Node*><size_t>addr
                 if i == L:
-                    if n.extra != NULL:
+                    if n.entries != NULL:
                         found.append(addr)
                     continue
                 if is_level(&lv, i, b'#'):
                     # '#' matches the parent level itself [MQTT-4.7.1-2] ...
-                    if i > 0 and n.extra != NULL:
+                    if i > 0 and n.entries != NULL:
                         found.append(addr)
                     # ... and everything below it.
                     self.all_below(n, i == 0, found)
                 elif is_level(&lv, i, b'+'):
-                    self.children_into(n, i == 0, i + 1, work)
+                    children_into(n, i == 0, i + 1, work)
                 else:
-                    c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i])
+                    c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i], 0)
                     if c != NULL:
                         work.append((<size_t>c, i + 1))
         finally:
@@ -1472,34 +1657,19 @@ cdef class RetainedStore:
                 continue
             out.append((node_text(n), <object>retval(n).msg))
         dropped = [self.drop(<Node*><size_t>addr) for addr in expired]
-        del dropped
+        del dropped     # released only now that the store is consistent
         return out
-
-    cdef int children_into(self, Node* n, bint skip_dollar, uint32_t level, list work) except -1:
-        cdef uint32_t i
-        cdef Node* c
-        if n.tcap <= LINEAR_MAX:
-            for i in range(n.nchildren):
-                c = n.table[i]
-                if not (skip_dollar and c.keylen and c.key[0] == b'$'):
-                    work.append((<size_t>c, level))
-        else:
-            for i in range(n.tcap):
-                c = n.table[i]
-                if c != NULL and not (skip_dollar and c.keylen and c.key[0] == b'$'):
-                    work.append((<size_t>c, level))
-        return 0
 
     cdef int all_below(self, Node* top, bint skip_dollar, list found) except -1:
         cdef list work = []
         cdef Node* n
-        self.children_into(top, skip_dollar, 0, work)
+        children_into(top, skip_dollar, 0, work)
         while work:
             addr, _ = work.pop()
             n = <Node*><size_t>addr
-            if n.extra != NULL:
+            if n.entries != NULL:
                 found.append(addr)
-            self.children_into(n, False, 0, work)
+            children_into(n, False, 0, work)
         return 0
 
     def purge_expired(self, now):
@@ -1509,7 +1679,6 @@ cdef class RetainedStore:
             How many were removed.
         """
         cdef list found = []
-        cdef Node* n
         cdef double t_now = now
         self.all_below(self.root, False, found)
         expired = [addr for addr in found
@@ -1535,12 +1704,13 @@ cdef class RetainedStore:
         """Tree nodes below the root (introspection: emptied nodes are pruned)."""
         cdef list work = []
         cdef Py_ssize_t total = 0
-        self.children_into(self.root, False, 0, work)
+        children_into(self.root, False, 0, work)
         while work:
             addr, _ = work.pop()
             total += 1
-            self.children_into(<Node*><size_t>addr, False, 0, work)
+            children_into(<Node*><size_t>addr, False, 0, work)
         return total
 
     def __len__(self):
         return self.count
+

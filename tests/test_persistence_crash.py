@@ -261,6 +261,64 @@ def test_outgoing_qos2_after_pubrec_resumes_with_pubrel(broker_factory, paho, ra
     sub.expect_silence(0.5)
 
 
+def wait_for_rows(broker, sql, want, timeout=10.0):
+    """Poll the broker's database (read-only, WAL allows a concurrent reader)
+    until ``sql`` returns ``want``: the only outside view of "committed" for
+    state the broker does not acknowledge to anyone. Bounded."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{broker.data_dir / DB_NAME}?mode=ro", uri=True,
+                                 timeout=1) as db:
+                got = db.execute(sql).fetchone()[0]
+        except sqlite3.Error:
+            got = None
+        if got == want:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{sql} gave {got!r}, want {want!r}")
+
+
+def test_delayed_will_survives_kill9(broker_factory, paho):
+    """A will waiting for its Will Delay Interval is still published after the
+    broker crashed and restarted [MQTT-3.1.3-9]."""
+    broker = start_broker(broker_factory)
+    c = paho(broker, client_id="will-client", clean=False, session_expiry=60,
+             will=("crash/will", b"offline", 1, False, {"WillDelayInterval": 2}))
+    c.drop()  # abnormal close: the will is pending for 2 s
+    wait_for_rows(broker, "SELECT count(*) FROM wills", 1)
+    crash_and_restart(broker)
+    watcher = paho(broker, client_id="will-watcher")
+    watcher.subscribe("crash/will", qos=1)
+    m = watcher.get(15)
+    assert (m.topic, m.payload) == ("crash/will", b"offline")
+
+
+def test_inflight_qos1_is_redelivered_after_kill9(broker_factory, paho, raw):
+    """Messages sent to a subscriber that had not acknowledged them when the
+    broker died are delivered again on reconnect [MQTT-4.4.0-1]."""
+    broker = start_broker(broker_factory)
+    sub = raw(broker)
+    sub.connect("inflight-sub", clean=False, props={0x11: 3600})
+    sub.subscribe("crash/inflight", 1)
+    pub = paho(broker, client_id="inflight-pub")
+    publish_all(pub, "crash/inflight", [b"i%d" % i for i in range(5)])
+    first = [sub.recv_type("PUBLISH") for _ in range(5)]  # never acknowledged
+    assert [p.payload for p in first] == [b"i%d" % i for i in range(5)]
+    sub.close()
+    crash_and_restart(broker)
+    sub = raw(broker)
+    assert sub.connect("inflight-sub", clean=False, props={0x11: 3600}).session_present
+    again = [sub.recv_type("PUBLISH") for _ in range(5)]
+    assert [p.payload for p in again] == [b"i%d" % i for i in range(5)]
+    for p in again:
+        sub.send(ack_bytes("PUBACK", p.packet_id))
+    sub.expect_silence(0.3)
+
+
 def test_corrupt_database_is_moved_aside_and_broker_starts(broker_factory, paho):
     broker = start_broker(broker_factory)
     pub = paho(broker, client_id="corrupt-pub")

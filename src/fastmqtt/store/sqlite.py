@@ -269,6 +269,8 @@ class SqliteStore:
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA cache_size=-16000")
+        # Checkpoints reset the WAL; this caps the file it leaves behind.
+        conn.execute("PRAGMA journal_size_limit=67108864")
         return conn
 
     def _load(self, now: float) -> Snapshot:

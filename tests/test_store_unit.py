@@ -673,3 +673,49 @@ def test_undecodable_row_is_dropped_rest_recovered(tmp_path, caplog):
     assert [t for t, _, _ in snap.retained] == ["r"]
     assert [x.client_id for x in snap.sessions] == ["c"]
     assert s.moved_aside is None and "undecodable retained message 'bad'" in caplog.text
+
+
+async def test_aclose_commits_what_is_pending(tmp_path):
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    for i in range(1, 200):
+        s.put_message(i, pub(), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+    await s.aclose()  # no durable() awaited: closing still commits everything
+    s2 = SqliteStore(str(tmp_path))
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert len(snap.sessions[0].deliveries) == 199
+
+
+def test_open_twice_is_an_error(sq):
+    with pytest.raises(StoreError):
+        sq.open()
+
+
+@pytest.mark.parametrize("mode", ["sync", "batch"])
+def test_batch_mode_fsyncs_the_wal_and_sync_mode_leaves_it_to_sqlite(tmp_path, mode):
+    s = SqliteStore(str(tmp_path), durability=mode, batch_interval_ms=5)
+    synced = threading.Event()
+    inner = s._fsync_wal
+
+    def spy(fd):
+        synced.set()
+        return inner(fd)
+
+    s._fsync_wal = spy
+    s.open(now=NOW)
+    try:
+        s.put_session("c", NEVER, 5, None)
+        wait_committed(s)
+        if mode == "batch":
+            # Committed without fsync; the WAL is fsynced within the interval.
+            assert synced.wait(10)
+        # The writer is idle now; its connection's settings (1 NORMAL, 2 FULL).
+        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == (1 if mode == "batch" else 2)
+        assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        s.close()
+    if mode == "sync":
+        assert not synced.is_set()  # synchronous=FULL fsyncs every commit itself

@@ -75,6 +75,11 @@ class MqttProxy:
         self._scopes: dict[int, trio.CancelScope] = {}
         self._conn_event = trio.Event()
         self.accepting = True
+        self.frozen = False  # True: swallow every packet, keep sockets open
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Black-hole the open connections (a dead network path: no RST, no data)."""
+        self.frozen = frozen
 
     def cut_on(self, direction: str, packet_type: str, count: int = 1, drop: bool = True) -> CutRule:
         rule = CutRule(direction, packet_type, count, drop)
@@ -147,6 +152,8 @@ class MqttProxy:
                             if rule.seen >= rule.count:
                                 cut = rule
                                 break
+                    if self.frozen:
+                        continue
                     if cut is not None:
                         if not cut.drop:
                             await dst.send_all(pkt)
@@ -194,3 +201,75 @@ async def collect(stream, n: int, timeout: float = 10.0) -> list:
 
 def make_predicate(direction: str, packet_type: str) -> Callable[[str, str], bool]:
     return lambda d, t: d == direction and t == packet_type
+
+
+class ScriptedConn:
+    """Server side of one connection to :class:`ScriptedBroker`."""
+
+    def __init__(self, stream: trio.SocketStream, version: int | None) -> None:
+        from fastmqtt import codec
+
+        self.codec = codec
+        self.stream = stream
+        self.decoder = codec.Decoder(version)
+        self.pending: list = []
+        self.version = version or 5
+
+    async def recv(self):
+        while not self.pending:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError
+            self.pending += self.decoder.feed(data)
+            if self.decoder.version:
+                self.version = self.decoder.version
+        return self.pending.pop(0)
+
+    async def recv_type(self, cls):
+        while True:
+            pkt = await self.recv()
+            if isinstance(pkt, cls):
+                return pkt
+
+    async def send(self, *packets) -> None:
+        await self.stream.send_all(b"".join(self.codec.encode(p, self.version) for p in packets))
+
+
+class ScriptedBroker:
+    """An in-process TCP server whose every connection runs ``script(conn)``:
+    for client behaviour a real broker will not show on demand (negative
+    acknowledgements, refusals)."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.connections = 0
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream) -> None:
+        self.connections += 1
+        conn = ScriptedConn(stream, None)
+        try:
+            await self.script(conn)
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await stream.aclose()
+
+
+@pytest.fixture
+async def scripted_broker(nursery):
+    """Factory ``await scripted_broker(script)`` -> a running :class:`ScriptedBroker`."""
+
+    async def make(script) -> ScriptedBroker:
+        b = ScriptedBroker(script)
+        await nursery.start(b.run)
+        return b
+
+    return make

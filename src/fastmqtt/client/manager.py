@@ -263,6 +263,10 @@ class Client:
             every connection after resubscription; add more with
             :meth:`add_connect_hook`.
         response_prefix: first levels of the request/response reply topic.
+        wait_connected: ``__aenter__`` waits for the first connection (and
+            raises :class:`ConnectError` when ``connect_attempts`` run out);
+            False returns at once and connects in the background (publishes
+            wait in the outbox meanwhile).
     """
 
     def __init__(
@@ -297,6 +301,7 @@ class Client:
         ping_timeout: float | None = None,
         on_connect: Callable | Iterable[Callable] | None = None,
         response_prefix: str = "fastmqtt/response",
+        wait_connected: bool = True,
     ) -> None:
         self.ssl_context = tls if isinstance(tls, _ssl.SSLContext) else None
         parsed: list[BrokerURL] = []
@@ -328,6 +333,7 @@ class Client:
         self.max_reconnect_attempts = max_reconnect_attempts
         self.reconnect = reconnect
         self.response_prefix = response_prefix
+        self.wait_connected_on_enter = wait_connected
         self._protocol = ClientProtocol(
             client_id, version=version, keep_alive=keep_alive, clean_start=clean_start,
             session_expiry=session_expiry, username=username, password=password, will=will,
@@ -398,6 +404,8 @@ class Client:
             if not route.started:
                 self._nursery.start_soon(route.run)
         self._nursery.start_soon(self._run)
+        if not self.wait_connected_on_enter:
+            return self
         try:
             await self._first_result.wait()
         except BaseException:
@@ -624,6 +632,7 @@ class Client:
             self._pending_unsubs.clear()
             for st in self._subs.values():
                 st.acked = False
+                st.granted = -1
         elif self._pending_unsubs:
             filters = sorted(self._pending_unsubs)
             self._pending_unsubs.clear()

@@ -300,3 +300,29 @@ def test_rate_limiter_sustained_rate():
 def test_rate_limiter_rejects_bad_arguments(rate, burst):
     with pytest.raises(ValueError):
         RateLimiter(rate, burst)
+
+
+# ------------------------------------------------------------ SIGHUP
+
+async def test_sighup_reloader(tmp_path):
+    import os
+    import signal
+
+    from fastmqtt.broker.security import sighup_reloader
+
+    pw = tmp_path / "pw"
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic read a/#\n")
+    authn, authz = build_security(cfg(password_file=write_pw(pw, alice="old"), acl_file=str(acl)))
+    reloaded = trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            await n.start(sighup_reloader, authn, authz, reloaded.set)
+            write_pw(pw, alice="new")
+            acl.write_text("user alice\ntopic read b/#\n")
+            os.kill(os.getpid(), signal.SIGHUP)
+            await reloaded.wait()
+            n.cancel_scope.cancel()
+    assert await authn.authenticate("c", "alice", b"new", None) == 0
+    assert await authn.authenticate("c", "alice", b"old", None) == 0x86
+    assert authz.can_subscribe("c", "alice", "b/x") and not authz.can_subscribe("c", "alice", "a/x")

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import signal
 from typing import Any
 
-__all__ = ["RateLimiter", "build_security", "load_object"]
+import trio
+
+__all__ = ["RateLimiter", "build_security", "load_object", "reload_security", "sighup_reloader"]
 
 log = logging.getLogger("fastmqtt.broker.security")
 
@@ -179,3 +182,49 @@ def build_security(config: Any) -> tuple[Any, Any]:
              "allowed" if allow_anonymous else "refused", password_file or "-",
              auth_plugin or "-", "on" if authorizers else "off")
     return authenticator, authorizer
+
+
+def reload_security(authenticator: Any, authorizer: Any) -> None:
+    """Re-read the password and ACL files (what SIGHUP does).
+
+    A file that cannot be read or parsed keeps its old contents in force (the
+    error is logged), so a typo never locks everyone out or opens everything.
+
+    Args:
+        authenticator: from :func:`build_security`.
+        authorizer: from :func:`build_security`.
+    """
+    for obj in (authenticator, authorizer):
+        reload = getattr(obj, "reload", None)
+        if reload is not None:
+            reload()
+    log.info("security configuration reloaded")
+
+
+async def sighup_reloader(authenticator: Any, authorizer: Any, on_reload: Any = None, *,
+                          task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Reload security files on every SIGHUP until cancelled (a trio task).
+
+    The broker's server starts it next to its listeners::
+
+        nursery.start_soon(sighup_reloader, authenticator, authorizer, core_hook)
+
+    Args:
+        authenticator: from :func:`build_security`.
+        authorizer: from :func:`build_security`.
+        on_reload: optional callable run after each reload, e.g. one that calls
+            ``authorizer.can_subscribe`` over every session's subscriptions
+            (:func:`fastmqtt.broker.acl.stale_subscriptions`) and removes the
+            ones no longer allowed. Delivery is checked by ``can_receive``
+            either way, so a stale subscription never leaks a message.
+        task_status: trio task status; ``started()`` once the handler is set.
+    """
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            try:
+                reload_security(authenticator, authorizer)
+                if on_reload is not None:
+                    on_reload()
+            except Exception:  # a reload must never take the broker down
+                log.exception("reload after SIGHUP failed")

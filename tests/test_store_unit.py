@@ -388,7 +388,7 @@ def wait_committed(store):
     raise AssertionError("writer did not commit")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
 def test_sqlite_store_recovers_what_memory_store_holds(ops):
     """Any sequence of mutations, cut into batches anywhere, recovers to the
@@ -719,3 +719,23 @@ def test_batch_mode_fsyncs_the_wal_and_sync_mode_leaves_it_to_sqlite(tmp_path, m
         s.close()
     if mode == "sync":
         assert not synced.is_set()  # synchronous=FULL fsyncs every commit itself
+
+
+def test_unopenable_database_is_an_error_not_moved_aside(tmp_path):
+    data = tmp_path / "d"
+    (data / DB_NAME).mkdir(parents=True)  # the path exists but is not a file
+    s = SqliteStore(str(data))
+    with pytest.raises(StoreError, match="cannot use"):
+        s.open()
+    assert (data / DB_NAME).is_dir() and s.moved_aside is None
+    # The lock was released: a retry after fixing the problem works.
+    (data / DB_NAME).rmdir()
+    s2 = SqliteStore(str(data))
+    s2.open()
+    s2.close()
+
+
+def test_data_dir_that_is_a_file_is_an_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="data directory"):
+        SqliteStore(str(tmp_path / "f")).open()

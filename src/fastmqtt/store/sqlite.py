@@ -206,22 +206,30 @@ class SqliteStore:
             the recovered :class:`Snapshot`.
 
         Raises:
-            StoreError: the data directory is locked by another process or the
-                database cannot be created at all.
+            StoreError: the data directory is locked by another process, cannot
+                be created, or the database file cannot be opened at all (the
+                file may be fine: nothing is moved aside then).
         """
         if self._thread is not None:
             raise StoreError("store already open")
         now = self._clock() if now is None else now
-        os.makedirs(self.data_dir, exist_ok=True)
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create data directory {self.data_dir!r}: {e}") from e
         self._take_lockfile()
         try:
-            snap = self._load(now)
-        except _Unusable as e:
-            self._move_aside(str(e))
             try:
                 snap = self._load(now)
-            except _Unusable as e2:  # a fresh file must work
-                raise StoreError(f"cannot create {self.path}: {e2}") from e2
+            except _Unusable as e:
+                self._move_aside(str(e))
+                try:
+                    snap = self._load(now)
+                except _Unusable as e2:  # a fresh file must work
+                    raise StoreError(f"cannot create {self.path}: {e2}") from e2
+        except BaseException:
+            self._release_lockfile()
+            raise
         self._thread = threading.Thread(target=self._writer, name="fastmqtt-store-writer",
                                         daemon=True)
         self._thread.start()
@@ -234,7 +242,10 @@ class SqliteStore:
     def _take_lockfile(self) -> None:
         if self._lockfile is not None:
             return
-        fd = os.open(os.path.join(self.data_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(os.path.join(self.data_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StoreError(f"cannot create the lock file in {self.data_dir!r}: {e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -254,9 +265,13 @@ class SqliteStore:
         while os.path.exists(dest):
             n += 1
             dest = f"{self.path}.corrupt-{stamp}-{n}"
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(self.path + suffix):
-                os.replace(self.path + suffix, dest + suffix)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(self.path + suffix):
+                    os.replace(self.path + suffix, dest + suffix)
+        except OSError as e:
+            raise StoreError(f"{self.path} is unusable ({reason}) and cannot be moved "
+                             f"aside: {e}") from e
         self.moved_aside = dest
         log.error("persistence: %s is unusable (%s); moved it to %s and starting with an "
                   "empty store", self.path, reason, dest)
@@ -305,8 +320,15 @@ class SqliteStore:
                              (SCHEMA_VERSION,))
                 snap = self._recover(conn, now)
             except sqlite3.DatabaseError as e:
+                text = str(e).lower()
+                if isinstance(e, sqlite3.OperationalError) and any(
+                        w in text for w in ("unable to open", "locked", "readonly", "read-only",
+                                            "disk i/o", "permission")):
+                    # The file may be fine; the environment is not. Moving it
+                    # aside would hide good data: refuse to start instead.
+                    raise StoreError(f"cannot use {self.path}: {e}") from e
                 raise _Unusable(f"{type(e).__name__}: {e}") from e
-        except _Unusable:
+        except (_Unusable, StoreError):
             if conn is not None:
                 conn.close()
             raise

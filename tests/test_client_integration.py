@@ -180,7 +180,7 @@ async def test_on_connect_hook_and_resubscribe_after_sever(any_broker, mqtt_prox
 async def test_keepalive_detects_dead_connection(any_broker, mqtt_proxy):
     proxy = await mqtt_proxy(any_broker)
     with trio.fail_after(30):
-        async with client(proxy, keep_alive=1, ping_timeout=1) as c:
+        async with client(proxy, keep_alive=2, ping_timeout=0.3) as c:
             proxy.freeze()  # packets vanish, the socket stays open
             await c.wait_disconnected()
             proxy.freeze(False)

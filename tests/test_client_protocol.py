@@ -120,6 +120,15 @@ def test_qos2_publish_flow_pubrec_pubrel_pubcomp():
     assert isinstance(ev, PublishCompleted) and ev.reason_code == 0
 
 
+def test_pubcomp_packet_id_not_found_after_resent_pubrel_is_success():
+    proto, b, _ = connect(session_expiry=60)
+    pid, _ = proto.publish("a", b"x", qos=2)
+    proto.receive_data(b.send(codec.Pubrec(pid, 0x10)), 0)
+    b2, _, _ = reconnect(proto, session_present=True)
+    (ev,) = proto.receive_data(b2.send(codec.Pubcomp(pid, 0x92)), 1)
+    assert isinstance(ev, PublishCompleted) and ev.reason_code == 0x10
+
+
 def test_qos2_failed_pubrec_ends_the_flow():
     proto, b, _ = connect()
     pid, data = proto.publish("a/b", b"x", qos=2)

@@ -172,6 +172,7 @@ class _Outgoing:
     publish: Any  # codec.Publish with the full topic (never an alias-only topic)
     state: str  # "publish" (awaiting PUBACK/PUBREC) or "pubrel" (awaiting PUBCOMP)
     sent: bool  # written on the current connection (False: pending resend)
+    rec_code: int = 0  # the PUBREC's reason code (QoS 2)
 
 
 # --------------------------------------------------------------------- protocol
@@ -510,6 +511,7 @@ class ClientProtocol:
             events.append(PublishCompleted(pid, pkt.reason_code, pkt.properties, item.publish))
             return
         item.state = "pubrel"
+        item.rec_code = pkt.reason_code
         events.append(PublishReceived(pid))
         self._out += codec.encode(codec.Pubrel(pid), self.version)
 
@@ -527,7 +529,11 @@ class ClientProtocol:
         if item is None or item.state != "pubrel":
             return
         del self._inflight[pkt.packet_id]
-        events.append(PublishCompleted(pkt.packet_id, pkt.reason_code, pkt.properties, item.publish))
+        # The outcome is the PUBREC's: a successful PUBREC means the server took
+        # the message. PUBCOMP 0x92 (Packet Identifier not found) only says the
+        # server finished this id already, e.g. its first PUBCOMP was lost with
+        # the connection and we resent the PUBREL [MQTT-4.4.0-1].
+        events.append(PublishCompleted(pkt.packet_id, item.rec_code, pkt.properties, item.publish))
 
     def data_to_send(self) -> bytes:
         """Replies queued by :meth:`receive_data` (acks); empties the queue."""

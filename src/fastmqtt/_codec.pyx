@@ -864,7 +864,11 @@ cdef object _utf8(const unsigned char* s, Py_ssize_t n, int ptype, str field):
 
 
 cdef inline object r_str(Reader* r, str field):
-    cdef int n = r_u16(r, field + " length")
+    # The field name is only turned into a message on the error path.
+    if r.end - r.p < 2:
+        _overrun(r, field + " length", 2)
+    cdef Py_ssize_t n = (r.p[0] << 8) | r.p[1]
+    r.p += 2
     if r.end - r.p < n:
         _overrun(r, field, n)
     cdef const unsigned char* s = r.p
@@ -873,7 +877,10 @@ cdef inline object r_str(Reader* r, str field):
 
 
 cdef inline bytes r_bin(Reader* r, str field):
-    cdef int n = r_u16(r, field + " length")
+    if r.end - r.p < 2:
+        _overrun(r, field + " length", 2)
+    cdef Py_ssize_t n = (r.p[0] << 8) | r.p[1]
+    r.p += 2
     if r.end - r.p < n:
         _overrun(r, field, n)
     cdef bytes b = PyBytes_FromStringAndSize(<const char*>r.p, n)
@@ -909,7 +916,11 @@ cdef object _read_props(Reader* r, int ptype):
     cdef str name
     cdef const unsigned char* s
     while r.p < r.end:
-        ident = r_vbi(r, "property identifier")
+        if r.p[0] < 0x80:  # every id of MQTT 5.0 is one byte
+            ident = r.p[0]
+            r.p += 1
+        else:
+            ident = r_vbi(r, "property identifier")
         if ident >= 64 or _PTYPE[ident] == 0:
             _fail(f"{what} unknown property identifier 0x{ident:02X}")
         pid = <int>ident
@@ -942,7 +953,7 @@ cdef object _read_props(Reader* r, int ptype):
                 _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
             value = iv
         else:  # T_PAIR
-            value = (r_str(r, name + " name"), r_str(r, name + " value"))
+            value = (r_str(r, "USER_PROPERTY name"), r_str(r, "USER_PROPERTY value"))
         if pid == P_USER or pid == P_SUBID:
             multi = True
             if seen & ((<uint64_t>1) << pid):
@@ -988,10 +999,16 @@ cdef Connect _decode_connect(Reader* r):
         _overrun(r, "protocol name", nlen)
     cdef const unsigned char* name = r.p
     r.p += nlen
-    name_str = _utf8(name, nlen, CONNECT, "protocol name")
+    cdef bint known = ((nlen == 4 and memcmp(name, b"MQTT", 4) == 0)
+                       or (nlen == 6 and memcmp(name, b"MQIsdp", 6) == 0))
+    if not known:
+        # Only an unknown name needs decoding (for the UTF-8 rules and the message).
+        name_str = _utf8(name, nlen, CONNECT, "protocol name")
+    else:
+        name_str = "MQTT" if nlen == 4 else "MQIsdp"
     cdef int level = r_byte(r, "protocol level")
-    if not ((nlen == 4 and memcmp(name, b"MQTT", 4) == 0 and (level == 4 or level == 5))
-            or (nlen == 6 and memcmp(name, b"MQIsdp", 6) == 0 and level == 3)):
+    if not ((nlen == 4 and known and (level == 4 or level == 5))
+            or (nlen == 6 and known and level == 3)):
         _fail(f"CONNECT protocol name {name_str!r} level {level} is not supported "
               "(MQTT 5, MQTT 4 or MQIsdp 3) [MQTT-3.1.2-2]", RC_VERSION)
     cdef bint v5 = level == 5
@@ -1597,8 +1614,8 @@ cdef class Decoder:
     cdef Py_ssize_t _top_up(self, const unsigned char* p, Py_ssize_t n, list out) except -1:
         """Complete the pending packet from the head of ``p``; returns the
         bytes of ``p`` consumed."""
-        cdef Py_ssize_t consumed = 0, take, rl, total, excess
-        cdef int hlen
+        cdef Py_ssize_t consumed = 0, take, rl = 0, total, excess
+        cdef int hlen = 0
         if self._need < 0:
             # The fixed header itself was cut: it is at most 5 bytes.
             take = 5 - self._len
@@ -1683,20 +1700,40 @@ cdef struct Str:
     Py_ssize_t n
 
 
-cdef int _str_view(object value, Str* out, str what) except -1:
-    """UTF-8 view of a str for the wire: well-formed [MQTT-1.5.4-1], no U+0000
-    [MQTT-1.5.4-2], at most 65535 bytes (1.5.4). ASCII strs need no copy."""
+cdef inline bint _str_ok(object value, Str* out) noexcept:
+    """Fast path of ``_str_view``: True when ``value`` is a str that may go on
+    the wire as is (the UTF-8 of an ASCII str is its own buffer: no copy)."""
     if not PyUnicode_Check(value):
-        _fail(f"{what} must be a str, not {type(value).__name__}")
+        return False
     cdef const char* s = _PyUnicode_AsUTF8AndSize(value, &out.n)
     if s == NULL:
         PyErr_Clear()
-        _fail(f"{what} is not well-formed UTF-8 [MQTT-1.5.4-1]")
-    if out.n and memchr(s, 0, <size_t>out.n) != NULL:
-        _fail(f"{what} contains U+0000 [MQTT-1.5.4-2]")
-    if out.n > 0xFFFF:
-        _fail(f"{what} is longer than 65535 bytes (1.5.4)")
+        return False
+    if out.n > 0xFFFF or (out.n and memchr(s, 0, <size_t>out.n) != NULL):
+        return False
     out.s = s
+    return True
+
+
+cdef int _str_error(object value, str what) except -1:
+    """Raise the MalformedPacket explaining why ``_str_ok`` refused ``value``."""
+    if not PyUnicode_Check(value):
+        _fail(f"{what} must be a str, not {type(value).__name__}")
+    cdef Py_ssize_t n
+    cdef const char* s = _PyUnicode_AsUTF8AndSize(value, &n)
+    if s == NULL:
+        PyErr_Clear()
+        _fail(f"{what} is not well-formed UTF-8 [MQTT-1.5.4-1]")
+    if n and memchr(s, 0, <size_t>n) != NULL:
+        _fail(f"{what} contains U+0000 [MQTT-1.5.4-2]")
+    _fail(f"{what} is longer than 65535 bytes (1.5.4)")
+
+
+cdef inline int _str_view(object value, Str* out, str what) except -1:
+    """UTF-8 view of a str for the wire: well-formed [MQTT-1.5.4-1], no U+0000
+    [MQTT-1.5.4-2], at most 65535 bytes (1.5.4)."""
+    if not _str_ok(value, out):
+        _str_error(value, what)
     return 0
 
 
@@ -1712,6 +1749,24 @@ cdef bytes _as_bytes(object value, str what, Py_ssize_t limit):
     if PyBytes_GET_SIZE(b) > limit:
         _fail(f"{what} is longer than 65535 bytes (1.5.6)")
     return b
+
+
+cdef extern from *:
+    """
+    /* The mapping a types.MappingProxyType wraps. Its layout (PyObject_HEAD then
+       the mapping) has not changed since CPython 3.3; the caller checks the
+       exact type first and that the mapping is a dict. */
+    typedef struct { PyObject_HEAD PyObject *mapping; } fastmqtt_proxy_t;
+    #define FASTMQTT_PROXY_MAPPING(o) (((fastmqtt_proxy_t *)(o))->mapping)
+    """
+    PyObject* FASTMQTT_PROXY_MAPPING(object o)
+
+cdef extern from "Python.h":
+    bint PyDict_CheckExact(object o)
+    int PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value) noexcept
+    long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
+
+cdef type _ProxyType = type(_EMPTY_PROPERTIES_py)
 
 
 cdef struct PropPlan:
@@ -1732,27 +1787,28 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     pl.has_alias = False
     if props is EMPTY or props is None:
         return 0
-    cdef str what = _pname(ptype)
-    if not isinstance(props, MappingProxyType):
+    if type(props) is not _ProxyType:
         # The constructor turned every mapping into a read-only view; anything
         # else was kept as given for this error.
-        _fail(f"{what} properties must be a mapping, not {type(props).__name__}")
+        _fail(f"{_pname(ptype)} properties must be a mapping, not {type(props).__name__}")
+    cdef object mapping = <object>FASTMQTT_PROXY_MAPPING(props)
+    if not PyDict_CheckExact(mapping):
+        _fail(f"{_pname(ptype)} properties must be a dict-backed mapping")
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
     cdef int pid, i
-    for key, value in props.items():
-        if not PyLong_Check(key) or not (0 < key < 64) or _PTYPE[<int>key] == 0:
-            _fail(f"{what} unknown property identifier {key!r}")
-        pid = <int>key
-        if not (_PALLOW[pid] & (1u << ptype)):
-            _fail(f"{what} property {_PNAME[pid]} is not allowed in this packet (2.2.2.2)")
-        if pl.n >= 48:  # unreachable: ids are unique
-            _fail(f"{what} has too many properties")
+    while PyDict_Next(mapping, &pos, &k, &v):
+        pid = _prop_id(<object>k, ptype)
+        if pl.n >= 48:  # unreachable: ids are unique and there are 27
+            _fail(f"{_pname(ptype)} has too many properties")
         i = pl.n
         while i > 0 and pl.ids[i - 1] > pid:
             pl.ids[i] = pl.ids[i - 1]
             pl.vals[i] = pl.vals[i - 1]
             i -= 1
-        pl.ids[i] = pid
-        pl.vals[i] = <PyObject*>value
+        pl.ids[i] = <unsigned char>pid
+        pl.vals[i] = v
         pl.n += 1
         if pid == P_TOPIC_ALIAS:
             pl.has_alias = True
@@ -1761,64 +1817,101 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     return 0
 
 
+cdef inline int _prop_id(object key, int ptype) except -1:
+    """A known property id allowed in ``ptype`` (2.2.2.2), else MalformedPacket."""
+    cdef int overflow = 0
+    cdef long long pid = -1
+    if PyLong_Check(key):
+        pid = PyLong_AsLongLongAndOverflow(key, &overflow)
+    if overflow or pid <= 0 or pid >= 64 or _PTYPE[pid] == 0:
+        _fail(f"{_pname(ptype)} unknown property identifier {key!r}")
+    if not (_PALLOW[pid] & (1u << ptype)):
+        _fail(f"{_pname(ptype)} property {_PNAME[pid]} is not allowed in this packet (2.2.2.2)")
+    return <int>pid
+
+
 cdef Py_ssize_t _prop_size(int pid, object value, int ptype) except -1:
-    cdef Py_ssize_t size = 0
-    cdef str what = _pname(ptype)
+    cdef Py_ssize_t size = 0, i, n
     if pid == P_USER or pid == P_SUBID:
         if pid == P_SUBID and PyLong_Check(value):
-            values = (value,)
-        elif isinstance(value, (list, tuple)):
-            values = value
+            return 1 + _value_size(pid, value, ptype)
+        if type(value) is tuple or type(value) is list or isinstance(value, (list, tuple)):
+            n = len(value)
         else:
-            _fail(f"{what} property {_PNAME[pid]} must be a list or tuple")
-        if pid == P_SUBID and ptype != PUBLISH and len(values) > 1:
-            _fail(f"{what} property {_PNAME[pid]} included more than once", RC_PROTOCOL)
-        for item in values:
-            size += 1 + _value_size(pid, item, what)
+            _fail(f"{_pname(ptype)} property {_PNAME[pid]} must be a list or tuple")
+        if pid == P_SUBID and ptype != PUBLISH and n > 1:
+            _fail(f"{_pname(ptype)} property {_PNAME[pid]} included more than once",
+                  RC_PROTOCOL)
+        for i in range(n):
+            size += 1 + _value_size(pid, value[i], ptype)
         return size
-    return 1 + _value_size(pid, value, what)
+    return 1 + _value_size(pid, value, ptype)
 
 
-cdef Py_ssize_t _value_size(int pid, object value, str what) except -1:
+cdef int _int_error(int pid, object value, int ptype) except -1:
+    cdef str name = f"{_pname(ptype)} property {_PNAME[pid]}"
     cdef int kind = _PTYPE[pid]
-    cdef str name
+    if not PyLong_Check(value):
+        _fail(f"{name} must be an int, not {type(value).__name__}")
+    if value == 0 and _PNONZERO[pid]:
+        _fail(f"{name} must not be 0", RC_PROTOCOL)
+    if kind == T_BYTE:
+        if _PBOOL[pid] and not (value == 0 or value == 1):
+            _fail(f"{name} must be 0 or 1, got {value!r}", RC_PROTOCOL)
+        _fail(f"{name} must fit one byte, got {value!r}")
+    if kind == T_U16:
+        _fail(f"{name} must be 0..65535, got {value!r}")
+    if kind == T_U32:
+        _fail(f"{name} must be 0..4294967295, got {value!r}")
+    _fail(f"{name} must be 1..268435455, got {value!r}")
+
+
+cdef Py_ssize_t _value_size(int pid, object value, int ptype) except -1:
+    """Validate one property value and return its encoded size (without the id)."""
+    cdef int kind = _PTYPE[pid]
     cdef Str sv
+    cdef int overflow = 0
+    cdef long long iv
     if kind <= T_VBI:
         if not PyLong_Check(value):
-            name = f"{what} property {_PNAME[pid]}"
-            _fail(f"{name} must be an int, not {type(value).__name__}")
-        if value == 0 and _PNONZERO[pid]:
-            _fail(f"{what} property {_PNAME[pid]} must not be 0", RC_PROTOCOL)
+            _int_error(pid, value, ptype)
+        iv = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow or (iv == 0 and _PNONZERO[pid]) or iv < 0:
+            _int_error(pid, value, ptype)
         if kind == T_BYTE:
-            if _PBOOL[pid] and not (value == 0 or value == 1):
-                _fail(f"{what} property {_PNAME[pid]} must be 0 or 1, got {value!r}",
-                      RC_PROTOCOL)
-            if not (0 <= value <= 0xFF):
-                _fail(f"{what} property {_PNAME[pid]} must fit one byte, got {value!r}")
+            if iv > (1 if _PBOOL[pid] else 0xFF):
+                _int_error(pid, value, ptype)
             return 1
         if kind == T_U16:
-            if not (0 <= value <= 0xFFFF):
-                _fail(f"{what} property {_PNAME[pid]} must be 0..65535, got {value!r}")
+            if iv > 0xFFFF:
+                _int_error(pid, value, ptype)
             return 2
         if kind == T_U32:
-            if not (0 <= value <= 0xFFFFFFFF):
-                _fail(f"{what} property {_PNAME[pid]} must be 0..4294967295, got {value!r}")
+            if iv > 0xFFFFFFFF:
+                _int_error(pid, value, ptype)
             return 4
-        if not (0 <= value <= MAX_RL):
-            _fail(f"{what} property {_PNAME[pid]} must be 1..268435455, got {value!r}")
-        return _vbi_len(<Py_ssize_t>value)
-    name = f"{what} property {_PNAME[pid]}"
+        if iv > MAX_RL:
+            _int_error(pid, value, ptype)
+        return _vbi_len(<Py_ssize_t>iv)
     if kind == T_STR:
-        _str_view(value, &sv, name)
+        if not _str_ok(value, &sv):
+            _str_error(value, f"{_pname(ptype)} property {_PNAME[pid]}")
         return 2 + sv.n
     if kind == T_BIN:
-        return 2 + PyBytes_GET_SIZE(_as_bytes(value, name, 0xFFFF))
+        if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) <= 0xFFFF:
+            return 2 + PyBytes_GET_SIZE(value)
+        return 2 + PyBytes_GET_SIZE(_as_bytes(value, f"{_pname(ptype)} property "
+                                                     f"{_PNAME[pid]}", 0xFFFF))
     # T_PAIR
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        _fail(f"{name} must be a (name, value) pair of str, got {value!r}")
-    _str_view(value[0], &sv, name + " name")
+    cdef Py_ssize_t size
+    if not (type(value) is tuple or isinstance(value, (tuple, list))) or len(value) != 2:
+        _fail(f"{_pname(ptype)} property {_PNAME[pid]} must be a (name, value) pair of str, "
+              f"got {value!r}")
+    if not _str_ok(value[0], &sv):
+        _str_error(value[0], f"{_pname(ptype)} property {_PNAME[pid]} name")
     size = 4 + sv.n
-    _str_view(value[1], &sv, name + " value")
+    if not _str_ok(value[1], &sv):
+        _str_error(value[1], f"{_pname(ptype)} property {_PNAME[pid]} value")
     return size + sv.n
 
 
@@ -1826,24 +1919,29 @@ cdef unsigned char* _write_props(unsigned char* w, PropPlan* pl) except NULL:
     """Write the property block measured by ``_plan_props`` (values already valid)."""
     w = w_vbi(w, pl.size)
     cdef int i, pid
+    cdef Py_ssize_t j
     for i in range(pl.n):
         pid = pl.ids[i]
         value = <object>pl.vals[i]
-        if pid == P_USER or pid == P_SUBID:
-            if PyLong_Check(value):
-                value = (value,)
-            for item in value:
+        if (pid == P_USER or pid == P_SUBID) and not PyLong_Check(value):
+            for j in range(len(value)):
                 w[0] = <unsigned char>pid
-                w = _write_value(w + 1, pid, item)
+                w = _write_value(w + 1, pid, value[j])
         else:
             w[0] = <unsigned char>pid
             w = _write_value(w + 1, pid, value)
     return w
 
 
+cdef inline unsigned char* _w_str(unsigned char* w, object value) noexcept:
+    # Validated by _value_size: a str whose UTF-8 is cached (or is its buffer).
+    cdef Py_ssize_t n
+    cdef const char* s = _PyUnicode_AsUTF8AndSize(value, &n)
+    return w_lstr(w, s, n)
+
+
 cdef unsigned char* _write_value(unsigned char* w, int pid, object value) except NULL:
     cdef int kind = _PTYPE[pid]
-    cdef Str sv
     cdef bytes b
     if kind == T_BYTE:
         w[0] = <unsigned char>(<long long>value)
@@ -1855,15 +1953,14 @@ cdef unsigned char* _write_value(unsigned char* w, int pid, object value) except
     if kind == T_VBI:
         return w_vbi(w, <Py_ssize_t>value)
     if kind == T_STR:
-        _str_view(value, &sv, "property")
-        return w_lstr(w, sv.s, sv.n)
+        return _w_str(w, value)
     if kind == T_BIN:
-        b = _as_bytes(value, "property", 0xFFFF)
+        if PyBytes_CheckExact(value):
+            return w_lstr(w, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
+        b = bytes(value)
         return w_lstr(w, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
-    _str_view(value[0], &sv, "property")
-    w = w_lstr(w, sv.s, sv.n)
-    _str_view(value[1], &sv, "property")
-    return w_lstr(w, sv.s, sv.n)
+    w = _w_str(w, value[0])
+    return _w_str(w, value[1])
 
 
 cdef inline Py_ssize_t _props_part(PropPlan* pl) noexcept:
@@ -2183,10 +2280,12 @@ cdef bytes _encode_reason_only(int ptype, int code, object props, bint v5):
     cdef PropPlan pl
     _plan_props(props, ptype, &pl)
     cdef unsigned char* w
-    if pl.n == 0:
+    if pl.n == 0 and code == 0:
         # Short form (3.14.2.1, 3.15.2.1): reason 0 and no properties -> empty body.
-        if code == 0:
-            return b"\xe0\x00" if ptype == DISCONNECT else b"\xf0\x00"
+        return b"\xe0\x00" if ptype == DISCONNECT else b"\xf0\x00"
+    if pl.n == 0 and ptype == DISCONNECT:
+        # DISCONNECT may also omit just the property length (3.14.2.2.1); AUTH
+        # has no such clause (3.15.2), so its reason is always followed by it.
         out = _alloc(first, 1, &w)
         w[0] = <unsigned char>code
         return out

@@ -136,6 +136,59 @@ def test_offline_qos1_queue_survives_kill9(broker_factory, paho, durability):
     assert all(m.qos == 1 for m in got)
 
 
+@pytest.mark.parametrize("durability", ["sync", "batch"])
+def test_kill9_mid_stream_loses_no_acknowledged_message(broker_factory, paho, raw, durability):
+    """The broker dies while a publisher streams QoS 1 messages: every message
+    whose PUBACK reached the publisher (even one read from the socket buffer
+    after the crash) is delivered after the restart."""
+    from fixtures_broker import Closed
+
+    # No queue limit: a message dropped for a full queue is not "lost".
+    broker = start_broker(broker_factory, "--durability", durability,
+                          config={"max_queued_messages": 0})
+    sub = paho(broker, client_id="stream-sub", clean=False, session_expiry=3600)
+    sub.subscribe("crash/stream", qos=1)
+    sub.disconnect()
+    pub = raw(broker)
+    pub.connect("stream-pub")
+    acked: set[int] = set()
+    sent = 0
+    killed = False
+    try:
+        while sent < 3000:
+            burst = b"".join(publish_bytes("crash/stream", b"s%d" % (sent + k), qos=1,
+                                           packet_id=sent + k + 1) for k in range(100))
+            pub.send(burst)
+            sent += 100
+            while len(acked) < sent - 200:  # keep about 200 in flight
+                acked.add(pub.recv_type("PUBACK").packet_id)
+            if len(acked) >= 1000 and not killed:
+                broker.kill()
+                killed = True
+                break
+        while True:  # PUBACKs that left the broker before it died count too
+            acked.add(pub.recv_type("PUBACK", timeout=5).packet_id)
+    except (Closed, OSError):
+        pass
+    assert killed and len(acked) >= 1000
+    pub.close()
+    broker.start()
+    sub2 = paho(broker, client_id="stream-sub", clean=False, session_expiry=3600, connect=False)
+    sub2.connect()
+    assert sub2.session_present
+    marker = paho(broker, client_id="stream-marker")
+    marker.publish("crash/stream", b"end", qos=1)
+    got = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = sub2.get(30)
+        if m.payload == b"end":
+            break
+        got.add(m.payload)
+    want = {b"s%d" % (pid - 1) for pid in acked}
+    assert want <= got, f"lost {len(want - got)} acknowledged messages"
+
+
 def test_subscriptions_and_retained_survive_kill9(broker_factory, paho):
     broker = start_broker(broker_factory)
     pub = paho(broker, client_id="ret-pub")

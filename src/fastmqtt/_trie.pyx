@@ -54,7 +54,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 from cpython.object cimport PyObject_Hash, PyObject_RichCompareBool, Py_EQ
 from libc.string cimport memcmp, memcpy, memmove, memset, memchr
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport qsort
 
 from fastmqtt.errors import MalformedPacket as _MalformedPacket
@@ -76,7 +76,7 @@ cdef extern from *:
     } FmqEntry;
     typedef struct FmqNode {
         struct FmqNode *parent;
-        struct FmqNode **table;  /* children: array, or hash table when cap > LINEAR_MAX */
+        uint64_t *table;         /* tagged child pointers: array, or hash table when cap > LINEAR_MAX */
         FmqEntry *entries;       /* retained store: FmqRetVal* */
         uint32_t nchildren;      /* group node: round-robin cursor */
         uint32_t nentries;
@@ -95,7 +95,7 @@ cdef extern from *:
         uint32_t meta
     ctypedef struct Node "FmqNode":
         Node* parent
-        Node** table
+        uint64_t* table
         Entry* entries
         uint32_t nchildren
         uint32_t nentries
@@ -118,6 +118,7 @@ cdef uint32_t LINEAR_MAX = 8
 cdef uint32_t MAX_REFS = 1 << 24   # refpos lives in 24 bits of Entry.meta
 cdef uint32_t NO_SID = 0xFFFFFFFFu
 cdef uint32_t GROUP_SALT = 0x9E3779B9u
+cdef uint64_t PTR_MASK = 0x0000FFFFFFFFFFFFu
 
 cdef enum:
     F_GROUP = 1         # this node is a shared group
@@ -139,6 +140,11 @@ cdef enum:
 cdef packed struct Ref:
     Node* node
     uint32_t pos         # index of the Entry in node.entries
+
+cdef struct SubInfo:
+    PyObject* obj        # strong reference; NULL when the sid is free
+    uint32_t stamp       # match generation that last reached this subscriber
+    uint32_t slot        # its accumulator index in that match
 
 cdef struct SubRec:
     Ref* refs
@@ -379,38 +385,53 @@ cdef inline bint node_is(Node* c, const char* k, uint32_t klen, uint8_t group) n
             and memcmp(c.key, k, klen) == 0)
 
 
+cdef inline uint64_t tag_of(uint32_t h) noexcept:
+    # Table slots keep 16 hash bits in the pointer's unused top bits, so a
+    # lookup dereferences only the child that (almost surely) matches.
+    return (<uint64_t>(h >> 16)) << 48
+
+
+cdef inline Node* slot_node(uint64_t v) noexcept:
+    return <Node*><uintptr_t>(v & PTR_MASK)
+
+
 cdef inline Node* child_find(Node* n, const char* k, uint32_t klen, uint32_t h,
                              uint8_t group) noexcept:
     """The child with key k (a shared group when group == F_GROUP), or NULL.
 
     h is hash_bytes(k), already salted for a group.
     """
-    cdef Node** t = n.table
+    cdef uint64_t* t = n.table
+    cdef uint64_t v, tag = tag_of(h)
     cdef Node* c
     cdef uint32_t i, mask
     if n.tlog <= 3:      # linear array (capacity <= LINEAR_MAX)
         for i in range(n.nchildren):
-            c = t[i]
-            if node_is(c, k, klen, group):
-                return c
+            v = t[i]
+            if (v & ~PTR_MASK) == tag:
+                c = slot_node(v)
+                if node_is(c, k, klen, group):
+                    return c
         return NULL
     mask = ((<uint32_t>1) << n.tlog) - 1
     i = h & mask
     while True:
-        c = t[i]
-        if c == NULL:
+        v = t[i]
+        if v == 0:
             return NULL
-        if node_is(c, k, klen, group):
-            return c
+        if (v & ~PTR_MASK) == tag:
+            c = slot_node(v)
+            if node_is(c, k, klen, group):
+                return c
         i = (i + 1) & mask
 
 
-cdef inline void table_put(Node** t, uint32_t cap, Node* c) noexcept:
+cdef inline void table_put(uint64_t* t, uint32_t cap, uint64_t v, uint32_t h) noexcept:
     cdef uint32_t mask = cap - 1
-    cdef uint32_t i = node_hash(c) & mask
-    while t[i] != NULL:
+    cdef uint32_t i = h & mask
+    while t[i] != 0:
         i = (i + 1) & mask
-    t[i] = c
+    t[i] = v
 
 
 cdef inline uint8_t log2_of(uint32_t cap) noexcept:
@@ -423,57 +444,59 @@ cdef inline uint8_t log2_of(uint32_t cap) noexcept:
 cdef int table_resize(Node* n, uint32_t newcap) except -1:
     """Rebuild n's child table with capacity newcap (a power of two; linear
     when <= LINEAR_MAX, none when 0)."""
-    cdef Node** old = n.table
-    cdef uint32_t oldcap = tcap_of(n), i, k = 0
-    cdef Node** t = NULL
+    cdef uint64_t* old = n.table
+    cdef uint32_t oldcap = tcap_of(n), i, k = 0, nold
+    cdef uint64_t* t = NULL
+    cdef uint64_t v
     if newcap:
-        t = <Node**>PyMem_Malloc(newcap * sizeof(Node*))
+        t = <uint64_t*>PyMem_Malloc(newcap * sizeof(uint64_t))
         if t == NULL:
             raise MemoryError()
-        memset(t, 0, newcap * sizeof(Node*))
-        if oldcap <= LINEAR_MAX:
-            for i in range(n.nchildren):
-                if newcap <= LINEAR_MAX:
-                    t[i] = old[i]
-                else:
-                    table_put(t, newcap, old[i])
-        else:
-            for i in range(oldcap):
-                if old[i] != NULL:
-                    if newcap <= LINEAR_MAX:
-                        t[k] = old[i]
-                        k += 1
-                    else:
-                        table_put(t, newcap, old[i])
+        memset(t, 0, newcap * sizeof(uint64_t))
+        nold = n.nchildren if oldcap <= LINEAR_MAX else oldcap
+        for i in range(nold):
+            v = old[i]
+            if v == 0:
+                continue
+            if newcap <= LINEAR_MAX:
+                t[k] = v
+                k += 1
+            else:
+                table_put(t, newcap, v, node_hash(slot_node(v)))
     PyMem_Free(old)
     n.table = t
     n.tlog = log2_of(newcap) if newcap else 0
     return 0
 
 
-cdef int child_add(Node* n, Node* c) except -1:
+cdef int child_add(Node* n, Node* c, uint32_t h) except -1:
+    """Insert c (whose key hashes to h, salted for a group) into n's table."""
     cdef uint32_t cap = tcap_of(n)
+    cdef uint64_t v = <uint64_t><uintptr_t>c
+    if v & ~PTR_MASK:
+        raise MemoryError("pointer above 2**48: tagged child tables unsupported here")
+    v |= tag_of(h)
     if cap <= LINEAR_MAX:
         if n.nchildren == cap:
             table_resize(n, LINEAR_MAX * 4 if cap == LINEAR_MAX else (2 if cap == 0 else cap * 2))
     elif (n.nchildren + 1) * 2 > cap:
         table_resize(n, cap * 2)
     if n.tlog <= 3:
-        n.table[n.nchildren] = c
+        n.table[n.nchildren] = v
     else:
-        table_put(n.table, tcap_of(n), c)
+        table_put(n.table, tcap_of(n), v, h)
     n.nchildren += 1
     return 0
 
 
 cdef void child_remove(Node* n, Node* c) noexcept:
-    cdef Node** t = n.table
+    cdef uint64_t* t = n.table
     cdef uint32_t i, j, k, mask, cap = tcap_of(n)
     if cap <= LINEAR_MAX:
         for i in range(n.nchildren):
-            if t[i] == c:
+            if slot_node(t[i]) == c:
                 t[i] = t[n.nchildren - 1]
-                t[n.nchildren - 1] = NULL
+                t[n.nchildren - 1] = 0
                 break
         n.nchildren -= 1
         if n.nchildren == 0:
@@ -483,20 +506,20 @@ cdef void child_remove(Node* n, Node* c) noexcept:
         return
     mask = cap - 1
     i = node_hash(c) & mask
-    while t[i] != c:
+    while slot_node(t[i]) != c:
         i = (i + 1) & mask
-    t[i] = NULL
+    t[i] = 0
     # Backward-shift deletion keeps every probe chain unbroken.
     j = i
     while True:
         j = (j + 1) & mask
-        if t[j] == NULL:
+        if t[j] == 0:
             break
-        k = node_hash(t[j]) & mask
+        k = node_hash(slot_node(t[j])) & mask
         if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
             continue
         t[i] = t[j]
-        t[j] = NULL
+        t[j] = 0
         i = j
     n.nchildren -= 1
     if n.nchildren * 8 < cap:
@@ -514,7 +537,7 @@ cdef inline bint node_empty(Node* n) noexcept:
 
 cdef inline Node* node_child_at(Node* n, uint32_t i) noexcept:
     """Slot i of n's table (NULL for an empty hash slot)."""
-    return n.table[i]
+    return slot_node(n.table[i])
 
 
 cdef inline uint32_t node_slots(Node* n) noexcept:
@@ -530,7 +553,7 @@ cdef void node_detach(Node* p, Node* n) noexcept:
     child_remove(p, n)
     if n.flags & F_GROUP:
         for i in range(node_slots(p)):
-            c = p.table[i]
+            c = node_child_at(p, i)
             if c != NULL and (c.flags & F_GROUP):
                 return
         p.flags &= ~F_GROUPS
@@ -623,7 +646,7 @@ cdef void nodes_free(Node* root, bint retained) noexcept:
                 break
             stack = bigger
         for i in range(slots):
-            c = n.table[i]
+            c = node_child_at(n, i)
             if c != NULL:
                 stack[sp] = c
                 sp += 1
@@ -649,8 +672,7 @@ cdef class TopicTrie:
 
     cdef Node* root
     # subscribers, indexed by sid
-    cdef PyObject** objs        # strong references; NULL when the sid is free
-    cdef uint64_t* marks        # match scratch: stamp (low 32 bits), accumulator slot (high)
+    cdef SubInfo* info          # object and match scratch together: one cache line visit
     cdef SubRec* recs
     cdef uint32_t sid_cap
     cdef uint32_t sid_used      # high-water mark
@@ -688,13 +710,12 @@ cdef class TopicTrie:
         if self.root != NULL:
             nodes_free(self.root, False)
             self.root = NULL
-        if self.objs != NULL:
+        if self.info != NULL:
             for i in range(self.sid_used):
-                Py_XDECREF(self.objs[i])
-                if self.objs[i] != NULL:
+                if self.info[i].obj != NULL:
+                    Py_DECREF(<object>self.info[i].obj)
                     PyMem_Free(self.recs[i].refs)
-        PyMem_Free(self.objs)
-        PyMem_Free(self.marks)
+        PyMem_Free(self.info)
         PyMem_Free(self.recs)
         PyMem_Free(self.stab)
         PyMem_Free(self.stk_node)
@@ -722,7 +743,7 @@ cdef class TopicTrie:
                     return NO_SID
                 sid = v - 1
                 if self.recs[sid].hash == h:
-                    o = self.objs[sid]
+                    o = self.info[sid].obj
                     if o == <PyObject*>obj:
                         return sid
                     ver = self.version
@@ -764,14 +785,10 @@ cdef class TopicTrie:
         else:
             if self.sid_used == self.sid_cap:
                 newcap = grow(self.sid_cap) + 15
-                p = PyMem_Realloc(self.objs, newcap * sizeof(PyObject*))
+                p = PyMem_Realloc(self.info, newcap * sizeof(SubInfo))
                 if p == NULL:
                     raise MemoryError()
-                self.objs = <PyObject**>p
-                p = PyMem_Realloc(self.marks, newcap * sizeof(uint64_t))
-                if p == NULL:
-                    raise MemoryError()
-                self.marks = <uint64_t*>p
+                self.info = <SubInfo*>p
                 p = PyMem_Realloc(self.recs, newcap * sizeof(SubRec))
                 if p == NULL:
                     raise MemoryError()
@@ -781,9 +798,10 @@ cdef class TopicTrie:
             self.sid_used += 1
         memset(&self.recs[sid], 0, sizeof(SubRec))
         self.recs[sid].hash = h
-        self.marks[sid] = 0
+        self.info[sid].stamp = 0
+        self.info[sid].slot = 0
         Py_INCREF(obj)
-        self.objs[sid] = <PyObject*>obj
+        self.info[sid].obj = <PyObject*>obj
         mask = self.stab_cap - 1
         i = (<uint32_t>h) & mask
         while self.stab[i]:
@@ -795,7 +813,7 @@ cdef class TopicTrie:
 
     cdef void sid_release(self, uint32_t sid) noexcept:
         cdef uint32_t mask = self.stab_cap - 1, i, j, k
-        cdef PyObject* obj = self.objs[sid]
+        cdef PyObject* obj = self.info[sid].obj
         i = (<uint32_t>self.recs[sid].hash) & mask
         while self.stab[i] != sid + 1:
             i = (i + 1) & mask
@@ -816,7 +834,7 @@ cdef class TopicTrie:
         self.recs[sid].rcap = 0
         self.recs[sid].nrefs = self.free_sid
         self.free_sid = sid
-        self.objs[sid] = NULL
+        self.info[sid].obj = NULL
         self.nsubscribers -= 1
         self.version += 1
         Py_DECREF(<object>obj)   # last: may run arbitrary __del__ code
@@ -937,7 +955,7 @@ cdef class TopicTrie:
                     return NULL
                 c = node_new(n, k, lv.len[i])
                 try:
-                    child_add(n, c)
+                    child_add(n, c, lv.hash[i])
                 except MemoryError:
                     PyMem_Free(c)
                     node_prune(n)
@@ -956,7 +974,7 @@ cdef class TopicTrie:
         c = node_new(n, lv.share, lv.share_len)
         c.flags = F_GROUP
         try:
-            child_add(n, c)
+            child_add(n, c, h)
         except MemoryError:
             PyMem_Free(c)
             node_prune(n)
@@ -1152,7 +1170,7 @@ cdef class TopicTrie:
         while stack:
             n = <Node*><size_t>stack.pop()
             for i in range(node_slots(n)):
-                c = n.table[i]
+                c = node_child_at(n, i)
                 if c != NULL and not (c.flags & F_GROUP):
                     stack.append(<size_t>c)
                     total += 1
@@ -1278,7 +1296,8 @@ cdef class TopicTrie:
         cdef Entry* ent
         cdef Entry* e
         cdef Acc* ac
-        cdef uint64_t* marks
+        cdef SubInfo* info
+        cdef SubInfo* si
         cdef list out
         cdef object ids
         if publisher is not None:
@@ -1293,10 +1312,17 @@ cdef class TopicTrie:
         self.stamp += 1
         if self.stamp == 0:
             for k in range(self.sid_used):
-                self.marks[k] = 0
+                self.info[k].stamp = 0
             self.stamp = 1
         stamp = self.stamp
-        marks = self.marks
+        info = self.info
+        # Issue the loads of every reached subscriber's SubInfo before using
+        # any, so their cache misses overlap instead of queueing.
+        for h in range(nh):
+            n = self.hits[h]
+            ent = n.entries
+            for k in range(n.nentries):
+                fmq_prefetch(&info[ent[k].sid])
         for h in range(nh):
             n = self.hits[h]
             if n.flags & F_GROUPS:
@@ -1312,29 +1338,28 @@ cdef class TopicTrie:
                     raise MemoryError()
                 self.acc = ac
                 self.acc_cap = cap
-            # Issue every scratch-word load of this node before using any, so
-            # the cache misses overlap instead of queueing.
-            for k in range(ne):
-                fmq_prefetch(&marks[ent[k].sid])
             for k in range(ne):
                 e = &ent[k]
                 sid = e.sid
                 if (e.meta & M_NL) and sid == pub:
                     continue    # no_local [MQTT-3.8.3-3]
                 qr = e.meta & (M_QOS | M_RAP)
-                m = marks[sid]
-                if <uint32_t>m != stamp:
-                    marks[sid] = (<uint64_t>nacc << 32) | stamp
+                si = &info[sid]
+                if si.stamp != stamp:
+                    si.stamp = stamp
+                    si.slot = nacc
                     ac = &self.acc[nacc]
                     nacc += 1
                     ac.sid = sid
+                    ac.obj = si.obj
+                    fmq_prefetch(si.obj)    # its refcount is touched below
                     ac.qos_rap = qr
                     ac.subid = e.subid
                     ac.nsubids = 1 if e.subid else 0
                 else:
                     # One delivery per subscriber: highest QoS, every id
                     # [MQTT-3.3.4-3], [MQTT-3.3.4-4], [MQTT-3.3.4-5].
-                    a = <uint32_t>(m >> 32)
+                    a = si.slot
                     ac = &self.acc[a]
                     if (qr & M_QOS) > (ac.qos_rap & M_QOS):
                         ac.qos_rap = (ac.qos_rap & M_RAP) | (qr & M_QOS)
@@ -1347,12 +1372,6 @@ cdef class TopicTrie:
                                 self.xs_append(&nxs, (<uint64_t>a << 32) | ac.subid)
                             self.xs_append(&nxs, (<uint64_t>a << 32) | e.subid)
                         ac.nsubids += 1
-        # Touch every subscriber object's header (for its refcount) ahead of
-        # building the tuples.
-        for a in range(nacc):
-            ac = &self.acc[a]
-            ac.obj = self.objs[ac.sid]
-            fmq_prefetch(ac.obj)
         out = [None] * nacc
         for a in range(nacc):
             ac = &self.acc[a]
@@ -1390,7 +1409,7 @@ cdef class TopicTrie:
         cdef Node* grp
         cdef Entry* e
         for g in range(node_slots(n)):
-            grp = n.table[g]
+            grp = node_child_at(n, g)
             if grp == NULL or not (grp.flags & F_GROUP):
                 continue
             if self.policy_kind == 0:
@@ -1402,7 +1421,7 @@ cdef class TopicTrie:
                 self.rng ^= self.rng << 17
                 idx = <uint32_t>(self.rng % grp.nentries)
             e = &grp.entries[idx]
-            out.append((<object>self.objs[e.sid], <int>(e.meta & M_QOS),
+            out.append((<object>self.info[e.sid].obj, <int>(e.meta & M_QOS),
                         (e.meta & M_RAP) != 0, (<long long>e.subid,) if e.subid else ()))
         return 0
 
@@ -1420,14 +1439,14 @@ cdef class TopicTrie:
                 continue
             filter_text = node_text(n)
             for g in range(node_slots(n)):
-                grp = n.table[g]
+                grp = node_child_at(n, g)
                 if grp == NULL or not (grp.flags & F_GROUP):
                     continue
                 members = []
                 opts = []
                 for idx in range(grp.nentries):
                     e = &grp.entries[idx]
-                    members.append(<object>self.objs[e.sid])
+                    members.append(<object>self.info[e.sid].obj)
                     opts.append((<int>(e.meta & M_QOS), (e.meta & M_RAP) != 0,
                                  (<long long>e.subid,) if e.subid else ()))
                 snapshot.append((key_text(grp), filter_text, members, opts))
@@ -1447,7 +1466,7 @@ cdef int children_into(Node* n, bint skip_dollar, uint32_t level, list work) exc
     cdef uint32_t i
     cdef Node* c
     for i in range(node_slots(n)):
-        c = n.table[i]
+        c = node_child_at(n, i)
         if c != NULL and not (skip_dollar and c.keylen and c.key[0] == b'$'):
             work.append((<size_t>c, level))
     return 0
@@ -1493,7 +1512,7 @@ cdef class RetainedStore:
                     return NULL
                 c = node_new(n, lv.buf + lv.off[i], lv.len[i])
                 try:
-                    child_add(n, c)
+                    child_add(n, c, lv.hash[i])
                 except MemoryError:
                     PyMem_Free(c)
                     node_prune(n)

@@ -111,6 +111,8 @@ def property_value(prop: PropertyId, packet: int) -> st.SearchStrategy:
         return st.integers(low, 0xFFFF)
     if kind == PropType.FOUR_BYTE_INT:
         return st.integers(low, 0xFFFFFFFF)
+    if prop == PropertyId.RESPONSE_TOPIC:
+        return topic_names()  # a topic name: no wildcards [MQTT-3.3.2-14]
     if kind == PropType.UTF8_STRING:
         return utf8_text()
     if kind == PropType.BINARY:

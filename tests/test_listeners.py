@@ -398,3 +398,37 @@ async def test_wss_echo_and_limit(ca, certs):
                 assert await closed_by_peer(raw)
                 assert stats.connections_rejected == {"max_connections": 1}
             n.cancel_scope.cancel()
+
+
+async def test_ws_close_does_not_wait_forever_for_a_silent_peer(monkeypatch):
+    """A client that never answers the close frame cannot pin the connection."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    monkeypatch.setattr(WebSocketStream, "close_timeout", 0.2)
+    done = trio.Event()
+
+    async def close_at_once(stream, spec):
+        await stream.aclose()
+        done.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, close_at_once, type="ws")
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            client = WSConnection(ConnectionType.CLIENT)
+            await s.send_all(client.send(Request(host="127.0.0.1", target="/mqtt",
+                                                 subprotocols=["mqtt"])))
+            accepted = False
+            while not accepted:
+                client.receive_data(await s.receive_some())
+                accepted = any(isinstance(e, AcceptConnection) for e in client.events())
+            await done.wait()  # returns although we never send a close frame back
+            # and the server has dropped the TCP connection
+            while True:
+                try:
+                    if not await s.receive_some():
+                        break
+                except trio.BrokenResourceError:
+                    break
+            n.cancel_scope.cancel()

@@ -182,6 +182,9 @@ class WebSocketStream(trio.abc.Stream):
     connection with 1003 (unsupported data) [MQTT-6.0.0-1].
     """
 
+    #: Seconds to wait for the peer's close frame before dropping the socket.
+    close_timeout = 5.0
+
     def __init__(self, ws: Any, request_path: str = "/", subprotocol: str | None = None) -> None:
         self.websocket = ws
         self.request_path = request_path
@@ -235,7 +238,12 @@ class WebSocketStream(trio.abc.Stream):
         return None
 
     async def aclose(self) -> None:
-        await self.websocket.aclose()
+        # trio-websocket waits for the peer's close frame without a limit; a
+        # client that never answers must not pin the connection task.
+        with trio.move_on_after(self.close_timeout) as scope:
+            await self.websocket.aclose()
+        if scope.cancelled_caught:  # no close frame came back: drop the transport
+            await trio.aclose_forcefully(self.transport_stream)
 
 
 def _choose_subprotocol(proposed: tuple[str, ...]) -> str | None | bool:

@@ -332,25 +332,39 @@ async def _run_connection(spec: ListenerSpec, stream: trio.SocketStream, handler
 class _Gate:
     """Admission state of one listener: open connections and the rate bucket."""
 
-    __slots__ = ("spec", "stats", "active", "bucket")
+    __slots__ = ("spec", "stats", "active", "bucket", "_next_info", "_quiet")
 
     def __init__(self, spec: ListenerSpec, stats: Any) -> None:
         self.spec = spec
         self.stats = stats
         self.active = 0
         self.bucket = RateLimiter(spec.connection_rate) if spec.connection_rate else None
+        self._next_info = 0.0
+        self._quiet = 0
+
+    def _refuse(self, now: float, reason: str, detail: str) -> bool:
+        _count_reject(self.stats, reason)
+        # A flood must not turn into a flood of log lines: one info line per
+        # 10 s with the number refused in between, the rest at debug.
+        if now >= self._next_info:
+            more = f" ({self._quiet} more refused since the last report)" if self._quiet else ""
+            log.info("%s: connection refused: %s%s", self.spec.label, detail, more)
+            self._next_info = now + 10.0
+            self._quiet = 0
+        else:
+            self._quiet += 1
+            log.debug("%s: connection refused: %s", self.spec.label, detail)
+        return False
 
     def admit(self) -> bool:
         spec = self.spec
+        now = trio.current_time()
         if spec.max_connections is not None and self.active >= spec.max_connections:
-            log.info("%s: connection refused, %d open (max_connections)", spec.label, self.active)
-            _count_reject(self.stats, "max_connections")
-            return False
-        if self.bucket is not None and not self.bucket.allow(trio.current_time()):
-            log.info("%s: connection refused (connection_rate %s/s)", spec.label,
-                     spec.connection_rate)
-            _count_reject(self.stats, "connection_rate")
-            return False
+            return self._refuse(now, "max_connections",
+                                f"{self.active} open (max_connections {spec.max_connections})")
+        if self.bucket is not None and not self.bucket.allow(now):
+            return self._refuse(now, "connection_rate",
+                                f"more than {spec.connection_rate}/s (connection_rate)")
         self.active += 1
         return True
 

@@ -198,6 +198,9 @@ def test_subscriptions_and_retained_survive_kill9(broker_factory, paho):
     sub = paho(broker, client_id="ret-sub", clean=False, session_expiry=3600)
     sub.subscribe("crash/live/#", qos=1, no_local=True)
     sub.disconnect()
+    # SUBACK is not held back until the subscription is durable (the broker
+    # sends it at once), so wait for the commit rather than race it.
+    wait_for_rows(broker, "SELECT count(*) FROM subscriptions WHERE client_id='ret-sub'", 1)
     crash_and_restart(broker)
     fresh = paho(broker, client_id="ret-fresh")
     fresh.subscribe("crash/ret/#", qos=1)
@@ -222,6 +225,7 @@ def test_session_expiry_still_applies_after_restart(broker_factory, paho):
     keep = paho(broker, client_id="long", clean=False, session_expiry=3600)
     keep.subscribe("crash/exp", qos=1)
     keep.disconnect()
+    wait_for_rows(broker, "SELECT count(*) FROM sessions WHERE disconnected_at IS NOT NULL", 2)
     broker.kill()
     time.sleep(1.5)  # let the 1 s Session Expiry Interval elapse while the broker is down
     broker.start()

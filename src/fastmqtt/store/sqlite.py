@@ -64,6 +64,7 @@ silently overwritten. A single undecodable message row is logged and dropped.
 from __future__ import annotations
 
 import fcntl
+import heapq
 import os
 import sqlite3
 import threading
@@ -186,7 +187,8 @@ class SqliteStore:
         self._closing = False
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._event = trio.Event()
+        self._waiters: list[tuple[int, int, trio.Event]] = []  # heap by ticket
+        self._waiter_count = 0
         self._lockfile: int | None = None
         self._history_rows: list = []
         self.moved_aside: str | None = None  # where a bad database went, if any
@@ -453,14 +455,24 @@ class SqliteStore:
                 raise StoreError(f"persistence failed: {self._error}") from self._error
             if self._thread is None:
                 raise StoreError("store is not open")
-            await self._event.wait()
+            # No await between the check above and the push: the wake-up
+            # (run on this thread) cannot slip in between.
+            ev = trio.Event()
+            self._waiter_count += 1
+            heapq.heappush(self._waiters, (ticket, self._waiter_count, ev))
+            await ev.wait()
 
     def _notify(self) -> None:
-        # Runs on the trio thread (run_sync_soon): wake every waiter; each one
-        # re-checks its own ticket.
-        ev = self._event
-        self._event = trio.Event()
-        ev.set()
+        # Runs on the trio thread (run_sync_soon). Wakes only the waiters whose
+        # ticket is now committed (a heap ordered by ticket), so a commit costs
+        # O(woken), not O(waiting), with thousands of connections waiting.
+        waiters = self._waiters
+        if self._error is not None or self._thread is None:
+            limit = float("inf")  # failed or closed: everyone must look
+        else:
+            limit = self._committed
+        while waiters and waiters[0][0] <= limit:
+            heapq.heappop(waiters)[2].set()
 
     def _post_notify(self) -> None:
         token = self._token
@@ -501,7 +513,7 @@ class SqliteStore:
                 log.warning("persistence: closing database: %s", e)
             self._conn = None
         self._release_lockfile()
-        self._event.set()  # anyone still waiting gets "not open"
+        self._notify()  # anyone still waiting gets "not open"
 
     # ============================================================ mutators
     # Each records its change in the current batch. The writer is woken only

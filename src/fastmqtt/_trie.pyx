@@ -141,16 +141,14 @@ cdef packed struct Ref:
     Node* node
     uint32_t pos         # index of the Entry in node.entries
 
-cdef struct SubInfo:
+cdef struct Sub:
     PyObject* obj        # strong reference; NULL when the sid is free
-    uint32_t stamp       # match generation that last reached this subscriber
-    uint32_t slot        # its accumulator index in that match
-
-cdef struct SubRec:
-    Ref* refs
-    uint32_t nrefs       # when the sid is free: next free sid
+    Ref* refs            # this subscriber's subscriptions
+    uint32_t nrefs
     uint32_t rcap
-    Py_hash_t hash
+    uint32_t stamp       # match generation that last reached this subscriber
+    uint32_t slot        # its accumulator index in that match; next free sid when free
+    uint32_t hash        # low 32 bits of hash(obj)
 
 cdef struct RetVal:
     PyObject* msg
@@ -672,8 +670,7 @@ cdef class TopicTrie:
 
     cdef Node* root
     # subscribers, indexed by sid
-    cdef SubInfo* info          # object and match scratch together: one cache line visit
-    cdef SubRec* recs
+    cdef Sub* subs              # object, refs and match scratch: one cache-line visit
     cdef uint32_t sid_cap
     cdef uint32_t sid_used      # high-water mark
     cdef uint32_t free_sid      # head of the free list, NO_SID when empty
@@ -710,13 +707,12 @@ cdef class TopicTrie:
         if self.root != NULL:
             nodes_free(self.root, False)
             self.root = NULL
-        if self.info != NULL:
+        if self.subs != NULL:
             for i in range(self.sid_used):
-                if self.info[i].obj != NULL:
-                    Py_DECREF(<object>self.info[i].obj)
-                    PyMem_Free(self.recs[i].refs)
-        PyMem_Free(self.info)
-        PyMem_Free(self.recs)
+                if self.subs[i].obj != NULL:
+                    Py_DECREF(<object>self.subs[i].obj)
+                    PyMem_Free(self.subs[i].refs)
+        PyMem_Free(self.subs)
         PyMem_Free(self.stab)
         PyMem_Free(self.stk_node)
         PyMem_Free(self.stk_level)
@@ -742,8 +738,8 @@ cdef class TopicTrie:
                 if v == 0:
                     return NO_SID
                 sid = v - 1
-                if self.recs[sid].hash == h:
-                    o = self.info[sid].obj
+                if self.subs[sid].hash == <uint32_t>h:
+                    o = self.subs[sid].obj
                     if o == <PyObject*>obj:
                         return sid
                     ver = self.version
@@ -763,7 +759,7 @@ cdef class TopicTrie:
         for i in range(self.stab_cap):
             v = self.stab[i]
             if v:
-                j = (<uint32_t>self.recs[v - 1].hash) & mask
+                j = (<uint32_t>self.subs[v - 1].hash) & mask
                 while t[j]:
                     j = (j + 1) & mask
                 t[j] = v
@@ -781,27 +777,21 @@ cdef class TopicTrie:
             self.stab_resize(self.stab_cap * 2 if self.stab_cap else 16)
         if self.free_sid != NO_SID:
             sid = self.free_sid
-            self.free_sid = self.recs[sid].nrefs
+            self.free_sid = self.subs[sid].slot
         else:
             if self.sid_used == self.sid_cap:
                 newcap = grow(self.sid_cap) + 15
-                p = PyMem_Realloc(self.info, newcap * sizeof(SubInfo))
+                p = PyMem_Realloc(self.subs, newcap * sizeof(Sub))
                 if p == NULL:
                     raise MemoryError()
-                self.info = <SubInfo*>p
-                p = PyMem_Realloc(self.recs, newcap * sizeof(SubRec))
-                if p == NULL:
-                    raise MemoryError()
-                self.recs = <SubRec*>p
+                self.subs = <Sub*>p
                 self.sid_cap = newcap
             sid = self.sid_used
             self.sid_used += 1
-        memset(&self.recs[sid], 0, sizeof(SubRec))
-        self.recs[sid].hash = h
-        self.info[sid].stamp = 0
-        self.info[sid].slot = 0
+        memset(&self.subs[sid], 0, sizeof(Sub))
+        self.subs[sid].hash = <uint32_t>h
         Py_INCREF(obj)
-        self.info[sid].obj = <PyObject*>obj
+        self.subs[sid].obj = <PyObject*>obj
         mask = self.stab_cap - 1
         i = (<uint32_t>h) & mask
         while self.stab[i]:
@@ -813,8 +803,8 @@ cdef class TopicTrie:
 
     cdef void sid_release(self, uint32_t sid) noexcept:
         cdef uint32_t mask = self.stab_cap - 1, i, j, k
-        cdef PyObject* obj = self.info[sid].obj
-        i = (<uint32_t>self.recs[sid].hash) & mask
+        cdef PyObject* obj = self.subs[sid].obj
+        i = (<uint32_t>self.subs[sid].hash) & mask
         while self.stab[i] != sid + 1:
             i = (i + 1) & mask
         self.stab[i] = 0
@@ -823,18 +813,19 @@ cdef class TopicTrie:
             j = (j + 1) & mask
             if self.stab[j] == 0:
                 break
-            k = (<uint32_t>self.recs[self.stab[j] - 1].hash) & mask
+            k = (<uint32_t>self.subs[self.stab[j] - 1].hash) & mask
             if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
                 continue
             self.stab[i] = self.stab[j]
             self.stab[j] = 0
             i = j
-        PyMem_Free(self.recs[sid].refs)
-        self.recs[sid].refs = NULL
-        self.recs[sid].rcap = 0
-        self.recs[sid].nrefs = self.free_sid
+        PyMem_Free(self.subs[sid].refs)
+        self.subs[sid].refs = NULL
+        self.subs[sid].rcap = 0
+        self.subs[sid].nrefs = 0
+        self.subs[sid].slot = self.free_sid
         self.free_sid = sid
-        self.info[sid].obj = NULL
+        self.subs[sid].obj = NULL
         self.nsubscribers -= 1
         self.version += 1
         Py_DECREF(<object>obj)   # last: may run arbitrary __del__ code
@@ -845,7 +836,7 @@ cdef class TopicTrie:
     # -- entries -----------------------------------------------------------
 
     cdef Py_ssize_t entry_find(self, Node* t, uint32_t sid) noexcept:
-        cdef SubRec* rec = &self.recs[sid]
+        cdef Sub* rec = &self.subs[sid]
         cdef uint32_t i
         if t.nentries <= rec.nrefs:
             for i in range(t.nentries):
@@ -858,7 +849,7 @@ cdef class TopicTrie:
         return -1
 
     cdef int entry_add(self, Node* t, uint32_t sid, uint32_t opts, uint32_t subid) except -1:
-        cdef SubRec* rec = &self.recs[sid]
+        cdef Sub* rec = &self.subs[sid]
         cdef uint32_t cap
         cdef Entry* e
         cdef Ref* r
@@ -895,7 +886,7 @@ cdef class TopicTrie:
         """Remove entry i of t and its Ref; the caller prunes and releases the sid."""
         cdef Entry e = t.entries[i]
         cdef uint32_t refpos = e.meta >> M_REF_SHIFT
-        cdef SubRec* rec = &self.recs[e.sid]
+        cdef Sub* rec = &self.subs[e.sid]
         cdef uint32_t last = rec.nrefs - 1, j, want
         cdef int c
         cdef Ref* moved
@@ -917,11 +908,11 @@ cdef class TopicTrie:
             memmove(&t.entries[i], &t.entries[i + 1], (last - i) * sizeof(Entry))
             for j in range(i, last):
                 m = &t.entries[j]
-                self.recs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = j
+                self.subs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = j
         elif i != last:
             t.entries[i] = t.entries[last]
             m = &t.entries[i]
-            self.recs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = i
+            self.subs[m.sid].refs[m.meta >> M_REF_SHIFT].pos = i
         t.nentries = last
         if last == 0:
             PyMem_Free(t.entries)
@@ -1043,7 +1034,7 @@ cdef class TopicTrie:
                     return False
                 self.entry_add(t, sid, opts, <uint32_t>subscription_id)
             except BaseException:
-                if fresh and self.recs[sid].nrefs == 0:
+                if fresh and self.subs[sid].nrefs == 0:
                     self.sid_release(sid)
                 raise
             return True
@@ -1082,7 +1073,7 @@ cdef class TopicTrie:
             node_prune(t)
         finally:
             levels_free(&lv)
-        if self.recs[sid].nrefs == 0:
+        if self.subs[sid].nrefs == 0:
             self.sid_release(sid)
         return True
 
@@ -1095,7 +1086,7 @@ cdef class TopicTrie:
         cdef uint32_t sid = self.sid_of(subscriber)
         if sid == NO_SID:
             return 0
-        cdef SubRec* rec = &self.recs[sid]
+        cdef Sub* rec = &self.subs[sid]
         cdef uint32_t n = rec.nrefs
         cdef Node* t
         cdef uint32_t pos
@@ -1119,7 +1110,7 @@ cdef class TopicTrie:
         cdef uint32_t sid = self.sid_of(subscriber), i
         if sid == NO_SID:
             return []
-        cdef SubRec* rec = &self.recs[sid]
+        cdef Sub* rec = &self.subs[sid]
         cdef Entry* e
         cdef list out = []
         for i in range(rec.nrefs):
@@ -1296,8 +1287,8 @@ cdef class TopicTrie:
         cdef Entry* ent
         cdef Entry* e
         cdef Acc* ac
-        cdef SubInfo* info
-        cdef SubInfo* si
+        cdef Sub* info
+        cdef Sub* si
         cdef list out
         cdef object ids
         if publisher is not None:
@@ -1312,10 +1303,10 @@ cdef class TopicTrie:
         self.stamp += 1
         if self.stamp == 0:
             for k in range(self.sid_used):
-                self.info[k].stamp = 0
+                self.subs[k].stamp = 0
             self.stamp = 1
         stamp = self.stamp
-        info = self.info
+        info = self.subs
         # Issue the loads of every reached subscriber's SubInfo before using
         # any, so their cache misses overlap instead of queueing.
         for h in range(nh):
@@ -1421,7 +1412,7 @@ cdef class TopicTrie:
                 self.rng ^= self.rng << 17
                 idx = <uint32_t>(self.rng % grp.nentries)
             e = &grp.entries[idx]
-            out.append((<object>self.info[e.sid].obj, <int>(e.meta & M_QOS),
+            out.append((<object>self.subs[e.sid].obj, <int>(e.meta & M_QOS),
                         (e.meta & M_RAP) != 0, (<long long>e.subid,) if e.subid else ()))
         return 0
 
@@ -1446,7 +1437,7 @@ cdef class TopicTrie:
                 opts = []
                 for idx in range(grp.nentries):
                     e = &grp.entries[idx]
-                    members.append(<object>self.info[e.sid].obj)
+                    members.append(<object>self.subs[e.sid].obj)
                     opts.append((<int>(e.meta & M_QOS), (e.meta & M_RAP) != 0,
                                  (<long long>e.subid,) if e.subid else ()))
                 snapshot.append((key_text(grp), filter_text, members, opts))

@@ -1025,6 +1025,14 @@ class RawClient:
         self.inbox: list[Pkt] = []
         self.closed = False
 
+    @classmethod
+    def from_socket(cls, sock: socket.socket, version: int = 5, timeout: float = 5.0) -> "RawClient":
+        """Wrap an already connected socket (e.g. one with tuned buffer sizes)."""
+        self = cls.__new__(cls)
+        self.version, self.timeout, self.sock = version, timeout, sock
+        self.buf, self.inbox, self.closed = bytearray(), [], False
+        return self
+
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 

@@ -36,10 +36,18 @@ class StoreError(RuntimeError):
     the message it was waiting for."""
 
 
-def _codec():
-    from .. import codec
+_CODEC = None
 
-    return codec
+
+def _codec():
+    # Imported on first use (the codec module picks compiled or pure Python)
+    # and cached: an import statement per message costs more than encoding.
+    global _CODEC
+    if _CODEC is None:
+        from .. import codec
+
+        _CODEC = codec
+    return _CODEC
 
 
 def encode_publish(publish: Any) -> bytes:

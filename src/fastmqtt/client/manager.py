@@ -628,6 +628,11 @@ class Client:
         for data in ev.resend:
             conn.write(data)
         if not ev.session_present:
+            # The protocol sends PUBREC'd messages again as new PUBLISHes;
+            # keep the persistent outbox in step.
+            for entry in self._outbox.entries():
+                if entry.state == "pubrel":
+                    self._outbox.mark_sent(entry, entry.packet_id)
             # The broker has no subscriptions for us: send them all again.
             self._pending_unsubs.clear()
             for st in self._subs.values():

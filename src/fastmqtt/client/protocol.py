@@ -27,10 +27,10 @@ of incoming QoS 2 messages already delivered but not yet released
 CONNACK says the session is present, every unacknowledged PUBLISH is resent with
 DUP set and every PUBREL is resent, with the original packet ids and in the
 original order [MQTT-4.4.0-1] [MQTT-4.6.0-1]. When the server has *no* session,
-PUBLISHes that were never acknowledged are sent again (the server may not have
-received them: dropping them would lose a message the caller is still waiting
-for) and PUBRELs are completed, because a PUBREC proves the server accepted the
-message. Topic aliases, the server's limits and the keepalive state belong to
+every unfinished message is sent again as a new PUBLISH, even one already
+PUBREC'd: a server that lost its session may have lost the message with it
+(Mosquitto holds a QoS 2 message until the PUBREL before delivering it), and
+dropping it would lose a message the caller is still waiting for. Topic aliases, the server's limits and the keepalive state belong to
 one network connection and are reset by :meth:`start` [MQTT-3.3.2-7].
 
 Incoming QoS 2 uses "method B" of the specification (4.3.3): the message is
@@ -428,6 +428,7 @@ class ClientProtocol:
             if ska is not None:
                 self._effective_keep_alive = ska
         resend: list[bytes] = []
+        completed: list = []
         if pkt.session_present:
             # Same ids, same order, DUP on PUBLISH [MQTT-4.4.0-1] [MQTT-3.3.1-1].
             for pid, item in self._inflight.items():
@@ -439,16 +440,18 @@ class ClientProtocol:
         else:
             # No session on the server: it holds no QoS 2 state for us either.
             self._incoming_qos2.clear()
-            for pid in list(self._inflight):
-                item = self._inflight[pid]
-                if item.state == "pubrel":
-                    # PUBREC already proved the server accepted the message.
-                    del self._inflight[pid]
-                    events.append(PublishCompleted(pid, 0, EMPTY_PROPERTIES, item.publish))
             for pid, item in self._inflight.items():
+                # A server that keeps a QoS 2 message until the PUBREL before
+                # delivering it (Mosquitto does) lost it with the session, so
+                # even a PUBREC'd message is sent again, as a new message: a
+                # possible duplicate is better than a silent loss.
+                item.state = "publish"
                 resend.append(self._encode_publish(item.publish, pid, dup=False))
                 item.sent = True
+        # Connected comes first: the I/O layer treats the first event after
+        # CONNECT as the answer to it.
         events.append(Connected(bool(pkt.session_present), props, resend))
+        events.extend(completed)
 
     def _handle_publish(self, pkt, events: list) -> None:
         if self.version == 5:

@@ -39,6 +39,11 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from codec_strategies import normalise, packets, topic_filters, topic_names, utf8_text
 from fastmqtt.enums import PacketType, PropertyId as P
 
+# An exception a compiled function swallows ("Exception ignored in ...") is a
+# bug even when the result looks right: fail the test instead of warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
 SETTINGS = settings(
     max_examples=150,
     deadline=None,

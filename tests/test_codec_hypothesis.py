@@ -18,6 +18,11 @@ from codec_strategies import normalise, packet_lists, packets, properties
 from fastmqtt.enums import PROPERTY_PACKETS, WILL, PacketType
 from fastmqtt.errors import MalformedPacket
 
+# An exception a compiled function swallows ("Exception ignored in ...") is a
+# bug even when the result looks right: fail the test instead of warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
 # The codec fixture is a module, the same for every example: sharing it is safe.
 SETTINGS = settings(
     max_examples=200,

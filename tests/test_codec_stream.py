@@ -10,6 +10,11 @@ import pytest
 from fastmqtt.enums import MAX_PACKET_SIZE
 from fastmqtt.errors import MalformedPacket
 
+# An exception a compiled function swallows ("Exception ignored in ...") is a
+# bug even when the result looks right: fail the test instead of warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
 
 def _session(c, version=5):
     """A plausible client-to-server stream for ``version``, CONNECT first."""

@@ -18,6 +18,11 @@ import pytest
 
 from fastmqtt.enums import EMPTY_PROPERTIES, PropertyId as P
 
+# An exception a compiled function swallows ("Exception ignored in ...") is a
+# bug even when the result looks right: fail the test instead of warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
 
 def h(annotated: str) -> bytes:
     """Bytes from annotated hex: everything after '#' on a line is a comment."""

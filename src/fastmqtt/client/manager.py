@@ -418,27 +418,32 @@ class Client:
 
     async def _shutdown(self) -> None:
         self._closing = True
-        conn = self._conn
-        if conn is not None and self._protocol.connected:
-            # Normal disconnection: the broker discards the will [MQTT-3.14.4-3].
-            conn.write(self._protocol.disconnect(0))
-            with trio.move_on_after(2):
-                await conn.wait_drained()
-        self._closed = True
-        closed = ClientClosed("the client is closed")
-        self._fail_waiters(closed)
-        self.router.close_all()
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
         try:
-            # The caller's own exception is not passed in: it propagates
-            # unchanged instead of inside an exception group. Our tasks catch
-            # their errors, so the nursery ends quietly once cancelled.
-            await self._nursery_cm.__aexit__(None, None, None)
+            conn = self._conn
+            if conn is not None and self._protocol.connected:
+                # Normal disconnection: the broker discards the will
+                # [MQTT-3.14.4-3]. Shielded and bounded, so it is sent even
+                # when we are leaving because of a cancellation.
+                conn.write(self._protocol.disconnect(0))
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await conn.wait_drained()
         finally:
-            self._outbox.close()
-            self._connected.set()  # wake wait_connected() callers: they see _closed
-            self._disconnected.set()
+            self._closed = True
+            closed = ClientClosed("the client is closed")
+            self._fail_waiters(closed)
+            self.router.close_all()
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+            try:
+                # The caller's own exception is not passed in: it propagates
+                # unchanged instead of inside an exception group. Our tasks
+                # catch their errors, so the nursery ends quietly once cancelled.
+                await self._nursery_cm.__aexit__(None, None, None)
+            finally:
+                self._outbox.close()
+                self._connected.set()  # wake wait_connected() callers: they see _closed
+                self._disconnected.set()
 
     async def aclose(self) -> None:
         """Disconnect and stop (same as leaving ``async with``)."""

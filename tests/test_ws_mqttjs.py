@@ -162,6 +162,8 @@ def test_mqttjs_large_message_over_ws(broker_factory, paho, js):
                "subscribe": [["big/#", 1]], "publish": [{"topic": "big/1", "payload": "x", "repeat": len(big), "qos": 1}],
                "expect": 1, "timeout_ms": 15000})
     assert node.finish() == 0
+    assert [len(m["payload"]) for m in node.of("message")] == [len(big)], [
+        {k: (v if k != "payload" else len(v)) for k, v in e.items()} for e in node.events]
     assert node.of("message")[0]["payload"] == big
 
 

@@ -16,6 +16,9 @@ import mqtt from "mqtt";
 
 const cfg = JSON.parse(process.argv[2]);
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+// stdout into a pipe is asynchronous once the pipe is full (a 300 kB message
+// line): exit only after everything written so far has been flushed.
+const exit = (code) => process.stdout.write("", () => process.exit(code));
 const options = { reconnectPeriod: 0, connectTimeout: 5000, ...(cfg.options || {}) };
 if (cfg.ca) {
   options.ca = fs.readFileSync(cfg.ca);
@@ -23,7 +26,7 @@ if (cfg.ca) {
 }
 const timer = setTimeout(() => {
   out({ event: "timeout" });
-  process.exit(2);
+  exit(2);
 }, cfg.timeout_ms || 10000);
 
 const client = mqtt.connect(cfg.url, options);
@@ -42,7 +45,7 @@ function finish() {
   client.end(false, {}, () => {
     out({ event: "done" });
     clearTimeout(timer);
-    process.exit(0);
+    exit(0);
   });
 }
 
@@ -50,7 +53,7 @@ client.on("error", (err) => {
   out({ event: "error", code: err.code ?? null, message: String(err.message) });
   clearTimeout(timer);
   client.end(true);
-  process.exit(1);
+  exit(1);
 });
 
 let connected = false;
@@ -60,7 +63,7 @@ client.on("close", () => {
   if (!connected) {
     out({ event: "error", code: null, message: "closed before CONNACK" });
     clearTimeout(timer);
-    process.exit(1);
+    exit(1);
   }
 });
 
@@ -108,6 +111,6 @@ client.on("connect", async (connack) => {
     maybeFinish();
   } catch (err) {
     out({ event: "error", code: err.code ?? null, message: String(err.message) });
-    process.exit(1);
+    exit(1);
   }
 });

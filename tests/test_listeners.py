@@ -432,3 +432,54 @@ async def test_ws_close_does_not_wait_forever_for_a_silent_peer(monkeypatch):
                 except trio.BrokenResourceError:
                     break
             n.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["ws", "tls", "wss"])
+@pytest.mark.parametrize("junk", [
+    b"\x00" * 64,
+    bytes(range(256)) * 8,
+    b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n" + b"X-Long: " + b"a" * 200_000,
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\xff" * 500,  # a broken ClientHello
+    b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00",  # plain MQTT CONNECT
+], ids=["zeros", "all-bytes", "endless-header", "broken-client-hello", "plain-mqtt"])
+async def test_garbage_before_handshake(certs, ca, kind, junk):
+    """Bad input before or instead of a handshake closes that connection only:
+    nothing reaches the handler, nothing escapes to the listener, memory stays
+    bounded (an endless header is refused, not buffered)."""
+    reached = []
+
+    async def h(stream, spec):
+        reached.append(stream)
+        await echo(stream, spec)
+
+    tls = {"certfile": certs["certfile"], "keyfile": certs["keyfile"]} if kind != "ws" else {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, h, type=kind, handshake_timeout=2, **tls)
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                await s.send_all(junk)
+            except trio.BrokenResourceError:
+                pass
+            while True:  # the server answers (an error) and closes, or just closes
+                try:
+                    if not await s.receive_some(65536):
+                        break
+                except trio.BrokenResourceError:
+                    break
+            assert reached == []
+            # the listener still serves a proper client
+            if kind == "ws":
+                async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=["mqtt"]) as ws:
+                    await ws.send_message(b"\xc0\x00")
+                    assert await ws.get_message() == b"\xc0\x00"
+            elif kind == "wss":
+                async with open_websocket_url(f"wss://127.0.0.1:{port}/", client_ctx(ca),
+                                              subprotocols=["mqtt"]) as ws:
+                    await ws.send_message(b"\xc0\x00")
+                    assert await ws.get_message() == b"\xc0\x00"
+            else:
+                good = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_ctx(ca))
+                await good.send_all(b"ok")
+                assert await recv_exactly(good, 2) == b"ok"
+            n.cancel_scope.cancel()

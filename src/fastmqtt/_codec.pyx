@@ -863,6 +863,60 @@ cdef object _utf8(const unsigned char* s, Py_ssize_t n, int ptype, str field):
     return result
 
 
+# Short-string cache. Chat traffic repeats the same short strings over and over:
+# topic names, content types, user property names and values, topic filters.
+# Decoding one of them costs a str allocation plus a UTF-8 pass; a hit in this
+# direct-mapped table costs a hash and a memcmp and returns the same (immutable)
+# str object, whose hash Python has then usually cached too, which makes the
+# broker's dict lookups on it cheaper. Only ASCII strings are kept, so a hit is
+# a byte comparison with the str's own buffer; an entry was validated (UTF-8,
+# no U+0000) when it was decoded, and identical bytes are equally valid.
+cdef enum:
+    STR_CACHE_SLOTS = 1024     # power of two
+    STR_CACHE_MAX = 96         # longest cached string in bytes
+
+cdef PyObject* _str_cache[STR_CACHE_SLOTS]
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    void* PyUnicode_DATA(object o)
+    void Py_XDECREF(PyObject* o)
+
+
+cdef inline uint64_t _hash_bytes(const unsigned char* s, Py_ssize_t n) noexcept:
+    cdef uint64_t h = 0x9E3779B97F4A7C15ULL ^ <uint64_t>n
+    cdef uint64_t w
+    while n >= 8:
+        memcpy(&w, s, 8)
+        h = (h ^ w) * 0xFF51AFD7ED558CCDULL
+        h ^= h >> 29
+        s += 8
+        n -= 8
+    w = 0
+    if n:
+        memcpy(&w, s, <size_t>n)
+        h = (h ^ w) * 0xC4CEB9FE1A85EC53ULL
+    return h ^ (h >> 32)
+
+
+cdef inline object _utf8_cached(const unsigned char* s, Py_ssize_t n, int ptype, str field):
+    """``_utf8`` through the short-string cache."""
+    if n > STR_CACHE_MAX or n == 0:
+        return _utf8(s, n, ptype, field)
+    cdef Py_ssize_t slot = <Py_ssize_t>(_hash_bytes(s, n) & (STR_CACHE_SLOTS - 1))
+    cdef PyObject* hit = _str_cache[slot]
+    if hit != NULL and PyUnicode_GET_LENGTH(<object>hit) == n \
+            and memcmp(PyUnicode_DATA(<object>hit), s, <size_t>n) == 0:
+        return <object>hit
+    result = _utf8(s, n, ptype, field)
+    if PyUnicode_IS_COMPACT_ASCII(result):
+        Py_INCREF(result)
+        Py_XDECREF(hit)
+        _str_cache[slot] = <PyObject*>result
+    return result
+
+
 cdef inline object r_str(Reader* r, str field):
     # The field name is only turned into a message on the error path.
     if r.end - r.p < 2:
@@ -873,7 +927,7 @@ cdef inline object r_str(Reader* r, str field):
         _overrun(r, field, n)
     cdef const unsigned char* s = r.p
     r.p += n
-    return _utf8(s, n, r.ptype, field)
+    return _utf8_cached(s, n, r.ptype, field)
 
 
 cdef inline bytes r_bin(Reader* r, str field):
@@ -894,27 +948,33 @@ cdef inline int r_done(Reader* r) except -1:
     return 0
 
 
-cdef object _read_props(Reader* r, int ptype):
+cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     """Read a property block allowed in ``ptype`` (a packet type or WILL) and
     enforce section 2.2.2.2: known id, allowed in this packet, value type,
-    repetition only for USER_PROPERTY (and SUBSCRIPTION_IDENTIFIER in PUBLISH)."""
-    cdef str what = _pname(ptype)
-    cdef long long length = r_vbi(r, "property length")
+    repetition only for USER_PROPERTY (and SUBSCRIPTION_IDENTIFIER in PUBLISH).
+    Sets ``has_alias`` when a TOPIC_ALIAS was read."""
+    cdef long long length
+    if r.p < r.end and r.p[0] < 0x80:
+        length = r.p[0]
+        r.p += 1
+    else:
+        length = r_vbi(r, "property length")
     if length == 0:
         return EMPTY
     if length > r.end - r.p:
-        _fail(f"{what} property length {length} overruns the packet")
+        _fail(f"{_pname(ptype)} property length {length} overruns the packet")
     cdef const unsigned char* outer_end = r.end
     r.end = r.p + length
     cdef int saved = r.ptype
     r.ptype = ptype
     cdef dict props = {}
+    # Multi-valued properties are collected here and stored once, as tuples.
+    cdef list users = None
+    cdef list subids = None
     cdef uint64_t seen = 0
     cdef long long ident, iv
-    cdef int pid, kind, n
-    cdef bint multi = False
+    cdef int pid, kind
     cdef str name
-    cdef const unsigned char* s
     while r.p < r.end:
         if r.p[0] < 0x80:  # every id of MQTT 5.0 is one byte
             ident = r.p[0]
@@ -922,60 +982,62 @@ cdef object _read_props(Reader* r, int ptype):
         else:
             ident = r_vbi(r, "property identifier")
         if ident >= 64 or _PTYPE[ident] == 0:
-            _fail(f"{what} unknown property identifier 0x{ident:02X}")
+            _fail(f"{_pname(ptype)} unknown property identifier 0x{ident:02X}")
         pid = <int>ident
         if not (_PALLOW[pid] & (1u << ptype)):
-            _fail(f"{what} property {_PNAME[pid]} is not allowed in this packet (2.2.2.2)")
+            _fail(f"{_pname(ptype)} property {_PNAME[pid]} is not allowed in this packet "
+                  "(2.2.2.2)")
         kind = _PTYPE[pid]
-        name = _PNAME[pid]
+        name = <str>_PNAME[pid]
+        if kind == T_PAIR:  # USER_PROPERTY, the only pair and the usual repeat
+            value = (r_str(r, "USER_PROPERTY name"), r_str(r, "USER_PROPERTY value"))
+            if users is None:
+                users = [value]
+            else:
+                users.append(value)
+            continue
         if kind == T_STR:
             value = r_str(r, name)
         elif kind == T_U32:
             iv = r_u32(r, name)
             if iv == 0 and _PNONZERO[pid]:
-                _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
+                _fail(f"{_pname(ptype)} property {name} must not be 0", RC_PROTOCOL)
             value = iv
         elif kind == T_U16:
             iv = r_u16(r, name)
             if iv == 0 and _PNONZERO[pid]:
-                _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
+                _fail(f"{_pname(ptype)} property {name} must not be 0", RC_PROTOCOL)
             value = iv
         elif kind == T_BYTE:
             iv = r_byte(r, name)
             if _PBOOL[pid] and iv > 1:
-                _fail(f"{what} property {name} must be 0 or 1, got {iv}", RC_PROTOCOL)
+                _fail(f"{_pname(ptype)} property {name} must be 0 or 1, got {iv}", RC_PROTOCOL)
             value = iv
         elif kind == T_BIN:
             value = r_bin(r, name)
-        elif kind == T_VBI:
+        else:  # T_VBI: SUBSCRIPTION_IDENTIFIER
             iv = r_vbi(r, name)
             if iv == 0 and _PNONZERO[pid]:
-                _fail(f"{what} property {name} must not be 0", RC_PROTOCOL)
-            value = iv
-        else:  # T_PAIR
-            value = (r_str(r, "USER_PROPERTY name"), r_str(r, "USER_PROPERTY value"))
-        if pid == P_USER or pid == P_SUBID:
-            multi = True
-            if seen & ((<uint64_t>1) << pid):
-                if pid == P_SUBID and ptype != PUBLISH:
-                    _fail(f"{what} property {name} included more than once", RC_PROTOCOL)
-                (<list>props[<object>_PKEY[pid]]).append(value)
+                _fail(f"{_pname(ptype)} property {name} must not be 0", RC_PROTOCOL)
+            if subids is None:
+                subids = [iv]
+            elif ptype != PUBLISH:
+                _fail(f"{_pname(ptype)} property {name} included more than once", RC_PROTOCOL)
             else:
-                props[<object>_PKEY[pid]] = [value]
-        elif seen & ((<uint64_t>1) << pid):
-            _fail(f"{what} property {name} included more than once", RC_PROTOCOL)
-        else:
-            props[<object>_PKEY[pid]] = value
+                subids.append(iv)
+            continue
+        if seen & ((<uint64_t>1) << pid):
+            _fail(f"{_pname(ptype)} property {name} included more than once", RC_PROTOCOL)
         seen |= (<uint64_t>1) << pid
+        props[<object>_PKEY[pid]] = value
     r.end = outer_end
     r.ptype = saved
-    if multi:
-        if seen & ((<uint64_t>1) << P_USER):
-            key = <object>_PKEY[P_USER]
-            props[key] = tuple(props[key])
-        if seen & ((<uint64_t>1) << P_SUBID):
-            key = <object>_PKEY[P_SUBID]
-            props[key] = tuple(props[key])
+    if subids is not None:
+        props[<object>_PKEY[P_SUBID]] = tuple(subids)
+    if users is not None:
+        props[<object>_PKEY[P_USER]] = tuple(users)
+    if has_alias != NULL:
+        has_alias[0] = (seen >> P_TOPIC_ALIAS) & 1
     return PyDictProxy_New(props)
 
 
@@ -1104,11 +1166,11 @@ cdef Publish _decode_publish(Reader* r, int flags, bint v5):
         _overrun(r, "topic name", tlen)
     cdef const unsigned char* ts = r.p
     r.p += tlen
-    topic = _utf8(ts, tlen, PUBLISH, "topic name")
+    topic = _utf8_cached(ts, tlen, PUBLISH, "topic name")
     cdef int packet_id = r_packet_id(r) if qos else 0
-    properties = _read_props(r, PUBLISH) if v5 else EMPTY
-    _check_topic_name(ts, tlen, v5 and properties is not EMPTY
-                      and <object>_PKEY[P_TOPIC_ALIAS] in properties)
+    cdef bint has_alias = False
+    properties = _read_props(r, PUBLISH, &has_alias) if v5 else EMPTY
+    _check_topic_name(ts, tlen, has_alias)
     cdef Publish p = Publish.__new__(Publish)
     p.topic = topic
     p.payload = PyBytes_FromStringAndSize(<const char*>r.p, r.end - r.p)
@@ -1202,7 +1264,7 @@ cdef Subscribe _decode_subscribe(Reader* r, bint v5):
             _overrun(r, "topic filter", flen)
         fs = r.p
         r.p += flen
-        topic_filter = _utf8(fs, flen, SUBSCRIBE, "topic filter")
+        topic_filter = _utf8_cached(fs, flen, SUBSCRIBE, "topic filter")
         options = r_byte(r, "subscription options")
         qos = options & 0x03
         if v5:
@@ -1282,7 +1344,7 @@ cdef Unsubscribe _decode_unsubscribe(Reader* r, bint v5):
             _overrun(r, "topic filter", flen)
         fs = r.p
         r.p += flen
-        topic_filter = _utf8(fs, flen, UNSUBSCRIBE, "topic filter")
+        topic_filter = _utf8_cached(fs, flen, UNSUBSCRIBE, "topic filter")
         _check_filter(fs, flen, UNSUBSCRIBE)
         filters.append(topic_filter)
     if not filters:

@@ -376,6 +376,31 @@ def test_inflight_qos1_is_redelivered_after_kill9(broker_factory, paho, raw):
     sub.expect_silence(0.3)
 
 
+def test_retained_message_inflight_to_second_subscriber_survives_kill9(broker_factory, paho, raw):
+    """One retained message delivered to two persistent sessions one after the
+    other (the first acknowledges it before the second subscribes): the
+    second's unacknowledged copy is still there after a crash."""
+    broker = start_broker(broker_factory)
+    pub = paho(broker, client_id="rr-pub")
+    pub.publish("crash/rr", b"retained-once", qos=1, retain=True)
+    first = paho(broker, client_id="rr-first", clean=False, session_expiry=3600)
+    first.subscribe("crash/rr", qos=1)
+    assert first.get(10).payload == b"retained-once"  # paho acknowledges it
+    wait_for_rows(broker, "SELECT count(*) FROM deliveries WHERE client_id='rr-first'", 0)
+    second = raw(broker)
+    second.connect("rr-second", clean=False, props={0x11: 3600})
+    second.subscribe("crash/rr", 1)
+    assert second.recv_type("PUBLISH").payload == b"retained-once"  # not acknowledged
+    wait_for_rows(broker, "SELECT count(*) FROM deliveries d JOIN messages m USING (msg_id) "
+                          "WHERE d.client_id='rr-second'", 1)
+    second.close()
+    crash_and_restart(broker)
+    second = raw(broker)
+    assert second.connect("rr-second", clean=False, props={0x11: 3600}).session_present
+    again = second.recv_type("PUBLISH")
+    assert again.payload == b"retained-once"
+
+
 def test_corrupt_database_is_moved_aside_and_broker_starts(broker_factory, paho):
     broker = start_broker(broker_factory)
     pub = paho(broker, client_id="corrupt-pub")

@@ -739,3 +739,24 @@ def test_data_dir_that_is_a_file_is_an_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StoreError, match="data directory"):
         SqliteStore(str(tmp_path / "f")).open()
+
+
+def test_released_message_handed_out_again_is_stored_again(reopener):
+    """The broker keeps one msg_id per message object: a retained message sent
+    to a second persistent subscriber after the first acknowledged it reuses
+    the id without a new put_message. The store brings the row back."""
+    s, _ = reopener.first()
+    for c in ("a", "b"):
+        s.put_session(c, NEVER, 5, None)
+    s.put_message(1, Publish("r", b"retained", 1, True), None)
+    s.add_delivery("a", DeliveryRecord(1, 1))
+    if reopener.kind == "sqlite":
+        wait_committed(s)
+    s.remove_delivery("a", 1)  # last reference gone: the row is dropped
+    if reopener.kind == "sqlite":
+        wait_committed(s)
+        assert rows(s, "messages") == 0
+    s.add_delivery("b", DeliveryRecord(1, 1))  # same id again, no put_message
+    _, snap = reopener.restart()
+    assert by_client(snap)["b"].deliveries == [DeliveryRecord(1, 1)]
+    assert snap.messages[1][0].payload == b"retained"

@@ -38,6 +38,7 @@ class MemoryStore:
         self.retained: dict[str, tuple[Any, float | None]] = {}
         self.wills: dict[str, tuple[Any, float]] = {}
         self.history: dict[int, tuple[str, float, float | None, Any]] = {}
+        self._released: dict[int, tuple[Any, float | None]] = {}  # see SqliteStore
 
     # ------------------------------------------------------------- lifecycle
 
@@ -119,11 +120,14 @@ class MemoryStore:
         self._seq += 1
         self.messages[msg_id] = (publish, expires_at)
         self.refs.setdefault(msg_id, 0)
+        self._released.pop(msg_id, None)
 
     def add_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
         self._seq += 1
         dl = self.deliveries.setdefault(client_id, {})
         if delivery.msg_id not in dl:
+            if delivery.msg_id not in self.messages and delivery.msg_id in self._released:
+                self.messages[delivery.msg_id] = self._released.pop(delivery.msg_id)
             self.refs[delivery.msg_id] = self.refs.get(delivery.msg_id, 0) + 1
         dl[delivery.msg_id] = (self._seq, DeliveryRecord(**vars(delivery)))
 
@@ -141,7 +145,11 @@ class MemoryStore:
         n = self.refs.get(msg_id, 1) - 1
         if n <= 0:
             self.refs.pop(msg_id, None)
-            self.messages.pop(msg_id, None)
+            entry = self.messages.pop(msg_id, None)
+            if entry is not None:
+                self._released[msg_id] = entry
+                if len(self._released) > 10_000:
+                    del self._released[next(iter(self._released))]
         else:
             self.refs[msg_id] = n
 

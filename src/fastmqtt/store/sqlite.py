@@ -69,6 +69,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import trio
@@ -81,6 +82,8 @@ __all__ = ["SqliteStore", "DB_NAME", "SCHEMA_VERSION"]
 DB_NAME = "fastmqtt.db"
 LOCK_NAME = "fastmqtt.lock"
 SCHEMA_VERSION = 1
+#: Released messages remembered for a re-delivery under the same msg_id.
+RELEASED_KEPT = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -182,6 +185,12 @@ class SqliteStore:
         self._dseq = 0  # delivery order counter
         self._refs: dict[int, int] = {}  # msg_id -> deliveries referring to it
         self._client_msgs: dict[str, set[int]] = {}  # client_id -> msg_ids delivered
+        self._msgs: dict[int, tuple] = {}  # msg_id -> (Publish, expires_at) while stored
+        # Messages whose last delivery went, newest last: a broker that hands
+        # the same msg_id out again (a retained message sent to a second
+        # subscriber later) gets the row back instead of a dangling delivery.
+        self._released: OrderedDict[int, tuple] = OrderedDict()
+        self._warned_unknown = 0
         self._conn: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -426,6 +435,8 @@ class SqliteStore:
 
         self._refs = {}
         self._client_msgs = {}
+        self._msgs = dict(snap.messages)
+        self._released.clear()
         for s in snap.sessions:
             ms = self._client_msgs[s.client_id] = set()
             for d in s.deliveries:
@@ -558,8 +569,9 @@ class SqliteStore:
     def put_message(self, msg_id: int, publish: Any, expires_at: float | None) -> None:
         with self._lock:
             b = self._begin()
-            b.messages[msg_id] = (publish, expires_at)
+            b.messages[msg_id] = self._msgs[msg_id] = (publish, expires_at)
             b.msg_del.discard(msg_id)
+            self._released.pop(msg_id, None)
 
     def add_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
         mid = delivery.msg_id
@@ -576,7 +588,10 @@ class SqliteStore:
                 kind = _ADDR
             else:
                 ms.add(mid)
-                self._refs[mid] = self._refs.get(mid, 0) + 1
+                n = self._refs.get(mid, 0)
+                if not n and mid not in self._msgs:
+                    self._revive(b, mid)
+                self._refs[mid] = n + 1
                 old = dl.get(mid)
                 kind = _ADD if old is None or old[0] == _ADD else _ADDR
             dl[mid] = [kind, self._dseq, delivery.qos, delivery.packet_id, delivery.state]
@@ -622,8 +637,27 @@ class SqliteStore:
             self._refs[msg_id] = n
             return
         self._refs.pop(msg_id, None)
+        entry = self._msgs.pop(msg_id, None)
+        if entry is not None:
+            self._released[msg_id] = entry
+            if len(self._released) > RELEASED_KEPT:
+                self._released.popitem(last=False)
         if b.messages.pop(msg_id, None) is None:
             b.msg_del.add(msg_id)
+
+    def _revive(self, b: _Batch, msg_id: int) -> None:
+        """A delivery names a message whose row was dropped (its last delivery
+        went): store it again if it is still known, else warn."""
+        entry = self._released.pop(msg_id, None)
+        if entry is not None:
+            self._msgs[msg_id] = entry
+            b.messages[msg_id] = entry
+            b.msg_del.discard(msg_id)
+        elif self._warned_unknown < 10:
+            self._warned_unknown += 1
+            log.warning("persistence: delivery of message %d, which was never stored or "
+                        "was released long ago (put_message it again); it will not "
+                        "survive a restart", msg_id)
 
     def put_incoming_qos2(self, client_id: str, packet_id: int) -> None:
         with self._lock:

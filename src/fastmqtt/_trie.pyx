@@ -199,18 +199,27 @@ _init_ecap()
 # hashing and levels
 
 cdef inline uint32_t hash_bytes(const char* p, uint32_t n) noexcept nogil:
-    # FNV-1a, then murmur3's finaliser so the low bits (used as the table
-    # index) depend on every byte.
-    cdef uint32_t h = 2166136261u
-    cdef uint32_t i
-    for i in range(n):
-        h = (h ^ <uint8_t>p[i]) * 16777619u
-    h ^= h >> 16
-    h *= 0x85ebca6bu
-    h ^= h >> 13
-    h *= 0xc2b2ae35u
-    h ^= h >> 16
-    return h
+    # Eight bytes per step (levels are often 36-byte UUIDs), then murmur3's
+    # 64-bit finaliser so the low bits (the table index) and the top 16 (the
+    # pointer tag) depend on every byte. Not keyed: a client that crafts
+    # colliding levels only lengthens its own probe chains (load <= 1/2).
+    cdef uint64_t h = 0x9E3779B97F4A7C15u ^ n
+    cdef uint64_t w
+    while n >= 8:
+        memcpy(&w, p, 8)
+        h = (h ^ w) * 0xff51afd7ed558ccdu
+        h ^= h >> 29
+        p += 8
+        n -= 8
+    if n:
+        w = 0
+        memcpy(&w, p, n)
+        h = (h ^ w) * 0xff51afd7ed558ccdu
+        h ^= h >> 29
+    h ^= h >> 33
+    h *= 0xc4ceb9fe1a85ec53u
+    h ^= h >> 33
+    return <uint32_t>h
 
 
 cdef inline void levels_init(Levels* lv) noexcept:
@@ -235,31 +244,44 @@ cdef inline void levels_free(Levels* lv) noexcept:
 
 cdef int levels_split(Levels* lv, const char* s, Py_ssize_t n) except -1:
     """Split s[0:n] on '/' into lv (offsets, lengths, hashes)."""
-    cdef Py_ssize_t count = 1, i, start
-    for i in range(n):
-        if s[i] == b'/':
+    cdef Py_ssize_t count = 1, start = 0, i
+    cdef const char* p = s
+    cdef const char* end = s + n
+    cdef const char* q
+    # Count levels with memchr (vectorised) only when the local arrays may
+    # not do; most topics have a handful of levels.
+    if n >= LOCAL_LEVELS:
+        while True:
+            q = <const char*>memchr(p, b'/', end - p)
+            if q == NULL:
+                break
             count += 1
-    if count > LOCAL_LEVELS:
-        lv.off = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
-        lv.len = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
-        lv.hash = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
-        if lv.off == NULL or lv.len == NULL or lv.hash == NULL:
-            PyMem_Free(lv.off); PyMem_Free(lv.len); PyMem_Free(lv.hash)
-            lv.off = lv.local_off
-            lv.len = lv.local_len
-            lv.hash = lv.local_hash
-            raise MemoryError()
+            p = q + 1
+        if count > LOCAL_LEVELS:
+            lv.off = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
+            lv.len = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
+            lv.hash = <uint32_t*>PyMem_Malloc(count * sizeof(uint32_t))
+            if lv.off == NULL or lv.len == NULL or lv.hash == NULL:
+                PyMem_Free(lv.off); PyMem_Free(lv.len); PyMem_Free(lv.hash)
+                lv.off = lv.local_off
+                lv.len = lv.local_len
+                lv.hash = lv.local_hash
+                raise MemoryError()
     lv.buf = s
-    lv.n = <uint32_t>count
     count = 0
-    start = 0
-    for i in range(n + 1):
-        if i == n or s[i] == b'/':
-            lv.off[count] = <uint32_t>start
-            lv.len[count] = <uint32_t>(i - start)
-            lv.hash[count] = hash_bytes(s + start, <uint32_t>(i - start))
-            count += 1
-            start = i + 1
+    p = s
+    while True:
+        q = <const char*>memchr(p, b'/', end - p)
+        if q == NULL:
+            q = end
+        lv.off[count] = <uint32_t>(p - s)
+        lv.len[count] = <uint32_t>(q - p)
+        lv.hash[count] = hash_bytes(p, <uint32_t>(q - p))
+        count += 1
+        if q == end:
+            break
+        p = q + 1
+    lv.n = <uint32_t>count
     return 0
 
 
@@ -285,12 +307,15 @@ cdef int parse_topic(Levels* lv, object topic) except -1:
     cdef Py_ssize_t n, i
     cdef const char* s = utf8_of(topic, &n, NAME_INVALID, "topic name")
     cdef char c
+    cdef uint8_t bad = 0
+    # One branch-free pass; the three characters are rare.
     for i in range(n):
         c = s[i]
-        if c == 0:
+        bad |= (c == 0) | (c == b'+') | (c == b'#')
+    if bad:
+        if memchr(s, 0, n) != NULL:
             raise MalformedPacket("topic name contains U+0000 [MQTT-4.7.3-2]", NAME_INVALID)
-        if c == b'+' or c == b'#':
-            raise MalformedPacket("wildcard in a topic name [MQTT-3.3.2-2]", NAME_INVALID)
+        raise MalformedPacket("wildcard in a topic name [MQTT-3.3.2-2]", NAME_INVALID)
     levels_split(lv, s, n)
     lv.dollar = s[0] == b'$'
     return 0
@@ -1225,9 +1250,12 @@ cdef class TopicTrie:
                 self.ensure_hits(nh + 2)
             if wild and (n.flags & F_MULTI):
                 # '#' matches this level's children and the level itself [MQTT-4.7.1-2].
-                self.hits[nh] = child_find(n, b"#", 1, HASH_MULTI, 0)
+                c = child_find(n, b"#", 1, HASH_MULTI, 0)
+                fmq_prefetch(c.entries)     # read soon by match()
+                self.hits[nh] = c
                 nh += 1
             if i == L:
+                fmq_prefetch(n.entries)
                 self.hits[nh] = n
                 nh += 1
                 continue
@@ -1237,6 +1265,7 @@ cdef class TopicTrie:
                 self.ensure_stack(sp + 2)
             c = child_find(n, lv.buf + lv.off[i], lv.len[i], lv.hash[i], 0)
             if c != NULL:
+                fmq_prefetch(c)     # loads while the '+' branch is walked
                 self.stk_node[sp] = c
                 self.stk_level[sp] = i + 1
                 sp += 1

@@ -760,3 +760,52 @@ def test_released_message_handed_out_again_is_stored_again(reopener):
     _, snap = reopener.restart()
     assert by_client(snap)["b"].deliveries == [DeliveryRecord(1, 1)]
     assert snap.messages[1][0].payload == b"retained"
+
+
+async def test_waiters_registered_out_of_order_all_wake(sq):
+    gate = GatedApply(sq)
+    tickets = []
+    for i in range(30):
+        sq.put_session(f"c{i}", NEVER, 5, None)
+        tickets.append(sq.mark())
+    woke = []
+
+    async def wait_for(t):
+        await sq.durable(t)
+        woke.append(t)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            for t in reversed(tickets):  # newest first: the heap must still order them
+                n.start_soon(wait_for, t)
+            await trio.to_thread.run_sync(gate.entered.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woke == []
+            gate.release.set()
+    assert sorted(woke) == tickets
+    assert sq._waiters == []
+
+
+async def test_aclose_completes_pending_waiters(tmp_path):
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+    gate = GatedApply(s)
+    s.put_session("c", NEVER, 5, None)
+    await trio.to_thread.run_sync(gate.entered.wait)
+    s.put_session("d", NEVER, 5, None)  # lands in the next batch
+    ticket = s.mark()
+    errors = []
+
+    async def waiter():
+        try:
+            await s.durable(ticket)
+        except StoreError as e:
+            errors.append(e)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release.set()
+            await s.aclose()  # commits the second batch too
+    assert errors == []  # closing committed everything first: the wait succeeded

@@ -182,3 +182,16 @@ def test_broker_metrics_endpoint(broker_factory, paho):
         urllib.request.urlopen(url.replace("/metrics", "/"), timeout=5)
     assert exc.value.code == 404
     assert re.search(r"process_cpu_seconds_total", urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+@pytest.mark.integration
+def test_metrics_port_flag(broker_factory):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = broker_factory("fastmqtt", args=["--no-persistence", "--metrics-port", str(port)])
+    assert b.wait_for_log(r"metrics on http://", timeout=10, since=b.run_start), b.log()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert samples(body)[("fastmqtt_clients_connected", frozenset())] == 0

@@ -247,3 +247,14 @@ def test_mosquitto_accepts_our_hashes(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_console_script_points_at_main():
+    """pyproject's ``fastmqtt-passwd`` entry resolves to this module's main()."""
+    import tomllib
+    from pathlib import Path
+
+    from fastmqtt.broker.security import load_object
+
+    data = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert load_object(data["project"]["scripts"]["fastmqtt-passwd"]) is passwd.main

@@ -236,3 +236,18 @@ def test_mqttjs_acl_denials(broker_factory, js, tmp_path):
     assert "Not authorized" in subacks["app/ws/#"]["error"]
     assert subacks["app/ws/user/u1"]["granted"] == [1]
     assert node.of("message")[0]["payload"] == "mine"
+
+
+def test_ws_port_flag(broker_factory, js):
+    """--ws-port adds a WebSocket listener (any path) next to TCP."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = broker_factory("fastmqtt", args=["--no-persistence", "--ws-port", str(port)])
+    assert b.wait_for_log(rf"listening on ws://127\.0\.0\.1:{port}", timeout=10, since=b.run_start)
+    node = js({"url": f"ws://127.0.0.1:{port}", "subscribe": [["f/#", 0]],
+               "publish": [{"topic": "f/1", "payload": "flag", "qos": 0}], "expect": 1})
+    assert node.finish() == 0
+    assert node.of("message")[0]["payload"] == "flag"

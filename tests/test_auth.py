@@ -326,3 +326,14 @@ async def test_sighup_reloader(tmp_path):
     assert await authn.authenticate("c", "alice", b"new", None) == 0
     assert await authn.authenticate("c", "alice", b"old", None) == 0x86
     assert authz.can_subscribe("c", "alice", "b/x") and not authz.can_subscribe("c", "alice", "a/x")
+
+
+async def test_unknown_user_costs_a_hash_too(tmp_path, monkeypatch):
+    """An unknown user name takes a hash like a known one (no timing oracle
+    for which user names exist)."""
+    a = PasswordFileAuthenticator(write_pw(tmp_path / "pw", alice="good"))
+    calls = []
+    real = auth_mod.verify_password
+    monkeypatch.setattr(auth_mod, "verify_password", lambda e, p: calls.append(e.username) or real(e, p))
+    assert await a.authenticate("c", "mallory", b"guess", None) == ReasonCode.BAD_USER_NAME_OR_PASSWORD
+    assert len(calls) == 1

@@ -191,6 +191,9 @@ def verify_password(entry: PasswordEntry, password: bytes | str) -> bool:
     return hmac.compare_digest(computed, entry.digest)
 
 
+_DUMMY_ENTRY = PasswordEntry("", "7", DEFAULT_ITERATIONS, b"\0" * SALT_BYTES, b"\0" * 64, "")
+
+
 class PasswordFileAuthenticator:
     """Authenticator backed by a Mosquitto-compatible password file.
 
@@ -252,7 +255,13 @@ class PasswordFileAuthenticator:
         if username is None:
             return NOT_AUTHORIZED
         entry = self.entries.get(username)
-        if entry is None or password is None:
+        if password is None:
+            return BAD_USER_NAME_OR_PASSWORD
+        if entry is None:
+            # Spend the same time as for a real user, so response timing does
+            # not tell which user names exist.
+            await trio.to_thread.run_sync(verify_password, _DUMMY_ENTRY, password,
+                                          limiter=self._limiter)
             return BAD_USER_NAME_OR_PASSWORD
         key = self._cache_key(username, password) if self._cache_size else b""
         if key and self._cache.get(key) == entry.line:

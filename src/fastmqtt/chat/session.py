@@ -180,8 +180,8 @@ class ChatSession:
     # ------------------------------------------------------------- catch-up
 
     async def _on_connect(self, client, info) -> None:
-        if info.connection_number <= self._base_connections + 1:
-            return  # the first connection: nothing was missed yet
+        if info.connection_number <= max(self._base_connections, 1):
+            return  # the first connection (made before or after we were created)
         # Presence: say we are back (the will may have marked us offline).
         if self.presence.status != "offline":
             await self.presence.set_status(self.presence.status)

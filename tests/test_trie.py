@@ -584,3 +584,85 @@ def test_many_subscribers_on_one_node(trie):
     for i in range(1, 300, 2):
         assert t.subscribe(i, "hot", qos=2) is False
     assert len(t) == 150
+
+
+def test_share_name_equal_to_a_level_is_kept_apart(trie):
+    # The compiled trie keeps group nodes in the same child table as levels.
+    t = trie.TopicTrie()
+    t.subscribe("literal", "a/b")
+    t.subscribe("member", "$share/b/a")
+    assert subs_of(t.match("a/b")) == ["literal"]
+    assert subs_of(t.match("a")) == ["member"]
+    assert t.unsubscribe("literal", "a/b")
+    assert subs_of(t.match("a")) == ["member"]
+    assert t.match("a/b") == []
+    assert t.unsubscribe("member", "$share/b/a")
+    assert t.node_count() == 0
+
+
+def test_many_groups_on_one_filter(trie):
+    t = trie.TopicTrie()
+    for g in range(40):
+        t.subscribe(f"m{g}", f"$share/g{g}/x/+")
+        t.subscribe(f"n{g}", f"x/g{g}")         # literal siblings in the same table
+    got = subs_of(t.match("x/g3"))
+    assert got == sorted([f"m{g}" for g in range(40)] + ["n3"])
+    for g in range(0, 40, 2):
+        assert t.unsubscribe(f"m{g}", f"$share/g{g}/x/+")
+    assert subs_of(t.match("x/y")) == sorted(f"m{g}" for g in range(1, 40, 2))
+
+
+def test_unhashable_publisher_is_not_a_subscriber(trie):
+    t = trie.TopicTrie()
+    t.subscribe("c", "a", no_local=True)
+    assert subs_of(t.match("a", publisher=["not", "hashable"])) == ["c"]
+
+
+def test_subscriber_with_custom_equality(trie):
+    # Equal objects are the same subscriber, whatever their identity.
+    class Client:
+        def __init__(self, cid):
+            self.cid = cid
+
+        def __eq__(self, other):
+            return isinstance(other, Client) and other.cid == self.cid
+
+        def __hash__(self):
+            return hash(self.cid) & 0xF   # many collisions on purpose
+
+    t = trie.TopicTrie()
+    for i in range(50):
+        t.subscribe(Client(i), "a/+")
+    assert t.subscribe(Client(7), "a/+", qos=2) is False
+    assert len(t) == 50
+    assert t.unsubscribe(Client(8), "a/+") is True
+    assert sorted(d[0].cid for d in t.match("a/b")) == [i for i in range(50) if i != 8]
+    assert t.remove_subscriber(Client(9)) == 1
+    assert t.subscriptions(Client(7)) == [("a/+", 2, False, False, 0, 0)]
+
+
+def test_eq_that_changes_the_trie_does_not_corrupt_it(trie):
+    t = trie.TopicTrie()
+    calls = []
+
+    class Meddler:
+        def __init__(self, n):
+            self.n = n
+
+        def __hash__(self):
+            return 1
+
+        def __eq__(self, other):
+            if not calls:
+                calls.append(1)
+                for i in range(40):     # grows the compiled subscriber table
+                    t.subscribe(f"extra{i}", "z")
+            return isinstance(other, Meddler) and other.n == self.n
+
+    assert t.subscribe(Meddler(1), "a")
+    assert t.subscribe(Meddler(2), "a")
+    assert calls
+    assert len(t) == 42
+    assert sorted(d[0].n for d in t.match("a")) == [1, 2]
+    assert t.remove_subscriber(Meddler(1)) == 1
+    assert len(t.match("z")) == 40

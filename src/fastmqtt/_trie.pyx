@@ -1321,7 +1321,10 @@ cdef class TopicTrie:
         cdef list out
         cdef object ids
         if publisher is not None:
-            pub = self.sid_of(publisher)
+            try:
+                pub = self.sid_of(publisher)
+            except TypeError:
+                pass        # unhashable: cannot be a subscriber, so no no_local skip
         levels_init(&lv)
         try:
             parse_topic(&lv, topic)

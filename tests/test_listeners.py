@@ -483,3 +483,39 @@ async def test_garbage_before_handshake(certs, ca, kind, junk):
                 await good.send_all(b"ok")
                 assert await recv_exactly(good, 2) == b"ok"
             n.cancel_scope.cancel()
+
+
+async def test_certificates_reload(tmp_path):
+    """reload_certificates() (SIGHUP) puts renewed certificate files into use
+    for new connections; unreadable files keep the old ones."""
+    from fastmqtt.broker.listeners import reload_certificates
+
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+
+    def install(ca):
+        cert = ca.issue_cert("127.0.0.1")
+        cert.cert_chain_pems[0].write_to_path(str(certfile))
+        cert.private_key_pem.write_to_path(str(keyfile))
+
+    async def works(ca, port):
+        try:
+            s = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=client_ctx(ca))
+            await s.send_all(b"hi")
+            return await recv_exactly(s, 2) == b"hi"
+        except trio.BrokenResourceError:
+            return False
+
+    install(old_ca)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            port = await start(n, type="tls", certfile=str(certfile), keyfile=str(keyfile))
+            assert await works(old_ca, port)
+            install(new_ca)
+            assert await works(old_ca, port)  # nothing changes before the reload
+            assert reload_certificates() >= 1
+            assert await works(new_ca, port) and not await works(old_ca, port)
+            keyfile.write_text("not a key")
+            reload_certificates()  # logged, old context kept
+            assert await works(new_ca, port)
+            n.cancel_scope.cancel()

@@ -33,6 +33,7 @@ import errno
 import functools
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -47,6 +48,7 @@ __all__ = [
     "make_server_ssl_context",
     "WebSocketStream",
     "WS_SUBPROTOCOLS",
+    "reload_certificates",
 ]
 
 log = logging.getLogger("fastmqtt.broker.listeners")
@@ -332,11 +334,12 @@ async def _run_connection(spec: ListenerSpec, stream: trio.SocketStream, handler
 class _Gate:
     """Admission state of one listener: open connections and the rate bucket."""
 
-    __slots__ = ("spec", "stats", "active", "bucket", "_next_info", "_quiet")
+    __slots__ = ("spec", "stats", "active", "bucket", "ctx", "_next_info", "_quiet", "__weakref__")
 
-    def __init__(self, spec: ListenerSpec, stats: Any) -> None:
+    def __init__(self, spec: ListenerSpec, stats: Any, ctx: ssl.SSLContext | None = None) -> None:
         self.spec = spec
         self.stats = stats
+        self.ctx = ctx  # replaced by reload_certificates(); each accept reads it
         self.active = 0
         self.bucket = RateLimiter(spec.connection_rate) if spec.connection_rate else None
         self._next_info = 0.0
@@ -372,8 +375,38 @@ class _Gate:
         self.active -= 1
 
 
+#: TLS listeners being served, for :func:`reload_certificates`.
+_TLS_GATES: "weakref.WeakSet[_Gate]" = weakref.WeakSet()
+
+
+def reload_certificates() -> int:
+    """Re-read the certificate, key and CA files of every TLS/WSS listener.
+
+    Called on SIGHUP (``security.sighup_reloader``) so renewed certificates
+    (Let's Encrypt and the like) take effect without a restart. Connections
+    already open keep their session; new ones get the new context. A listener
+    whose files fail to load keeps its old context (the error is logged).
+
+    Returns:
+        How many listeners got a new context.
+    """
+    done = 0
+    for gate in list(_TLS_GATES):
+        if gate.spec.ssl_context is not None:
+            continue  # a context handed in by the caller is the caller's to renew
+        try:
+            gate.ctx = make_server_ssl_context(gate.spec)
+            done += 1
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("%s: certificates not reloaded, keeping the old ones: %s",
+                      gate.spec.label, exc)
+    if done:
+        log.info("reloaded TLS certificates of %d listener(s)", done)
+    return done
+
+
 async def _accept_loop(gate: _Gate, listener: trio.SocketListener, handler: Handler,
-                       ctx: ssl.SSLContext | None, nursery: trio.Nursery) -> None:
+                       nursery: trio.Nursery) -> None:
     spec = gate.spec
     while True:
         try:
@@ -389,7 +422,7 @@ async def _accept_loop(gate: _Gate, listener: trio.SocketListener, handler: Hand
             # client's reconnect backoff does the rest.
             await trio.aclose_forcefully(stream)
             continue
-        nursery.start_soon(_run_connection, spec, stream, handler, ctx, gate.release)
+        nursery.start_soon(_run_connection, spec, stream, handler, gate.ctx, gate.release)
 
 
 async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = None,
@@ -417,13 +450,16 @@ async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = N
     bound = listeners[0].socket.getsockname()
     host, port = bound[0], bound[1]
     log.debug("listening on %s (%s %s:%d)", spec.label, spec.type, host, port)
-    gate = _Gate(spec, stats)
+    gate = _Gate(spec, stats, ctx)
+    if ctx is not None:
+        _TLS_GATES.add(gate)
     try:
         async with trio.open_nursery() as nursery:
             for listener in listeners:
-                nursery.start_soon(_accept_loop, gate, listener, handler, ctx, nursery)
+                nursery.start_soon(_accept_loop, gate, listener, handler, nursery)
             task_status.started((host, port))
     finally:
+        _TLS_GATES.discard(gate)
         for listener in listeners:
             with trio.CancelScope(shield=True):
                 await listener.aclose()

@@ -203,7 +203,8 @@ def reload_security(authenticator: Any, authorizer: Any) -> None:
 
 async def sighup_reloader(authenticator: Any, authorizer: Any, on_reload: Any = None, *,
                           task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    """Reload security files on every SIGHUP until cancelled (a trio task).
+    """Reload security files and TLS certificates on every SIGHUP until
+    cancelled (a trio task).
 
     The broker's server starts it next to its listeners::
 
@@ -224,6 +225,9 @@ async def sighup_reloader(authenticator: Any, authorizer: Any, on_reload: Any = 
         async for _ in signals:
             try:
                 reload_security(authenticator, authorizer)
+                from .listeners import reload_certificates
+
+                reload_certificates()
                 if on_reload is not None:
                     on_reload()
             except Exception:  # a reload must never take the broker down

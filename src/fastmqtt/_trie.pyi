@@ -35,6 +35,9 @@ class TopicTrie:
         shared group (policy-chosen member), listed after the normal ones."""
     def set_share_policy(self, policy: str | SharePolicy) -> None:
         """"round_robin" (default), "random", or a callable."""
+    def node_count(self) -> int:
+        """Trie nodes below the root, shared-group nodes not counted (introspection:
+        emptied nodes are pruned, so unsubscribing everything returns it to 0)."""
     def __len__(self) -> int: ...
 
 class RetainedStore:
@@ -48,4 +51,6 @@ class RetainedStore:
         walking the tree; expired entries (expires_at <= now) are skipped and removed."""
     def purge_expired(self, now: float) -> int: ...
     def items(self) -> list[tuple[str, Any, float | None]]: ...
+    def node_count(self) -> int:
+        """Tree nodes below the root (introspection: emptied nodes are pruned)."""
     def __len__(self) -> int: ...

@@ -98,7 +98,7 @@ def test_every_property_combination(codec, ptype, data):
 
 
 @pytest.mark.parametrize("version", [5, 4])
-@SETTINGS
+@settings(SETTINGS, max_examples=120)
 @given(data=st.data())
 def test_any_chunking_gives_the_same_packets(codec, version, data):
     stream = data.draw(packet_lists(codec, version, first_connect=True))
@@ -204,3 +204,67 @@ def test_publish_template_matches_encode(codec, version, data):
     expected = codec.Publish(publish.topic, publish.payload, publish.qos, publish.retain, dup,
                              pid, publish.properties)
     assert template.with_packet_id(pid, dup) == codec.encode(expected, version)
+
+
+_ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 3), st.integers(65530, 65540),
+    st.integers(268_435_450, 268_435_460), st.integers(2**32 - 2, 2**32 + 1),
+    st.text(max_size=3), st.sampled_from(["a/+", "#", "$share/g/x", "\ud800", "a\x00"]),
+    st.binary(max_size=3),
+)
+_ODD_PROPERTIES = st.one_of(
+    st.none(), st.dictionaries(st.integers(0, 45), _ODD_VALUES, max_size=3),
+    st.dictionaries(st.sampled_from([0x0B, 0x26]),
+                    st.lists(st.one_of(_ODD_VALUES, st.tuples(_ODD_VALUES, _ODD_VALUES)),
+                             max_size=3), max_size=2),
+)
+
+
+@st.composite
+def _odd_packet(draw, codec):
+    """A packet whose fields hold arbitrary, mostly wrong, values."""
+    c = codec
+    kind = draw(st.sampled_from(["Connect", "Connack", "Publish", "Puback", "Pubrel",
+                                 "Subscribe", "Suback", "Unsubscribe", "Unsuback",
+                                 "Disconnect", "Auth"]))
+    v = lambda: draw(_ODD_VALUES)  # noqa: E731
+    props = draw(_ODD_PROPERTIES)
+    if kind == "Connect":
+        will = None
+        if draw(st.booleans()):
+            will = c.Will(v(), v(), v(), v(), draw(_ODD_PROPERTIES))
+        return c.Connect(v(), v(), v(), v(), v(), will, props, v())
+    if kind == "Publish":
+        return c.Publish(v(), v(), v(), v(), v(), v(), props)
+    if kind == "Subscribe":
+        subs = [c.Subscription(v(), v(), v(), v(), v()) for _ in range(draw(st.integers(0, 2)))]
+        return c.Subscribe(v(), subs, props)
+    if kind in ("Suback", "Unsuback"):
+        return getattr(c, kind)(v(), [v() for _ in range(draw(st.integers(0, 2)))], props)
+    if kind == "Unsubscribe":
+        return c.Unsubscribe(v(), [v() for _ in range(draw(st.integers(0, 2)))], props)
+    if kind in ("Puback", "Pubrel"):
+        return getattr(c, kind)(v(), v(), props)
+    if kind == "Connack":
+        return c.Connack(v(), v(), props)
+    return getattr(c, kind)(v(), props)
+
+
+@pytest.mark.parametrize("version", [5, 4, 3])
+@SETTINGS
+@given(data=st.data())
+def test_encode_of_odd_field_values_raises_only_malformed(codec, version, data):
+    """Whatever the fields hold, encode either refuses with MalformedPacket or
+    produces bytes that decode again. (A constructor may reject a value's type
+    outright; that is the constructor's business, not encode's.)"""
+    try:
+        packet = data.draw(_odd_packet(codec))
+    except (TypeError, ValueError, OverflowError):
+        return
+    try:
+        encoded = codec.encode(packet, version)
+    except MalformedPacket as exc:
+        assert exc.reason_code in {0x81, 0x82, 0x84, 0x8F, 0x90, 0x95}
+        return
+    decoded = codec.decode(encoded, version)
+    assert codec.encode(decoded, version) == encoded

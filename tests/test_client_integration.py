@@ -189,8 +189,16 @@ async def test_keepalive_detects_dead_connection(any_broker, mqtt_proxy):
             assert "PINGRESP" in repr(c.last_error)
 
 
+def persistent(version: int) -> dict:
+    """Client options for a session the broker keeps across connections."""
+    if version == 5:
+        return dict(version=5, session_expiry=300)
+    return dict(version=4, clean_start=False)
+
+
+@pytest.mark.parametrize("version", [4, 5])
 @pytest.mark.parametrize("qos", [1, 2])
-async def test_publisher_cut_before_ack_resends_with_dup(any_broker, mqtt_proxy, qos):
+async def test_publisher_cut_before_ack_resends_with_dup(any_broker, mqtt_proxy, qos, version):
     """PUBLISH reaches the broker, its PUBACK/PUBREC is lost with the connection:
     the client resends with DUP and the same id [MQTT-4.4.0-1]; QoS 2 is
     still delivered once."""
@@ -199,13 +207,14 @@ async def test_publisher_cut_before_ack_resends_with_dup(any_broker, mqtt_proxy,
     rule = proxy.cut_on("to_client", ack)
     with trio.fail_after(30):
         async with client(any_broker) as sub, \
-                client(proxy, client_id=uid("pub"), session_expiry=300) as pub:
+                client(proxy, client_id=uid("pub"), **persistent(version)) as pub:
             stream = sub.messages("cut/#")
             await sub.subscribe("cut/#", qos=2)
             r = await pub.publish("cut/x", b"payload", qos=qos)
             assert rule.fired.is_set() and r.reason_code in (0, 0x10)
             assert pub.connections == 2
-            publishes = [codec.decode(raw, 5) for raw in proxy.packets("to_broker", "PUBLISH")]
+            publishes = [codec.decode(raw, version)
+                         for raw in proxy.packets("to_broker", "PUBLISH")]
             assert len(publishes) == 2
             assert publishes[1].dup and publishes[1].packet_id == publishes[0].packet_id
             got = [await stream.receive()]
@@ -235,14 +244,15 @@ async def test_qos2_cut_before_pubcomp_resends_pubrel(any_broker, mqtt_proxy):
             assert [m.payload for m in got] == [b"once"]
 
 
-async def test_subscriber_cut_before_pubrec_gets_qos2_once(any_broker, mqtt_proxy):
+@pytest.mark.parametrize("version", [4, 5])
+async def test_subscriber_cut_before_pubrec_gets_qos2_once(any_broker, mqtt_proxy, version):
     """Our PUBREC is lost: the broker resends the PUBLISH with DUP on the new
     connection; the client acknowledges it but does not deliver it again
     [MQTT-4.3.3-10]."""
     proxy = await mqtt_proxy(any_broker)
     rule = proxy.cut_on("to_broker", "PUBREC")
     with trio.fail_after(30):
-        async with client(proxy, client_id=uid("sub"), session_expiry=300) as sub, \
+        async with client(proxy, client_id=uid("sub"), **persistent(version)) as sub, \
                 client(any_broker) as pub:
             stream = sub.messages("cut3/#")
             await sub.subscribe("cut3/#", qos=2)
@@ -252,7 +262,7 @@ async def test_subscriber_cut_before_pubrec_gets_qos2_once(any_broker, mqtt_prox
             await sub.wait_connected()
             while len(proxy.packets("to_client", "PUBLISH")) < 2:
                 await trio.sleep(0.01)
-            assert codec.decode(proxy.packets("to_client", "PUBLISH")[1], 5).dup
+            assert codec.decode(proxy.packets("to_client", "PUBLISH")[1], version).dup
             await pub.publish("cut3/y", b"next", qos=2)
             second = await stream.receive()
             assert (first.payload, second.payload) == (b"exactly-once", b"next")

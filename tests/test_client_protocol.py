@@ -389,3 +389,15 @@ def test_any_chunking_gives_the_same_events(chunks, version):
 def itertools_cycle(seq):
     while True:
         yield from seq
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=120), version=st.sampled_from([4, 5]))
+def test_random_server_bytes_only_raise_protocol_error(data, version):
+    proto, b, _ = connect(version=version)
+    proto.publish("t", b"x", qos=2)
+    try:
+        proto.receive_data(data, 0)
+    except ProtocolError:
+        return
+    proto.data_to_send()

@@ -703,6 +703,8 @@ cdef class TopicTrie:
     cdef uint32_t stab_cap
     cdef uint32_t nsubscribers
     cdef uint64_t version       # bumped when stab changes (guards user __eq__)
+    cdef PyObject* last_obj     # identity cache for sid_of (borrowed; cleared on release)
+    cdef uint32_t last_sid
     cdef Py_ssize_t count
     cdef uint32_t stamp
     cdef int policy_kind        # 0 round robin, 1 random, 2 callable
@@ -851,12 +853,24 @@ cdef class TopicTrie:
         self.subs[sid].slot = self.free_sid
         self.free_sid = sid
         self.subs[sid].obj = NULL
+        if self.last_sid == sid:
+            self.last_obj = NULL
         self.nsubscribers -= 1
         self.version += 1
         Py_DECREF(<object>obj)   # last: may run arbitrary __del__ code
 
     cdef uint32_t sid_of(self, object obj) except? 0xFFFFFFFE:
-        return self.sid_find(obj, PyObject_Hash(obj))
+        # One SUBSCRIBE packet usually carries several filters for the same
+        # client: remember the last subscriber looked up (by identity; the
+        # trie holds a reference, so the address cannot be reused meanwhile).
+        cdef uint32_t sid
+        if <PyObject*>obj == self.last_obj:
+            return self.last_sid
+        sid = self.sid_find(obj, PyObject_Hash(obj))
+        if sid != NO_SID:
+            self.last_obj = <PyObject*>obj
+            self.last_sid = sid
+        return sid
 
     # -- entries -----------------------------------------------------------
 
@@ -1037,8 +1051,12 @@ cdef class TopicTrie:
             raise ValueError("subscription_id must be in 0..268435455")
         # The lookup may run user __hash__/__eq__: do it before holding any
         # node pointer.
-        cdef Py_hash_t h = PyObject_Hash(subscriber)
-        sid = self.sid_find(subscriber, h)
+        cdef Py_hash_t h = 0
+        if <PyObject*>subscriber == self.last_obj:
+            sid = self.last_sid
+        else:
+            h = PyObject_Hash(subscriber)
+            sid = self.sid_find(subscriber, h)
         levels_init(&lv)
         try:
             parse_filter(&lv, topic_filter)
@@ -1050,6 +1068,8 @@ cdef class TopicTrie:
             if sid == NO_SID:
                 sid = self.sid_new(subscriber, h)
                 fresh = True
+            self.last_obj = <PyObject*>subscriber
+            self.last_sid = sid
             try:
                 t = self.find_node(&lv, True)
                 i = -1 if fresh else self.entry_find(t, sid)

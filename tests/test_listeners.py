@@ -519,3 +519,39 @@ async def test_certificates_reload(tmp_path):
             reload_certificates()  # logged, old context kept
             assert await works(new_ca, port)
             n.cancel_scope.cancel()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=4096))
+def test_ws_stream_is_the_concatenation_of_messages(chunks, read_size):
+    """However MQTT bytes are cut into WebSocket messages, and however much the
+    broker asks for per read, it sees exactly the concatenated bytes [MQTT-6.0.0-2]."""
+    want = b"".join(chunks)
+    got = []
+
+    async def collect(stream, spec):
+        buf = b""
+        while len(buf) < len(want):
+            data = await stream.receive_some(read_size)
+            assert data and len(data) <= read_size
+            buf += data
+        got.append(buf)
+        await stream.send_all(b"done")
+
+    async def main():
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as n:
+                port = await start(n, collect, type="ws")
+                async with open_websocket_url(f"ws://127.0.0.1:{port}/", subprotocols=["mqtt"]) as ws:
+                    for c in chunks:
+                        await ws.send_message(c)
+                    assert await ws.get_message() == b"done"
+                n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert got == [want]

@@ -32,3 +32,22 @@ def test_package_exports_the_compiled_codec():
 
     assert fastmqtt.Publish is compiled.Publish
     assert fastmqtt.Decoder is compiled.Decoder
+
+
+def test_no_extensions_switch_selects_the_python_references():
+    """FASTMQTT_NO_EXTENSIONS=1 is the documented way to run on the references."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import fastmqtt.codec as c, fastmqtt._codec_py as p, fastmqtt.trie as t\n"
+        "assert c.COMPILED is False and c.encode is p.encode and c.Decoder is p.Decoder\n"
+        "assert t.COMPILED is False and t.IMPLEMENTATION.__name__ == 'fastmqtt._trie_py'\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, FASTMQTT_NO_EXTENSIONS="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -161,7 +161,16 @@ _set = object.__setattr__
 
 class Will(_Packet):
     """The will message of a CONNECT: published by the server if the client
-    goes away without a DISCONNECT (normal disconnection)."""
+    goes away without a DISCONNECT (normal disconnection).
+
+    Args:
+        topic: topic name the will is published to.
+        payload: will message bytes.
+        qos: 0, 1 or 2 [MQTT-3.1.2-12].
+        retain: publish the will as a retained message.
+        properties: will properties (WILL_DELAY_INTERVAL, MESSAGE_EXPIRY_INTERVAL,
+            CONTENT_TYPE, ...); MQTT 5.0 only.
+    """
 
     __slots__ = ("topic", "payload", "qos", "retain", "properties")
     _fields = __slots__
@@ -176,7 +185,19 @@ class Will(_Packet):
 
 
 class Connect(_Packet):
-    """CONNECT (3.1): the first packet a client sends."""
+    """CONNECT (3.1): the first packet a client sends.
+
+    Args:
+        client_id: client identifier; "" asks the server to assign one.
+        clean_start: Clean Start (5.0) / Clean Session (3.1.1).
+        keep_alive: seconds, 0..65535 (0 disables keep alive).
+        username: user name, or None for no user name flag.
+        password: password bytes, or None; 3.1.1 needs a user name with it
+            [MQTT-3.1.2-22].
+        will: the will message, or None.
+        properties: CONNECT properties (MQTT 5.0 only).
+        protocol_level: 3, 4 or 5; 0 takes the version given to ``encode``.
+    """
 
     __slots__ = ("client_id", "clean_start", "keep_alive", "username", "password", "will",
                  "properties", "protocol_level")
@@ -212,7 +233,18 @@ class Connack(_Packet):
 
 
 class Publish(_Packet):
-    """PUBLISH (3.3): an application message."""
+    """PUBLISH (3.3): an application message.
+
+    Args:
+        topic: topic name without wildcards [MQTT-3.3.2-2]; "" only in MQTT 5.0
+            with a TOPIC_ALIAS property.
+        payload: message bytes.
+        qos: 0, 1 or 2.
+        retain: the RETAIN flag.
+        dup: the DUP flag (a redelivery); only with QoS 1 or 2 [MQTT-3.3.1-2].
+        packet_id: 1..65535 for QoS 1 and 2, 0 for QoS 0.
+        properties: PUBLISH properties (MQTT 5.0 only).
+    """
 
     __slots__ = ("topic", "payload", "qos", "retain", "dup", "packet_id", "properties")
     _fields = __slots__
@@ -270,7 +302,16 @@ class Pubcomp(_PubAckBase):
 
 
 class Subscription(_Packet):
-    """One topic filter of a SUBSCRIBE with its subscription options (3.8.3.1)."""
+    """One topic filter of a SUBSCRIBE with its subscription options (3.8.3.1).
+
+    Args:
+        topic_filter: the filter, possibly ``$share/{name}/{filter}``.
+        qos: maximum QoS, 0..2.
+        no_local: don't receive own messages (5.0; not on a shared
+            subscription [MQTT-3.8.3-4]).
+        retain_as_published: keep the RETAIN flag of forwarded messages (5.0).
+        retain_handling: 0 send retained, 1 only on a new subscription, 2 never (5.0).
+    """
 
     __slots__ = ("topic_filter", "qos", "no_local", "retain_as_published", "retain_handling")
     _fields = __slots__

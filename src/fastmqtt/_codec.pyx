@@ -955,6 +955,24 @@ cdef inline int r_done(Reader* r) except -1:
     return 0
 
 
+# Property-block cache. A publisher usually sends the same properties with every
+# message (content type, expiry, fixed user properties), and a CONNECT from a
+# given client library always looks alike. A decoded properties mapping is
+# immutable (a read-only view over a private dict of ints, strs, bytes and
+# tuples), so packets whose property bytes are identical can share one. Keyed
+# by the packet type (what is allowed differs) and the raw block; an entry is
+# stored only after the block passed every check, and identical bytes in the
+# same packet type pass them again.
+cdef enum:
+    PROP_CACHE_SLOTS = 256     # power of two
+    PROP_CACHE_MAX = 256       # longest cached block in bytes
+
+cdef PyObject* _pc_raw[PROP_CACHE_SLOTS]      # bytes of the block (owned)
+cdef PyObject* _pc_map[PROP_CACHE_SLOTS]      # the mapping (owned)
+cdef unsigned char _pc_type[PROP_CACHE_SLOTS]
+cdef unsigned char _pc_alias[PROP_CACHE_SLOTS]
+
+
 cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     """Read a property block allowed in ``ptype`` (a packet type or WILL) and
     enforce section 2.2.2.2: known id, allowed in this packet, value type,
@@ -970,6 +988,20 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
         return EMPTY
     if length > r.end - r.p:
         _fail(f"{_pname(ptype)} property length {length} overruns the packet")
+    cdef const unsigned char* start = r.p
+    cdef Py_ssize_t slot = -1
+    cdef PyObject* cached
+    if length <= PROP_CACHE_MAX:
+        slot = <Py_ssize_t>((_hash_bytes(start, length) + <uint64_t>ptype * 0x9E3779B1ULL)
+                            & (PROP_CACHE_SLOTS - 1))
+        cached = _pc_raw[slot]
+        if (cached != NULL and _pc_type[slot] == ptype
+                and PyBytes_GET_SIZE(<object>cached) == length
+                and memcmp(PyBytes_AS_STRING(<object>cached), start, <size_t>length) == 0):
+            r.p += length
+            if has_alias != NULL:
+                has_alias[0] = _pc_alias[slot]
+            return <object>_pc_map[slot]
     cdef const unsigned char* outer_end = r.end
     r.end = r.p + length
     cdef int saved = r.ptype
@@ -1043,9 +1075,21 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
         props[<object>_PKEY[P_SUBID]] = tuple(subids)
     if users is not None:
         props[<object>_PKEY[P_USER]] = tuple(users)
+    cdef bint alias = (seen >> P_TOPIC_ALIAS) & 1
     if has_alias != NULL:
-        has_alias[0] = (seen >> P_TOPIC_ALIAS) & 1
-    return PyDictProxy_New(props)
+        has_alias[0] = alias
+    result = PyDictProxy_New(props)
+    if slot >= 0:
+        raw = PyBytes_FromStringAndSize(<const char*>start, <Py_ssize_t>length)
+        Py_INCREF(raw)
+        Py_INCREF(result)
+        Py_XDECREF(_pc_raw[slot])
+        Py_XDECREF(_pc_map[slot])
+        _pc_raw[slot] = <PyObject*>raw
+        _pc_map[slot] = <PyObject*>result
+        _pc_type[slot] = <unsigned char>ptype
+        _pc_alias[slot] = alias
+    return result
 
 
 cdef inline int r_packet_id(Reader* r) except -1:

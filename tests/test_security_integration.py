@@ -267,3 +267,87 @@ def test_listener_connection_rate(broker_factory, raw):
     # The harness's own readiness check used nothing: the first CONNECT gets the one token.
     assert raw(b).connect("first").reason_code == 0
     assert raw(b).expect_closed(timeout=5) == []
+
+
+# ------------------------------------------------------------ differential
+
+DIFF_ACL = """
+topic read public/#
+topic write anon/in
+user alice
+topic readwrite alice/#
+topic deny alice/private/#
+topic read news/+
+topic write news/alice
+user bob
+topic read alice/shared
+topic readwrite bob/#
+user admin
+topic readwrite #
+pattern readwrite room/%u/#
+pattern read devices/%c/cmd
+pattern write devices/%c/state
+"""
+DIFF_TOPICS = ["public/a", "anon/in", "alice/x", "alice/private/y", "alice/shared", "news/today",
+               "news/alice", "bob/z", "room/alice/1", "room/bob/1", "devices/dev1/cmd",
+               "devices/dev1/state", "devices/dev2/state", "x/y", "$SYS/fake"]
+# (name, user, client id, its end-marker topic: one it may read in both brokers)
+DIFF_CLIENTS = [("admin", "admin", "adm", "admin/end"), ("alice", "alice", "dev1", "alice/end"),
+                ("bob", "bob", "dev2", "bob/end"), ("anon", None, "anon1", "public/end")]
+
+
+def _acl_outcomes(broker_factory, tmp_path, raw, impl):
+    """Who may publish what (PUBACK codes) and who receives what, on one broker."""
+    from fixtures_broker import subscribe_bytes
+
+    pw = tmp_path / f"pw-{impl}"
+    passwd.main(["-c", "-b", str(pw), "admin", "admin-pw"])
+    for u in ("alice", "bob"):
+        passwd.main(["-b", str(pw), u, f"{u}-pw"])
+    acl = tmp_path / f"acl-{impl}"
+    acl.write_text(DIFF_ACL)
+    b = start(broker_factory, impl, password_file=str(pw), acl_file=str(acl), allow_anonymous=True)
+    clients = {}
+    for name, user, cid, end in DIFF_CLIENTS:
+        c = raw(b)
+        pwd = f"{user}-pw".encode() if user else None
+        assert c.connect(cid, username=user, password=pwd).reason_code == 0
+        c.send(subscribe_bytes(1, [(t, 1) for t in DIFF_TOPICS + [end]]))
+        c.recv_type("SUBACK")  # codes differ by design (see above); deliveries must not
+        clients[name] = c
+    acks = {}
+    pid = 1
+    for name, *_ in DIFF_CLIENTS:
+        for topic in DIFF_TOPICS:
+            pid += 1
+            ack = clients[name].publish(topic, f"{name}>{topic}".encode(), qos=1, packet_id=pid)
+            acks[name, topic] = "denied" if ack.reason_code == 0x87 else "ok"
+    admin = clients["admin"]
+    for name, _, _, end in DIFF_CLIENTS:  # end markers, after everything else
+        pid += 1
+        admin.publish(end, b"END", qos=1, packet_id=pid)
+    received = {}
+    for name, _, _, end in DIFF_CLIENTS:
+        got = set()
+        while True:
+            p = clients[name].recv_type("PUBLISH", timeout=10)
+            clients[name].send(bytes([0x40, 2]) + p.packet_id.to_bytes(2, "big"))
+            if p.payload == b"END":
+                break
+            got.add(p.payload.decode())
+        received[name] = got
+    return acks, received
+
+
+def test_acl_decisions_match_mosquitto(broker_factory, tmp_path, raw):
+    """Same password file and ACL, same clients and traffic: fastmqtt and
+    Mosquitto accept the same publishes and deliver the same messages.
+    (The ACL avoids the one deliberate difference: a user grant against a
+    pattern deny, where fastmqtt lets the deny win.)"""
+    ours = _acl_outcomes(broker_factory, tmp_path, raw, "fastmqtt")
+    theirs = _acl_outcomes(broker_factory, tmp_path, raw, "mosquitto")
+    assert ours[0] == theirs[0]
+    assert ours[1] == theirs[1]
+    # and the outcome is not trivial
+    assert "denied" in ours[0].values() and "ok" in ours[0].values()
+    assert ours[1]["alice"] and ours[1]["anon"] and "bob>alice/private/y" not in ours[1]["alice"]

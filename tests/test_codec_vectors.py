@@ -521,3 +521,12 @@ def test_encoder_accepts_lists_and_bare_subscription_identifier(codec):
     decoded = c.decode(expected)
     assert decoded.properties[P.SUBSCRIPTION_IDENTIFIER] == (7,)
     assert decoded.properties[P.USER_PROPERTY] == (("k", "v"),)
+
+
+@pytest.mark.parametrize("row", VECTORS, ids=_ids(VECTORS))
+def test_packets_pickle(codec, row):
+    """Packets survive pickling (a store or a worker process may need it)."""
+    import pickle
+
+    packet = row.build(codec)
+    assert pickle.loads(pickle.dumps(packet)) == packet

@@ -153,7 +153,11 @@ class _Packet:
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def __reduce__(self):
-        return (type(self), tuple(getattr(self, name) for name in self._fields))
+        # A read-only properties view cannot be pickled; its dict can, and the
+        # constructor wraps it again.
+        return (type(self), tuple(
+            dict(value) if name == "properties" else value
+            for name, value in ((n, getattr(self, n)) for n in self._fields)))
 
 
 _set = object.__setattr__

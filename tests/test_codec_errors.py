@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-from fastmqtt.enums import PropertyId as P
+from fastmqtt.enums import PacketType, PropertyId as P
 from fastmqtt.errors import MalformedPacket
 
 # An exception a compiled function swallows ("Exception ignored in ...") is a
@@ -225,6 +225,16 @@ def test_decode_error(codec, row):
         codec.decode(data, row.version)
     assert info.value.reason_code == row.reason, str(info.value)
     assert re.search(row.pattern, str(info.value), re.I), str(info.value)
+
+
+@pytest.mark.parametrize("row", DECODE_ERRORS, ids=[r.name for r in DECODE_ERRORS])
+def test_decode_error_names_the_packet(codec, row):
+    """A message a person reads in a log names the packet type it is about."""
+    data = h(row.hex)
+    with pytest.raises(MalformedPacket) as info:
+        codec.decode(data, row.version)
+    name = "packet type 0" if data[0] >> 4 == 0 else PacketType(data[0] >> 4).name
+    assert name in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("row", DECODE_ERRORS, ids=[r.name for r in DECODE_ERRORS])

@@ -831,6 +831,11 @@ def _check_first_byte(first: int) -> PacketType:
     return ptype
 
 
+def _packet_name(first: int) -> str:
+    """Name of the packet type in a first byte, for messages (type 0 included)."""
+    return PacketType(first >> 4).name if first >> 4 else "packet type 0"
+
+
 def _decode_body(first: int, body: bytes, version: int):
     ptype = _check_first_byte(first)
     return _DECODERS[ptype](_Reader(body, ptype.name), first & 0x0F, version)
@@ -864,14 +869,16 @@ def decode(data: bytes, version: int = 5):
     data = bytes(data)
     if not data:
         raise _error("empty input: no fixed header")
-    r = _Reader(data, "fixed header")
+    name = _packet_name(data[0])
+    r = _Reader(data, name)
     r.byte("packet type")
     length = r.varint("remaining length")
     header = r.pos
     if len(data) - header < length:
-        raise _error(f"packet incomplete: remaining length {length}, {len(data) - header} bytes given")
+        raise _error(f"{name} incomplete: remaining length {length}, "
+                     f"{len(data) - header} bytes given")
     if len(data) - header > length:
-        raise _error(f"{len(data) - header - length} trailing bytes after the packet")
+        raise _error(f"{name} followed by {len(data) - header - length} trailing bytes")
     return _decode_body(data[0], data[header:], wire)
 
 
@@ -951,8 +958,8 @@ class Decoder:
             return None
         first = buf[pos]
         if self.version is None and first >> 4 != PacketType.CONNECT:
-            raise _error(f"first packet must be CONNECT, got type {first >> 4} [MQTT-3.1.0-1]",
-                         PROTOCOL_ERROR)
+            raise _error(f"first packet must be CONNECT, got {_packet_name(first)} "
+                         "[MQTT-3.1.0-1]", PROTOCOL_ERROR)
         _check_first_byte(first)
         length = 0
         for i in range(4):
@@ -963,12 +970,12 @@ class Decoder:
             if not b & 0x80:
                 break
         else:
-            raise _error("remaining length: variable byte integer longer than 4 bytes "
-                         "[MQTT-1.5.5-1]")
+            raise _error(f"{_packet_name(first)} remaining length: variable byte integer "
+                         "longer than 4 bytes [MQTT-1.5.5-1]")
         header = 2 + i
         total = header + length
         if total > self.max_packet_size:
-            raise _error(f"packet of {total} bytes exceeds the maximum packet size "
+            raise _error(f"{_packet_name(first)} of {total} bytes exceeds the maximum packet size "
                          f"{self.max_packet_size}", PACKET_TOO_LARGE)
         return total, header
 

@@ -124,7 +124,7 @@ class ClientState:
     """Session state of one client id (see the module docstring)."""
 
     __slots__ = ("client_id", "conn", "version", "expiry", "username", "subs", "inflight",
-                 "queue", "queue_bytes", "incoming_qos2", "will", "will_delay", "next_pid",
+                 "queue", "queue_bytes", "queue_qos0", "incoming_qos2", "will", "will_delay", "next_pid",
                  "expires_at", "persisted", "__weakref__")
 
     def __init__(self, client_id: str) -> None:
@@ -137,6 +137,7 @@ class ClientState:
         self.inflight: dict[int, Outgoing] = {}
         self.queue: deque[Outgoing] = deque()
         self.queue_bytes = 0
+        self.queue_qos0 = 0  # QoS 0 entries in ``queue`` (the first to drop when full)
         self.incoming_qos2: set[int] = set()
         self.will: Message | None = None
         self.will_delay = 0
@@ -416,6 +417,7 @@ class BrokerCore:
         cs.inflight.clear()
         cs.queue.clear()
         cs.queue_bytes = 0
+        cs.queue_qos0 = 0
         cs.incoming_qos2.clear()
         pending = self.pending_wills.pop(cs.client_id, None)
         if pending is not None:
@@ -749,13 +751,54 @@ class BrokerCore:
         if msg.expires_at is not None and msg.expires_at <= now:
             self.stats.drop("expired", len(matches))
             return 0
+        # Fast path, inlined: a connected receiver without outbound aliases,
+        # not slow, nothing queued and a free window slot. The encoded variant
+        # is looked up in a per-call dict keyed by what differs between
+        # receivers; the remaining expiry is the same for all of them here.
+        local: dict = {}
+        max_out = self.max_out
+        max_inflight = self.max_inflight
+        template = self._template
+        sent = 0
         for cs, qos, rap, subids in matches:
             if check and not self.authorizer.can_receive(cs.client_id, cs.username, msg.topic):
                 self.stats.drop("not_authorized")
                 continue
             # [MQTT-3.8.4-8] QoS is the lower of the message's and the subscription's;
             # retain is kept only with Retain As Published [MQTT-3.3.1-12/13].
-            deliver(cs, msg, mqos if mqos < qos else qos, mretain and rap, subids, now)
+            q = mqos if mqos < qos else qos
+            retain = mretain and rap
+            conn = cs.conn
+            if (conn is None or conn.out_alias_maximum or conn.out_bytes > max_out
+                    or (q and (cs.queue or len(cs.inflight) >= max_inflight
+                               or len(cs.inflight) >= conn.send_quota))):
+                deliver(cs, msg, q, retain, subids, now)
+                continue
+            key = (conn.version == 5, q, retain, subids)
+            tpl = local.get(key)
+            if tpl is None:
+                tpl = template(conn, msg, q, retain, subids, now)
+                if tpl is None:
+                    continue
+                local[key] = tpl
+            data = tpl.data
+            if len(data) > conn.out_max_packet_size:
+                self.stats.drop("too_large")  # [MQTT-3.1.2-25]
+                continue
+            if q:
+                pid = cs.alloc_packet_id()
+                cs.inflight[pid] = Outgoing(msg, q, retain, subids, pid, "sent")
+                data = tpl.with_packet_id(pid)
+                if cs.persisted:
+                    self.store.add_delivery(cs.client_id, DeliveryRecord(
+                        self._persist_msg(msg), q, pid, "sent"))
+            outbox = conn.outbox
+            outbox.append(data)
+            conn.out_bytes += len(data)
+            if len(outbox) == 1 and conn.on_output is not None:
+                conn.on_output()
+            sent += 1
+        self.stats.messages_sent += sent
         return len(matches)
 
     def _deliver(self, cs: ClientState, msg: Message, qos: int, retain: bool, subids: tuple,
@@ -822,11 +865,12 @@ class BrokerCore:
             if og.qos == 0:
                 self.stats.drop("queue_full")
                 return
-            victim = next((o for o in q if o.qos == 0), None)
-            if victim is None:
+            if not cs.queue_qos0:
                 self.stats.drop("queue_full")
                 return
+            victim = next(o for o in q if o.qos == 0)
             q.remove(victim)
+            cs.queue_qos0 -= 1
             cs.queue_bytes -= victim.msg.size
             self.stats.drop("queue_full")
             if cs.persisted and victim.msg.msg_id:
@@ -834,6 +878,8 @@ class BrokerCore:
         og.state = "queued"
         q.append(og)
         cs.queue_bytes += size
+        if og.qos == 0:
+            cs.queue_qos0 += 1
         if cs.persisted:
             self.store.add_delivery(cs.client_id, DeliveryRecord(self._persist_msg(og.msg), og.qos, 0, "queued"))
 
@@ -852,6 +898,8 @@ class BrokerCore:
                 break
             q.popleft()
             cs.queue_bytes -= og.msg.size
+            if og.qos == 0:
+                cs.queue_qos0 -= 1
             if og.msg.expires_at is not None and og.msg.expires_at <= now:
                 self.stats.drop("expired")  # [MQTT-3.3.2-5]
                 self._finish(cs, og)
@@ -1005,6 +1053,7 @@ class BrokerCore:
                 else:
                     cs.queue.append(og)
                     cs.queue_bytes += m.size
+                    cs.queue_qos0 += og.qos == 0
             cs.incoming_qos2 = set(rec.incoming_qos2)
             if rec.disconnected_at is None:
                 self.store.put_session(cs.client_id, cs.expiry, cs.version, now)

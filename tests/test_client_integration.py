@@ -148,6 +148,54 @@ async def test_gives_up_with_clear_error():
         assert "could not connect" in str(err.value) and err.value.last_error is not None
 
 
+def test_backoff_grows_caps_and_jitters():
+    import random
+
+    b = Backoff(initial=0.1, maximum=1.0, multiplier=2.0, jitter=0.5)
+    rng = random.Random(1)
+    delays = [b.delay(n, rng) for n in range(1, 8)]
+    caps = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    assert all(cap * 0.5 <= d <= cap for d, cap in zip(delays, caps))
+    assert len({round(b.delay(3, rng), 6) for _ in range(20)}) > 1  # jittered
+    assert Backoff(jitter=0).delay(1) == Backoff().initial
+
+
+async def test_gives_up_after_losing_the_broker(broker_factory):
+    b = broker_factory("mosquitto")
+    with trio.fail_after(30):
+        async with client(b, max_reconnect_attempts=2) as c:
+            await c.subscribe("gone/#")
+            await trio.to_thread.run_sync(b.kill)
+            await c.wait_disconnected()
+            with pytest.raises(ConnectError) as err:
+                await c.publish("gone/x", "never acknowledged", qos=1)
+            assert isinstance(err.value.last_error, OSError)
+            with pytest.raises(ConnectError):
+                await c.wait_connected()
+
+
+async def test_unsubscribe_stops_delivery_and_resubscription(any_broker, mqtt_proxy):
+    proxy = await mqtt_proxy(any_broker)
+    with trio.fail_after(20):
+        async with client(proxy) as c, client(any_broker) as pub:
+            stream = c.messages("un/#")
+            await c.subscribe("un/a")
+            await c.subscribe("un/b")
+            await c.unsubscribe("un/a")
+            assert list(c.subscriptions) == ["un/b"]
+            proxy.sever()
+            await c.wait_disconnected()
+            await c.wait_connected()
+            while c.subscriptions["un/b"] < 0:
+                await trio.sleep(0.01)
+            await pub.publish("un/a", "no")
+            await pub.publish("un/b", "yes")
+            assert (await stream.receive()).payload == b"yes"
+            with trio.move_on_after(0.3):
+                m = await stream.receive()
+                pytest.fail(f"unsubscribed topic delivered: {m}")
+
+
 async def test_bad_credentials_give_up_at_once(broker_factory, tmp_path):
     b = broker_factory("mosquitto", mosquitto_conf=["allow_anonymous false"])
     with trio.fail_after(20):

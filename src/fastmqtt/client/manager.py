@@ -1021,8 +1021,7 @@ class Client:
         is sent after reconnecting if the broker kept the session).
         """
         self._check_usable()
-        if self._subs.pop(topic_filter, None) is None and topic_filter not in self._pending_unsubs:
-            pass
+        self._subs.pop(topic_filter, None)
         conn = self._conn
         if conn is None or not self._protocol.connected:
             self._pending_unsubs.add(topic_filter)

@@ -192,3 +192,128 @@ def teardown_module(module):
                 continue
             ratio = f"{ops / base_ops:8.2f}x" if base_ops else ""
             print(f"  {group:10s} {name:14s} {ops:14,.0f}/s {ratio}")
+
+
+# ----------------------------------------------------------------- broker level
+#
+# The same chat fan-out through ``fastmqtt-broker`` without security and with
+# a password file and an ACL (every PUBLISH and every delivery checked): one
+# QoS 1 publisher (64 in flight) to 10 channels, 5 subscribers on
+# ``chat/acme/channel/+`` acknowledging QoS 1 deliveries.
+
+import re as _re  # noqa: E402
+import socket as _socket  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import sys as _sys  # noqa: E402
+import threading as _threading  # noqa: E402
+
+from fastmqtt.codec import Connect, Decoder, Publish, Subscribe, Subscription, encode  # noqa: E402
+
+BROKER_MESSAGES = 1_000 if CI else 20_000
+SUBSCRIBERS = 5
+
+
+class _Broker:
+    def __init__(self, workdir, secure: bool) -> None:
+        conf = workdir / "bench.toml"
+        text = "persistence = false\nsys_interval = 0\nmax_queued_messages = 0\nmax_queued_bytes = 0\n"
+        if secure:
+            (workdir / "passwd").write_text("".join(
+                f"{u}:{hash_password(u + '-pw')}\n" for u in ["pub"] + [f"s{i}" for i in range(SUBSCRIBERS)]))
+            acl = ["user pub", "topic write chat/acme/channel/+"]
+            for i in range(SUBSCRIBERS):
+                acl += [f"user s{i}", "topic read chat/acme/channel/+", "topic deny chat/acme/channel/secret"]
+            (workdir / "acl").write_text("\n".join(acl) + "\n")
+            text += f'password_file = "{workdir}/passwd"\nacl_file = "{workdir}/acl"\n'
+        conf.write_text(text)
+        self.proc = _subprocess.Popen(
+            [_sys.executable, "-m", "fastmqtt.broker", "-c", str(conf), "--host", "127.0.0.1", "-p", "0"],
+            stdout=_subprocess.PIPE, stderr=_subprocess.STDOUT, stdin=_subprocess.DEVNULL, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.port = None
+        for line in self.proc.stdout:
+            m = _re.search(r"listening on tcp://127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        _threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        if self.port is None:
+            self.close()
+            raise RuntimeError("broker did not start")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def _client(port, cid, user):
+    s = _socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+    s.sendall(encode(Connect(cid, True, 60, username=user, password=(user + "-pw").encode()), 5))
+    dec = Decoder(5)
+    while True:
+        pk = dec.feed(s.recv(65536))
+        if pk:
+            assert pk[0].packet_type == 2 and pk[0].reason_code == 0, pk
+            return s, dec, pk[1:]
+
+
+def _subscriber(port, i, ready, counts):
+    s, dec, _ = _client(port, f"sub{i}", f"s{i}")
+    s.sendall(encode(Subscribe(1, [Subscription("chat/acme/channel/+", 1)]), 5))
+    got = 0
+    subacked = False
+    while got < BROKER_MESSAGES:
+        acks = []
+        for p in dec.feed(s.recv(65536)):
+            if p.packet_type == 9 and not subacked:
+                subacked = True
+                ready.release()
+            elif p.packet_type == 3:
+                got += 1
+                acks.append(bytes([0x40, 2]) + p.packet_id.to_bytes(2, "big"))
+        if acks:
+            s.sendall(b"".join(acks))
+    counts[i] = got
+    s.close()
+
+
+def _fanout_run(port) -> None:
+    ready = _threading.Semaphore(0)
+    counts = [0] * SUBSCRIBERS
+    subs = [_threading.Thread(target=_subscriber, args=(port, i, ready, counts)) for i in range(SUBSCRIBERS)]
+    for t in subs:
+        t.start()
+    for _ in subs:
+        ready.acquire(timeout=60)
+    s, dec, _ = _client(port, "pub", "pub")
+    payload = b'{"type":"post","id":"0123456789abcdef","text":"hello"}'
+    sent = acked = 0
+    while acked < BROKER_MESSAGES:
+        burst = []
+        while sent < BROKER_MESSAGES and sent - acked < 64:
+            burst.append(encode(Publish(f"chat/acme/channel/{sent % 10}", payload, 1, False, False,
+                                        sent % 65535 + 1), 5))
+            sent += 1
+        if burst:
+            s.sendall(b"".join(burst))
+        acked += sum(1 for p in dec.feed(s.recv(65536)) if p.packet_type == 4)
+    for t in subs:
+        t.join(120)
+    s.close()
+    assert counts == [BROKER_MESSAGES] * SUBSCRIBERS, counts
+
+
+@pytest.mark.benchmark(group="broker-fanout")
+@pytest.mark.parametrize("mode", ["open", "password+acl"])
+def test_broker_fanout_with_security(benchmark, mode, tmp_path):
+    broker = _Broker(tmp_path, secure=mode != "open")
+    try:
+        benchmark.pedantic(_fanout_run, args=(broker.port,), rounds=1 if CI else 3, iterations=1)
+    finally:
+        broker.close()
+    _record("broker-fanout", mode, _per_second(benchmark, BROKER_MESSAGES * SUBSCRIBERS))
+
+
+BASELINES["broker-fanout"] = "open"

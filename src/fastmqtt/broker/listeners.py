@@ -49,6 +49,7 @@ __all__ = [
     "WebSocketStream",
     "WS_SUBPROTOCOLS",
     "reload_certificates",
+    "listener_connections",
 ]
 
 log = logging.getLogger("fastmqtt.broker.listeners")
@@ -377,6 +378,14 @@ class _Gate:
 
 #: TLS listeners being served, for :func:`reload_certificates`.
 _TLS_GATES: "weakref.WeakSet[_Gate]" = weakref.WeakSet()
+#: Every listener being served, for :func:`listener_connections`.
+_ALL_GATES: "weakref.WeakSet[_Gate]" = weakref.WeakSet()
+
+
+def listener_connections() -> list[tuple[str, str, int]]:
+    """``(label, type, open connections)`` for every listener served in this
+    process (the ``fastmqtt_listener_connections`` gauge)."""
+    return sorted((g.spec.label, g.spec.type, g.active) for g in list(_ALL_GATES))
 
 
 def reload_certificates() -> int:
@@ -451,6 +460,7 @@ async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = N
     host, port = bound[0], bound[1]
     log.debug("listening on %s (%s %s:%d)", spec.label, spec.type, host, port)
     gate = _Gate(spec, stats, ctx)
+    _ALL_GATES.add(gate)
     if ctx is not None:
         _TLS_GATES.add(gate)
     try:
@@ -460,6 +470,7 @@ async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = N
             task_status.started((host, port))
     finally:
         _TLS_GATES.discard(gate)
+        _ALL_GATES.discard(gate)
         for listener in listeners:
             with trio.CancelScope(shield=True):
                 await listener.aclose()

@@ -66,6 +66,14 @@ class StatsCollector:
         for reason, n in sorted((getattr(s, "connections_rejected", None) or {}).items()):
             rejected.add_metric([reason], n)
         yield rejected
+        from .listeners import listener_connections
+
+        per_listener = GaugeMetricFamily(f"{p}_listener_connections",
+                                         "Open network connections per listener.",
+                                         labels=["listener", "type"])
+        for label, kind, n in listener_connections():
+            per_listener.add_metric([label, kind], n)
+        yield per_listener
         yield gauge("sessions", "Sessions: connected plus persistent disconnected.",
                     g("sessions_total"))
         yield counter("messages_received", "PUBLISH packets received.", g("messages_received"))

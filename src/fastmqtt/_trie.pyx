@@ -175,8 +175,9 @@ cdef struct Levels:
     const char* share
     uint32_t share_len
 
-# Entry array capacities by class: exact up to 4, then ~x1.25, so a node's
-# array wastes at most a quarter and the class fits in one byte.
+# Entry array capacities by class: growth ~x1.25 (a node's array wastes at
+# most about a fifth; the class fits in one byte), each capacity rounded up to
+# fill its 16-byte allocator size class, since those bytes are spent anyway.
 cdef uint32_t ECAP[128]
 cdef int NECAP = 0
 
@@ -189,7 +190,13 @@ cdef void _init_ecap() noexcept:
         ECAP[k] = <uint32_t>c
         k += 1
         c = c + 1 if c < 4 else c + (c >> 2)
+        c = fill_class(c, sizeof(Entry))
     NECAP = k
+
+
+cdef inline uint64_t fill_class(uint64_t cap, size_t item) noexcept:
+    """The largest capacity whose array fits the 16-byte size class of cap items."""
+    return ((cap * item + 15) // 16 * 16) // item
 
 
 _init_ecap()
@@ -329,9 +336,14 @@ cdef int parse_filter(Levels* lv, object topic_filter) except -1:
     cdef Py_ssize_t n, i, start, slash
     cdef const char* s = utf8_of(topic_filter, &n, FILTER_INVALID, "topic filter")
     cdef char c
+    cdef uint8_t seen = 0
+    # One branch-free pass; most filters have no wildcard, so the level
+    # checks below are skipped.
     for i in range(n):
-        if s[i] == 0:
-            raise MalformedPacket("topic filter contains U+0000 [MQTT-4.7.3-2]", FILTER_INVALID)
+        c = s[i]
+        seen |= (c == 0) | (((c == b'+') | (c == b'#')) << 1)
+    if seen & 1:
+        raise MalformedPacket("topic filter contains U+0000 [MQTT-4.7.3-2]", FILTER_INVALID)
     start = 0
     lv.share = NULL
     lv.share_len = 0
@@ -355,7 +367,7 @@ cdef int parse_filter(Levels* lv, object topic_filter) except -1:
         start = slash + 1
     # Wildcards occupy whole levels; '#' only as the last level
     # [MQTT-4.7.1-2], [MQTT-4.7.1-3].
-    for i in range(start, n):
+    for i in range(start, n if seen & 2 else start):
         c = s[i]
         if c == b'+' or c == b'#':
             if (i > start and s[i - 1] != b'/') or (i + 1 < n and s[i + 1] != b'/'):
@@ -903,7 +915,7 @@ cdef class TopicTrie:
             t.entries = e
             t.ecls += 1
         if rec.nrefs == rec.rcap:
-            cap = grow(rec.rcap)
+            cap = <uint32_t>fill_class(grow(rec.rcap), sizeof(Ref))
             r = <Ref*>PyMem_Realloc(rec.refs, cap * sizeof(Ref))
             if r == NULL:
                 raise MemoryError()

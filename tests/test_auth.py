@@ -337,3 +337,25 @@ async def test_unknown_user_costs_a_hash_too(tmp_path, monkeypatch):
     monkeypatch.setattr(auth_mod, "verify_password", lambda e, p: calls.append(e.username) or real(e, p))
     assert await a.authenticate("c", "mallory", b"guess", None) == ReasonCode.BAD_USER_NAME_OR_PASSWORD
     assert len(calls) == 1
+
+
+def test_sighup_reloader_off_the_main_thread_just_starts():
+    """An embedded broker running trio in a worker thread gets no signal
+    handler, and the task returns instead of crashing the broker."""
+    import threading
+
+    from fastmqtt.broker.security import sighup_reloader
+
+    result = []
+
+    def run():
+        async def main():
+            async with trio.open_nursery() as n:
+                await n.start(sighup_reloader, AllowAll(), AllowAll())
+            result.append("returned")
+        trio.run(main)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(10)
+    assert result == ["returned"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import signal
+import threading
 from typing import Any
 
 import trio
@@ -220,7 +221,14 @@ async def sighup_reloader(authenticator: Any, authorizer: Any, on_reload: Any = 
             either way, so a stale subscription never leaks a message.
         task_status: trio task status; ``started()`` once the handler is set.
     """
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is None or threading.current_thread() is not threading.main_thread():
+        # Signals reach only the main thread (and Windows has no SIGHUP): an
+        # embedded broker calls reload_security() itself.
+        log.debug("SIGHUP reload unavailable here; call reload_security() instead")
+        task_status.started()
+        return
+    with trio.open_signal_receiver(sighup) as signals:
         task_status.started()
         async for _ in signals:
             try:

@@ -167,12 +167,15 @@ def test_mqttjs_large_message_over_ws(broker_factory, paho, js):
     assert node.of("message")[0]["payload"] == big
 
 
-def test_mqttjs_wss(broker_factory, paho, js, certs):
-    b, ports = start(broker_factory, [{"type": "wss", "certfile": certs.certfile,
-                                       "keyfile": certs.keyfile, "path": "/mqtt"}])
+@pytest.mark.parametrize("listener_path,url_path", [("/mqtt", "/mqtt"), (None, "")])
+def test_mqttjs_wss(broker_factory, paho, js, certs, listener_path, url_path):
+    lst = {"type": "wss", "certfile": certs.certfile, "keyfile": certs.keyfile}
+    if listener_path:
+        lst["path"] = listener_path
+    b, ports = start(broker_factory, [lst])
     watcher = paho(b)
     watcher.subscribe("secure/#", qos=1)
-    node = js({"url": f"wss://127.0.0.1:{ports['wss']}/mqtt", "ca": certs.cafile,
+    node = js({"url": f"wss://127.0.0.1:{ports['wss']}{url_path}", "ca": certs.cafile,
                "options": {"protocolVersion": 5},
                "subscribe": [["secure/#", 1]],
                "publish": [{"topic": "secure/a", "payload": "over tls", "qos": 1}],

@@ -351,3 +351,38 @@ def test_acl_decisions_match_mosquitto(broker_factory, tmp_path, raw):
     # and the outcome is not trivial
     assert "denied" in ours[0].values() and "ok" in ours[0].values()
     assert ours[1]["alice"] and ours[1]["anon"] and "bob>alice/private/y" not in ours[1]["alice"]
+
+
+def test_max_packet_size_over_websocket(broker_factory):
+    """The broker's maximum packet size holds over WebSocket too: DISCONNECT
+    0x95, and the limit is announced in CONNACK (Maximum Packet Size)."""
+    import trio
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    from fixtures_broker import connect_bytes, parse_packet, publish_bytes
+
+    config = ("persistence = false\nsys_interval = 0\nmax_packet_size = 1000\n"
+              '[[listener]]\ntype = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+              '[[listener]]\ntype = "ws"\nhost = "127.0.0.1"\nport = 0\n')
+    b = broker_factory("fastmqtt", config=config)
+    m = b.wait_for_log(r"listening on ws://127\.0\.0\.1:(\d+)", timeout=10, since=b.run_start)
+    assert m, b.log()
+
+    async def main():
+        got = []
+        with trio.fail_after(10):
+            async with open_websocket_url(f"ws://127.0.0.1:{m.group(1)}/mqtt",
+                                          subprotocols=["mqtt"]) as ws:
+                await ws.send_message(connect_bytes("big", version=5))
+                connack = parse_packet(await ws.get_message())
+                assert connack.type == "CONNACK" and connack.properties[0x27] == 1000
+                await ws.send_message(publish_bytes("a/b", b"x" * 2000))
+                try:
+                    while True:
+                        got.append(parse_packet(await ws.get_message()))
+                except ConnectionClosed:
+                    pass
+        return got
+
+    got = trio.run(main)
+    assert [(p.type, p.reason_code) for p in got] == [("DISCONNECT", 0x95)]

@@ -336,37 +336,47 @@ def decode_event(payload: bytes | str) -> Event:
     """
     try:
         obj = _loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, TypeError) as exc:
         raise EventDecodeError(f"not JSON: {exc}") from None
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise EventDecodeError("envelope is not a JSON object")
-    type_ = obj.get("type")
-    event_id = obj.get("id")
-    if not isinstance(event_id, str) or not event_id:
+    get = obj.get
+    type_ = get("type")
+    event_id = get("id")
+    data = get("data", _NO_DATA)
+    ts = get("ts", 0)
+    sender = get("from", "")
+    if type(event_id) is not str or not event_id:
         raise EventDecodeError("envelope has no string 'id'")
-    data = obj.get("data", {})
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise EventDecodeError("'data' is not an object")
-    ts = obj.get("ts", 0)
-    if not isinstance(ts, int) or isinstance(ts, bool):
+    if type(ts) is not int:
         raise EventDecodeError("'ts' is not an integer")
-    sender = obj.get("from", "")
-    if not isinstance(sender, str):
+    if type(sender) is not str:
         raise EventDecodeError("'from' is not a string")
-    if isinstance(type_, str):
+    if type(type_) is str:
         cls = EVENT_TYPES.get(type_)
-    elif isinstance(type_, int) and not isinstance(type_, bool):
+    elif type(type_) is int:
         cls = TYPE_CODES.get(type_)
     else:
         raise EventDecodeError("envelope has no 'type'")
     if cls is None:
         return UnknownEvent(id=event_id, ts=ts, sender=sender, type=type_, data=data)
+    try:
+        # Fast path: exactly the fields this class knows.
+        return cls(id=event_id, ts=ts, sender=sender, **data)
+    except TypeError:
+        pass
+    # Slow path: drop fields from a newer schema, report missing ones.
     own = _OWN_FIELDS[cls]
     kwargs = {name: data[name] for name in own if name in data}
-    missing = [name for name in own if name not in kwargs and name in _REQUIRED[cls]]
+    missing = [name for name in _REQUIRED[cls] if name not in kwargs]
     if missing:
-        raise EventDecodeError(f"{cls.TYPE} event lacks {', '.join(missing)}")
+        raise EventDecodeError(f"{cls.TYPE} event lacks {', '.join(sorted(missing))}")
     try:
         return cls(id=event_id, ts=ts, sender=sender, **kwargs)
     except TypeError as exc:  # pragma: no cover - guarded by the checks above
         raise EventDecodeError(str(exc)) from None
+
+
+_NO_DATA: dict = {}

@@ -583,24 +583,32 @@ class ClientProtocol:
     def _encode_publish(self, pub, packet_id: int, dup: bool) -> bytes:
         topic = pub.topic
         props = pub.properties
-        if self._alias_out_max and self.version == 5:
-            alias = self._alias_out.get(topic)
-            if alias is not None:
-                self._alias_out.move_to_end(topic)
-                props = {**props, P.TOPIC_ALIAS: alias}
-                topic = ""  # [MQTT-3.3.2-? ] the alias stands for the topic
-            else:
-                if len(self._alias_out) < self._alias_out_max:
-                    alias = len(self._alias_out) + 1
-                else:
-                    # Reuse the least recently used alias: sending the topic
-                    # with it again rebinds it on the server [MQTT-3.3.2-12].
-                    _, alias = self._alias_out.popitem(last=False)
-                self._alias_out[topic] = alias
-                props = {**props, P.TOPIC_ALIAS: alias}
-        return codec.encode(
-            codec.Publish(topic, pub.payload, pub.qos, pub.retain, dup, packet_id, props),
-            self.version)
+        if not self._alias_out_max or self.version != 5:
+            return codec.encode(
+                codec.Publish(topic, pub.payload, pub.qos, pub.retain, dup, packet_id, props),
+                self.version)
+        aliases = self._alias_out
+        alias = aliases.get(topic)
+        if alias is not None:
+            aliases.move_to_end(topic)
+            # The alias alone stands for the topic on this connection [MQTT-3.3.2-12].
+            return codec.encode(
+                codec.Publish("", pub.payload, pub.qos, pub.retain, dup, packet_id,
+                              {**props, P.TOPIC_ALIAS: alias}), self.version)
+        evicted = None
+        if len(aliases) < self._alias_out_max:
+            alias = len(aliases) + 1
+        else:
+            # Reuse the least recently used alias: sending the topic with it
+            # again rebinds it on the server [MQTT-3.3.2-12].
+            evicted, alias = aliases.popitem(last=False)
+        data = codec.encode(
+            codec.Publish(topic, pub.payload, pub.qos, pub.retain, dup, packet_id,
+                          {**props, P.TOPIC_ALIAS: alias}), self.version)
+        # Bound only once the packet encoded: a rejected one must not leave an
+        # alias the server never heard of.
+        aliases[topic] = alias
+        return data
 
     def publish(self, topic: str, payload: bytes = b"", qos: int = 0, retain: bool = False,
                 properties: Mapping[int, Any] | None = None) -> tuple[int, bytes]:
@@ -629,16 +637,20 @@ class ClientProtocol:
             if self.state != CONNECTED:
                 return 0, b""
             return 0, self._encode_publish(pub, 0, False)
-        if self.state == CONNECTED and self.send_quota <= 0:
-            raise ValueError("server Receive Maximum reached")
-        # Validate once (encoding raises MalformedPacket) before taking an id.
-        codec.encode(codec.Publish(topic, payload, qos, retain, False, 1, properties), self.version)
-        pid = self._allocate_id()
         connected = self.state == CONNECTED
+        if connected and self.send_quota <= 0:
+            raise ValueError("server Receive Maximum reached")
+        pid = self._allocate_id()
+        # Encoding validates (MalformedPacket) before the message enters the
+        # session, so a bad message leaves no state behind.
+        if connected:
+            data = self._encode_publish(pub, pid, False)
+        else:
+            codec.encode(codec.Publish(topic, payload, qos, retain, False, pid, properties),
+                         self.version)
+            data = b""
         self._inflight[pid] = _Outgoing(pub, "publish", connected)
-        if not connected:
-            return pid, b""
-        return pid, self._encode_publish(pub, pid, False)
+        return pid, data
 
     def subscribe(self, subscriptions: Iterable[Any],
                   properties: Mapping[int, Any] | None = None) -> tuple[int, bytes]:

@@ -555,3 +555,37 @@ def test_ws_stream_is_the_concatenation_of_messages(chunks, read_size):
 
     trio.run(main)
     assert got == [want]
+
+
+async def test_connection_info_reaches_the_handler_task(ca, certs):
+    """Code the handler runs in its own task (the broker's authenticate) sees
+    the peer address, the verified client certificate and the WebSocket path."""
+    from fastmqtt.broker.listeners import connection_info
+
+    seen = []
+
+    async def h(stream, spec):
+        seen.append(connection_info.get())
+        await echo(stream, spec)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as n:
+            tls_port = await start(n, h, type="tls", **certs)  # cafile: certificates optional
+            ws_port = await start(n, h, type="ws")
+            s = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", tls_port, ssl_context=client_ctx(ca, ca.issue_cert("device-7", common_name="device-7")))
+            await s.send_all(b"x")
+            await recv_exactly(s, 1)
+            s2 = await trio.open_ssl_over_tcp_stream("127.0.0.1", tls_port, ssl_context=client_ctx(ca))
+            await s2.send_all(b"x")
+            await recv_exactly(s2, 1)
+            async with open_websocket_url(f"ws://127.0.0.1:{ws_port}/mqtt?x=1",
+                                          subprotocols=["mqtt"]) as ws:
+                await ws.send_message(b"y")
+                await ws.get_message()
+            n.cancel_scope.cancel()
+    with_cert, without_cert, over_ws = seen
+    assert with_cert.listener.type == "tls" and with_cert.peer[0] == "127.0.0.1"
+    assert with_cert.certificate_common_name == "device-7"
+    assert without_cert.certificate is None
+    assert over_ws.listener.type == "ws" and over_ws.path == "/mqtt" and over_ws.certificate is None

@@ -135,3 +135,51 @@ def test_tls_flags_on_the_command_line(broker_factory, paho, pki):
     plain = paho(b)  # the TCP listener still works, and both see each other
     plain.publish("mix/a", b"from tcp", qos=1)
     assert tls.get(10).payload == b"from tcp"
+
+
+class CertificateUser:
+    """Example auth plug-in (used by the broker process below through
+    ``auth_plugin = "test_tls:CertificateUser"``): the user name must be the
+    commonName of the verified client certificate, read from
+    ``fastmqtt.broker.listeners.connection_info``."""
+
+    def __init__(self, config):
+        pass
+
+    async def authenticate(self, client_id, username, password, connect):
+        from fastmqtt.broker.listeners import connection_info
+
+        info = connection_info.get()
+        cn = info.certificate_common_name if info is not None else None
+        if cn is None:
+            return 0x87
+        return 0 if username == cn else 0x86
+
+
+def test_certificate_identity_plugin(broker_factory, paho, pki):
+    """A client certificate's commonName vouches for the user name, through an
+    auth plug-in reading the listener's connection_info."""
+    tests_dir = str(__import__("pathlib").Path(__file__).resolve().parent)
+    config = (
+        "persistence = false\nsys_interval = 0\n"
+        'auth_plugin = "test_tls:CertificateUser"\n'
+        '[[listener]]\ntype = "tcp"\nhost = "127.0.0.1"\nport = 0\n'
+        f'[[listener]]\ntype = "tls"\nhost = "127.0.0.1"\nport = 0\n'
+        f'certfile = "{pki.certfile}"\nkeyfile = "{pki.keyfile}"\n'
+        f'cafile = "{pki.cafile}"\n')
+    b = broker_factory("fastmqtt", config=config, env={"PYTHONPATH": tests_dir})
+    m = b.wait_for_log(r"listening on tls://127\.0\.0\.1:(\d+)", timeout=10, since=b.run_start)
+    assert m, b.log()
+    addr = SimpleNamespace(host="127.0.0.1", port=int(m.group(1)))
+    cert = pki.ca.issue_cert("sensor-9", common_name="sensor-9")
+    good = tls_client(paho, addr, client_context(pki, cert), client_id="s9", username="sensor-9")
+    good.connect()
+    liar = tls_client(paho, addr, client_context(pki, cert), client_id="s10", username="sensor-10")
+    liar.connect(check=False)
+    assert liar.connack[1].value == 0x86
+    no_cert = tls_client(paho, addr, client_context(pki), client_id="s11", username="sensor-9")
+    no_cert.connect(check=False)
+    assert no_cert.connack[1].value == 0x87
+    plain = paho(b, connect=False, client_id="s12", username="sensor-9")  # TCP: no certificate
+    plain.connect(check=False)
+    assert plain.connack[1].value == 0x87

@@ -29,6 +29,8 @@ message is a protocol violation: the connection is closed [MQTT-6.0.0-1].
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import errno
 import functools
 import logging
@@ -50,6 +52,8 @@ __all__ = [
     "WS_SUBPROTOCOLS",
     "reload_certificates",
     "listener_connections",
+    "ConnectionInfo",
+    "connection_info",
 ]
 
 log = logging.getLogger("fastmqtt.broker.listeners")
@@ -161,6 +165,47 @@ def make_server_ssl_context(spec: ListenerSpec) -> ssl.SSLContext:
 
 
 Handler = Callable[[trio.abc.Stream, ListenerSpec], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """What the listener knows about a connection, for authentication plug-ins.
+
+    Attributes:
+        listener: the listener's spec.
+        peer: ``(host, port)`` of the client.
+        certificate: the verified client certificate as ``ssl.getpeercert()``
+            returns it (``subject``, ``subjectAltName``, ...), or None.
+        path: the WebSocket request path, or None.
+    """
+
+    listener: ListenerSpec
+    peer: tuple | None
+    certificate: dict | None = None
+    path: str | None = None
+
+    @property
+    def certificate_common_name(self) -> str | None:
+        """The subject's commonName of the client certificate, if any."""
+        for rdn in (self.certificate or {}).get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return value
+        return None
+
+
+#: The current connection's :class:`ConnectionInfo`. Set by the listener in the
+#: connection's task before the handler runs, so code the handler calls in
+#: that task (the broker's ``authenticate``) can read it with ``.get()``.
+connection_info: contextvars.ContextVar[ConnectionInfo | None] = contextvars.ContextVar(
+    "fastmqtt_connection_info", default=None)
+
+
+def _peer_of(stream: Any) -> tuple | None:
+    try:
+        return tuple(stream.socket.getpeername()[:2])
+    except (AttributeError, OSError):
+        return None
 
 
 def _count_reject(stats: Any, reason: str) -> None:
@@ -288,6 +333,9 @@ async def _websocket_session(spec: ListenerSpec, stream: trio.abc.Stream, handle
             nursery.cancel_scope.cancel()
             return
         wrapped = WebSocketStream(ws, path, proto or None)
+        info = connection_info.get()
+        if info is not None:
+            connection_info.set(dataclasses.replace(info, path=path))
         try:
             await handler(wrapped, spec)
         finally:
@@ -315,11 +363,14 @@ async def _run_connection(spec: ListenerSpec, stream: trio.SocketStream, handler
                           ctx: ssl.SSLContext | None, release: Callable[[], None]) -> None:
     try:
         top: trio.abc.Stream = stream
+        cert = None
         if ctx is not None:
             tls = await _tls_handshake(spec, stream, ctx)
             if tls is None:
                 return
             top = tls
+            cert = tls.getpeercert() or None
+        connection_info.set(ConnectionInfo(spec, _peer_of(stream), cert))
         if spec.is_websocket:
             await _websocket_session(spec, top, handler)
         else:

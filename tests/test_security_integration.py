@@ -386,3 +386,24 @@ def test_max_packet_size_over_websocket(broker_factory):
 
     got = trio.run(main)
     assert [(p.type, p.reason_code) for p in got] == [("DISCONNECT", 0x95)]
+
+
+def test_auth_plugin_in_the_broker(broker_factory, raw):
+    """auth_plugin = "module:Class" loads the example HMAC token checker of
+    test_auth.py into a running broker: good tokens in, bad ones out."""
+    import time
+    from pathlib import Path
+
+    from test_auth import make_token
+
+    config = ("persistence = false\nsys_interval = 0\n"
+              'auth_plugin = "test_auth:TokenAuthenticator"\n')
+    b = broker_factory("fastmqtt", config=config,
+                       env={"PYTHONPATH": str(Path(__file__).resolve().parent)})
+    good = make_token("alice", time.time() + 60)
+    assert raw(b).connect("a", username="alice", password=good).reason_code == 0
+    assert raw(b).connect("b", username="bob", password=good).reason_code == V5_NOT_AUTHORIZED
+    expired = make_token("alice", time.time() - 5)
+    assert raw(b).connect("c", username="alice", password=expired).reason_code == 0x86
+    assert raw(b).connect("d").reason_code == V5_NOT_AUTHORIZED  # anonymous off with a plug-in
+    assert raw(b).connect("e", password=good).reason_code == 0  # v5: token without a user name

@@ -129,6 +129,33 @@ async def test_wait_for_publish_while_offline_then_connects(any_broker):
             assert (await collect(stream, 1))[0].payload == b"x"
 
 
+async def test_queued_message_expiry_counts_while_offline(any_broker):
+    """A message queued while offline is sent with its remaining lifetime
+    [MQTT-3.3.2-6], or not at all once expired."""
+    import time
+
+    from fastmqtt.client import MemoryOutbox
+
+    outbox = MemoryOutbox()
+    long_ago = time.time() - 100
+    outbox.put(codec.Publish("exp/gone", b"expired", 1, properties={P.MESSAGE_EXPIRY_INTERVAL: 10}),
+               created=long_ago)
+    outbox.put(codec.Publish("exp/kept", b"kept", 1, properties={P.MESSAGE_EXPIRY_INTERVAL: 1000}),
+               created=long_ago)
+    with trio.fail_after(20):
+        async with client(any_broker) as sub:
+            stream = sub.messages("exp/#")
+            await sub.subscribe("exp/#")
+            async with client(any_broker, outbox=outbox) as c:
+                await c.drain(timeout=10)
+            (m,) = await collect(stream, 1)
+            assert m.topic == "exp/kept"
+            assert 850 <= m.properties[P.MESSAGE_EXPIRY_INTERVAL] <= 900
+            with trio.move_on_after(0.3):
+                extra = await stream.receive()
+                pytest.fail(f"expired message delivered: {extra}")
+
+
 async def test_several_urls_tried_in_turn(any_broker):
     dead = free_port()
     with trio.fail_after(20):

@@ -59,6 +59,7 @@ class BrokerConfig:
     data_dir: str = "./fastmqtt-data"
     durability: str = "sync"  # "sync" (fsync before PUBACK) | "batch"
     batch_interval_ms: int = 10
+    store_backend: str = "sqlite"  # "sqlite" | "memory" (tests)
 
     # --- chat history ---------------------------------------------------------
     history: list[str] = field(default_factory=list)  # topic filters; empty = off
@@ -69,7 +70,8 @@ class BrokerConfig:
     allow_anonymous: bool | None = None  # None: allowed iff no password_file
     password_file: str | None = None
     acl_file: str | None = None
-    auth_plugin: str | None = None  # dotted path "pkg.mod:factory"
+    auth_plugin: str | None = None  # dotted path "pkg.mod:factory" -> Authenticator
+    acl_plugin: str | None = None  # dotted path "pkg.mod:factory" -> Authorizer
 
     # --- protocol -------------------------------------------------------------
     max_keepalive: int = 65535  # v5: larger (or 0) client keepalive -> Server Keep Alive

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from typing import Any
 
@@ -417,6 +418,13 @@ async def serve(config: BrokerConfig | None = None, *,
                     log.info("metrics on http://%s:%s/metrics", config.metrics_host,
                              bound[1] if isinstance(bound, tuple) else config.metrics_port)
             nursery.start_soon(broker._housekeeping)
+            if threading.current_thread() is threading.main_thread():
+                try:
+                    from .security import sighup_reloader
+                except ImportError:  # TEMPORARY guard, like the other plug-ins
+                    pass
+                else:
+                    await nursery.start(sighup_reloader, authenticator, authorizer)
             task_status.started(broker)
     finally:
         with trio.CancelScope(shield=True):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fixtures_broker import ack_bytes, unique
+from fixtures_broker import ack_bytes, publish_bytes, unique
 
 pytestmark = pytest.mark.integration
 
@@ -142,9 +142,15 @@ def test_many_retained_topics(broker_impl, raw, paho):
     c = raw(broker_impl, 5)
     c.connect(unique("rm"))
     n = 300
-    for i in range(n):
-        c.publish(f"{base}/{i}", str(i).encode(), qos=1, packet_id=1 + i, retain=True)
+
+    def publish_all(payload_of):
+        # Pipelined: all PUBLISHes first, then the PUBACKs.
+        c.send(b"".join(publish_bytes(f"{base}/{i}", payload_of(i), qos=1, packet_id=1 + i, retain=True)
+                        for i in range(n)))
+        assert sorted(c.recv_type("PUBACK").packet_id for _ in range(n)) == list(range(1, n + 1))
+
+    publish_all(lambda i: str(i).encode())
     got = retained_after_subscribe(raw, broker_impl, base + "/+", qos=0)
     assert sorted(int(p.payload) for p in got) == list(range(n))
-    for i in range(n):
-        c.publish(f"{base}/{i}", b"", qos=1, packet_id=1 + i, retain=True)
+    publish_all(lambda i: b"")
+    assert retained_after_subscribe(raw, broker_impl, base + "/+", qos=0) == []

@@ -407,3 +407,28 @@ def test_auth_plugin_in_the_broker(broker_factory, raw):
     assert raw(b).connect("c", username="alice", password=expired).reason_code == 0x86
     assert raw(b).connect("d").reason_code == V5_NOT_AUTHORIZED  # anonymous off with a plug-in
     assert raw(b).connect("e", password=good).reason_code == 0  # v5: token without a user name
+
+
+def test_acl_plugin_in_the_broker(broker_factory, raw, tmp_path):
+    """acl_plugin = "module:Class" (the chat-membership example of
+    test_auth.py) decides channel topics and defers the rest to the ACL file."""
+    from pathlib import Path
+
+    acl = tmp_path / "acl"
+    acl.write_text("pattern read app/ws/user/%u\n")
+    pw = tmp_path / "pw"
+    passwd.main(["-c", "-b", str(pw), "alice", "a"])
+    passwd.main(["-b", str(pw), "bob", "b"])
+    config = ("persistence = false\nsys_interval = 0\n"
+              f'password_file = "{pw}"\nacl_file = "{acl}"\n'
+              'acl_plugin = "test_auth:ChatMembership"\n')
+    b = broker_factory("fastmqtt", config=config,
+                       env={"PYTHONPATH": str(Path(__file__).resolve().parent)})
+    alice = login_pw(raw, b, "alice", b"a", "alice")
+    bob = login_pw(raw, b, "bob", b"b", "bob")
+    assert alice.subscribe("app/ws/channel/general", qos=1).reason_codes == [1]  # member
+    assert bob.subscribe("app/ws/channel/general", qos=1).reason_codes == [V5_NOT_AUTHORIZED]
+    assert bob.subscribe("app/ws/user/bob", qos=1, packet_id=2).reason_codes == [1]  # ACL file
+    assert bob.subscribe("app/ws/user/alice", qos=1, packet_id=3).reason_codes == [V5_NOT_AUTHORIZED]
+    assert alice.publish("app/ws/channel/general", b"hi", qos=1, packet_id=4).reason_code in (0, 0x10)
+    assert alice.recv_type("PUBLISH").payload == b"hi"

@@ -32,6 +32,7 @@ _MODULES = {"c": "fastmqtt._codec", "py": "fastmqtt._codec_py"}
 WORKLOADS = (
     "publish-qos0",      # chat event, QoS 0, no properties (typing indicator)
     "publish-qos1-props",  # chat post, QoS 1, expiry + content type + 2 user properties
+    "publish-varied",    # 2048 QoS 1 posts, all topics and property values distinct
     "publish-16k",       # 16 KiB payload (document comment with an attachment preview)
     "stream-1mb",        # 1 MB buffer of small PUBLISH packets, decoded in one feed
     "subscribe-3",       # SUBSCRIBE with 3 chat filters
@@ -80,6 +81,10 @@ def _ours(impl: str, workload: str):
         return c.Publish(_TOPIC, PAYLOAD_16K, qos=1, packet_id=9)
     if workload == "stream-1mb":
         return _stream_packets(impl)
+    if workload == "publish-varied":
+        return [c.Publish(topic, payload, qos=1, packet_id=pid, properties={
+            P.MESSAGE_EXPIRY_INTERVAL: expiry, P.CONTENT_TYPE: "application/json",
+            P.USER_PROPERTY: users}) for topic, payload, pid, expiry, users in _VARIED]
     if workload == "subscribe-3":
         return c.Subscribe(12, [c.Subscription(FILTERS[0], 1),
                                 c.Subscription(FILTERS[1], 1, retain_handling=1),
@@ -108,6 +113,11 @@ def _theirs(workload: str):
         return mqtt5.PublishPacket(_TOPIC, PAYLOAD_16K, qos=q1, packet_id=9)
     if workload == "stream-1mb":
         return _stream_packets("mqtt5")
+    if workload == "publish-varied":
+        return [mqtt5.PublishPacket(topic, payload, qos=q1, packet_id=pid,
+                                    message_expiry_interval=expiry,
+                                    content_type="application/json", user_properties=users)
+                for topic, payload, pid, expiry, users in _VARIED]
     if workload == "subscribe-3":
         return mqtt5.SubscribePacket(12, [
             mqtt5.TopicFilter(FILTERS[0], max_qos=q1, retain_as_published=False),
@@ -122,6 +132,23 @@ def _theirs(workload: str):
                                    topic_alias_max=16, max_packet_size=1 << 20,
                                    user_properties=[("app", "chat")])
     raise KeyError(workload)
+
+
+def _varied():
+    """Fields of 2048 distinct chat posts: every topic (channel id), sender,
+    message id and expiry differs, so no decoder cache can hit."""
+    rng = random.Random(11)
+    rows = []
+    for i in range(2048):
+        channel = uuid.UUID(int=rng.getrandbits(128), version=4)
+        users = [("event", "post"), ("sender", f"user-{rng.randrange(10**6)}"),
+                 ("msg", f"{rng.getrandbits(64):016x}")]
+        rows.append((f"chat/ws-{i % 100}/channel/{channel}", _json_payload(64),
+                     i % 65535 + 1, 3600 + i, users))
+    return rows
+
+
+_VARIED = _varied()
 
 
 def _stream_packets(impl: str) -> list:
@@ -172,6 +199,13 @@ def case(workload: str, operation: str, impl: str):
                         lambda out: _check_len(out, len(packets)))
             return (_mqtt5_stream, wire, len(packets),
                     lambda out: _check_stream_mqtt5(out, packets))
+        if workload == "publish-varied":
+            wires = [p.write() for p in packets]
+            if operation == "encode":
+                return (lambda ps: [p.write() for p in ps], packets, len(packets),
+                        lambda out: _check_eq(out, wires))
+            return (lambda ws, read=mqtt5.read: [read(w) for w in ws], wires, len(packets),
+                    lambda out: _check_eq([o[0] for o in out], packets))
         wire = packets.write()
         if operation == "encode":
             return (type(packets).write, packets, 1, lambda out: _check_eq(out, wire))
@@ -190,6 +224,14 @@ def case(workload: str, operation: str, impl: str):
             return Decoder(5).feed(data)
 
         return (stream, wire, len(packets), lambda out: _check_eq(out, packets))
+    if workload == "publish-varied":
+        wires = [encode(p) for p in packets]
+        if operation == "encode":
+            return (lambda ps: [encode(p) for p in ps], packets, len(packets),
+                    lambda out: _check_eq(out, wires))
+        decode = c.decode
+        return (lambda ws: [decode(w) for w in ws], wires, len(packets),
+                lambda out: _check_eq(out, packets))
     wire = encode(packets)
     if operation == "encode":
         return (encode, packets, 1, lambda out: _check_eq(out, wire))

@@ -165,9 +165,15 @@ LISTENING = re.compile(r"listening on tcp://127\.0\.0\.1:(\d+)")
 class BrokerProc:
     def __init__(self, impl: str, data_dir: str) -> None:
         args = ["--no-persistence"] if impl == "memory" else ["--durability", impl]
+        # No queue limit: every message must really be queued (and stored) for
+        # the offline subscriber, not dropped as "queue full".
+        os.makedirs(data_dir, exist_ok=True)
+        conf = os.path.join(data_dir, "bench.toml")
+        with open(conf, "w") as f:
+            f.write("max_queued_messages = 0\nmax_queued_bytes = 0\n")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastmqtt.broker", "--host", "127.0.0.1", "-p", "0",
-             "--data-dir", data_dir, "--sys-interval", "0", *args],
+            [sys.executable, "-m", "fastmqtt.broker", "-c", conf, "--host", "127.0.0.1",
+             "-p", "0", "--data-dir", data_dir, "--sys-interval", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.port = None
@@ -183,7 +189,7 @@ class BrokerProc:
             self.close()
             raise RuntimeError("broker did not start")
         # Keep draining the log so the broker never blocks on a full pipe.
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        threading.Thread(target=lambda: [print(l, end="") if "persistence" in l else None for l in self.proc.stdout], daemon=True).start()
 
     def close(self) -> None:
         if self.proc.poll() is None:

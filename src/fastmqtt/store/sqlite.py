@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import fcntl
 import heapq
+import json
 import os
 import sqlite3
 import threading
@@ -82,6 +83,9 @@ __all__ = ["SqliteStore", "DB_NAME", "SCHEMA_VERSION"]
 DB_NAME = "fastmqtt.db"
 LOCK_NAME = "fastmqtt.lock"
 SCHEMA_VERSION = 1
+#: WAL size that triggers a checkpoint, and how often the size is looked at.
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+CHECKPOINT_PERIOD = 0.25
 #: Released messages remembered for a re-delivery under the same msg_id.
 RELEASED_KEPT = 10_000
 
@@ -121,6 +125,51 @@ _ADD = 0  # new row, not on disk: an add followed by a remove cancels out
 _ADDR = 1  # add over a row that may be on disk (re-add): insert or replace
 _UPD = 2  # update of a row on disk
 _DEL = 3  # delete of a row on disk
+
+
+# Set-based statements for the tables every PUBLISH touches. ``executemany``
+# makes one sqlite3_step per row and the sqlite3 module drops and retakes the
+# GIL around each: with the trio thread busy, every retake waits, and a commit
+# of a few hundred rows took milliseconds. Passing the rows as one JSON array
+# (and the message blobs as one concatenated blob sliced with substr) makes the
+# whole table change a single step: one GIL hand-off per statement.
+_BULK_MIN = 4
+_MSG_INS_BULK = (
+    "INSERT OR REPLACE INTO messages(msg_id, publish, expires_at) "
+    "SELECT value->>0, substr(?1, value->>1, value->>2), value->>3 FROM json_each(?2)")
+_DELIV_INS_BULK = (
+    "INSERT OR REPLACE INTO deliveries(client_id, msg_id, seq, qos, packet_id, state) "
+    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each(?)")
+# An update of rows known to exist; written as an upsert so it needs no join
+# plan. (seq is not touched: the row keeps its queue position.)
+_DELIV_UPD_BULK = (
+    "INSERT INTO deliveries(client_id, msg_id, seq, qos, packet_id, state) "
+    "SELECT value->>0, value->>1, 0, value->>2, value->>3, value->>4 FROM json_each(?) WHERE true "
+    "ON CONFLICT(client_id, msg_id) DO UPDATE SET qos=excluded.qos, "
+    "packet_id=excluded.packet_id, state=excluded.state")
+# Per client, so the primary key (client_id, msg_id) is used for every id.
+_DELIV_DEL_BULK = (
+    "DELETE FROM deliveries WHERE client_id=? AND msg_id IN (SELECT value FROM json_each(?))")
+_MSG_DEL_BULK = "DELETE FROM messages WHERE msg_id IN (SELECT value FROM json_each(?))"
+_HIST_INS_BULK = (
+    "INSERT OR REPLACE INTO history(hist_id, topic, ts, expires_at, publish) "
+    "SELECT value->>0, value->>1, value->>2, value->>3, substr(?1, value->>4, value->>5) "
+    "FROM json_each(?2)")
+_HIST_DEL_BULK = "DELETE FROM history WHERE hist_id IN (SELECT value FROM json_each(?))"
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _pack_blobs(rows, blob_index: int):
+    """(one blob, rows with the blob replaced by its 1-based offset and length)."""
+    parts = []
+    meta = []
+    offset = 1
+    for row in rows:
+        blob = row[blob_index]
+        parts.append(blob)
+        meta.append((*row[:blob_index], offset, len(blob), *row[blob_index + 1:]))
+        offset += len(blob)
+    return b"".join(parts), meta
 
 
 class _Unusable(Exception):
@@ -174,11 +223,16 @@ class SqliteStore:
         self.data_dir = os.fspath(data_dir)
         self.path = os.path.join(self.data_dir, DB_NAME)
         self.durability = durability
+        # ->> needs SQLite 3.38; older libraries get executemany.
+        self._bulk = sqlite3.sqlite_version_info >= (3, 38, 0)
         self.batch_interval = max(0, batch_interval_ms) / 1000.0
         self.stats = stats
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._unsynced = threading.Event()  # batch mode: commits not yet fsynced
+        self._stop_wait = threading.Event()
+        self._fsync_stop = False
         self._batch = _Batch()
         self._seq = 0  # last recorded change
         self._committed = 0  # last change durable per the mode
@@ -241,6 +295,9 @@ class SqliteStore:
         except BaseException:
             self._release_lockfile()
             raise
+        self._closing = self._fsync_stop = False
+        self._stop_wait.clear()
+        self._unsynced.clear()
         self._thread = threading.Thread(target=self._writer, name="fastmqtt-store-writer",
                                         daemon=True)
         self._thread.start()
@@ -294,6 +351,10 @@ class SqliteStore:
         conn.execute(f"PRAGMA synchronous={sync}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
+        # Checkpoints (copying the WAL into the database, with their own
+        # fsyncs) run on a separate thread and connection, never inside a
+        # commit that a publisher is waiting for.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA cache_size=-16000")
         # Checkpoints reset the WAL; this caps the file it leaves behind.
         conn.execute("PRAGMA journal_size_limit=67108864")
@@ -513,9 +574,13 @@ class SqliteStore:
         if thread is not None:
             self._closing = True
             self._wake.set()
+            self._stop_wait.set()
         return thread
 
     def _finish_close(self) -> None:
+        if self._thread is not None and self.commits:
+            log.info("persistence: %d commits, %.2f ms each on average", self.commits,
+                     1000 * self.commit_seconds / self.commits)
         self._thread = None
         if self._conn is not None:
             try:
@@ -715,30 +780,29 @@ class SqliteStore:
     # ============================================================ writer thread
 
     def _writer(self) -> None:
-        wal_fd = None
-        unsynced = False  # batch mode: commits not yet fsynced
-        last_sync = time.monotonic()
+        checkpointer = threading.Thread(target=self._checkpointer,
+                                        name="fastmqtt-store-checkpoint", daemon=True)
+        checkpointer.start()
+        fsyncer = None
+        if self.durability == "batch":
+            fsyncer = threading.Thread(target=self._fsyncer, name="fastmqtt-store-fsync",
+                                       daemon=True)
+            fsyncer.start()
         try:
             while True:
-                timeout = None
-                if unsynced:
-                    timeout = max(0.0, last_sync + self.batch_interval - time.monotonic())
-                self._wake.wait(timeout)
+                self._wake.wait()
                 self._wake.clear()
+                fresh = _Batch()  # built outside the lock: the swap is two stores
                 with self._lock:
                     batch = self._batch
                     if batch.ops:
-                        self._batch = _Batch()
+                        self._batch = fresh
                 if batch.ops:
                     self._commit(batch)
-                    unsynced = self.durability == "batch"
                     self._committed = batch.seq
                     self._post_notify()
-                if unsynced and (self._closing or
-                                 time.monotonic() - last_sync >= self.batch_interval):
-                    wal_fd = self._fsync_wal(wal_fd)
-                    unsynced = False
-                    last_sync = time.monotonic()
+                    if fsyncer is not None:
+                        self._unsynced.set()
                 if self._closing and not self._batch.ops:
                     break
         except BaseException as e:  # the writer must never die silently
@@ -746,8 +810,64 @@ class SqliteStore:
             self._error = e
             self._post_notify()
         finally:
-            if wal_fd is not None:
-                os.close(wal_fd)
+            if fsyncer is not None:
+                self._fsync_stop = True
+                self._unsynced.set()
+                fsyncer.join()
+            self._stop_wait.set()
+            checkpointer.join()
+
+    def _checkpointer(self) -> None:
+        """Copy the WAL into the database (PASSIVE: alongside the writer) when
+        it has grown past ``CHECKPOINT_BYTES`` or has been idle with unsaved
+        frames for a while, so the WAL stays bounded without ever stalling a
+        commit."""
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=5)
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'sync' else 'NORMAL'}")
+        except sqlite3.Error as e:  # pragma: no cover - the writer's open just worked
+            log.warning("persistence: no checkpoint connection (%s); the WAL will grow", e)
+            return
+        wal = self.path + "-wal"
+        done_at = self.commits
+        try:
+            while not self._stop_wait.wait(CHECKPOINT_PERIOD):
+                if self.commits == done_at:
+                    continue
+                try:
+                    size = os.path.getsize(wal)
+                except OSError:
+                    continue
+                idle = self._committed == self._seq
+                if size < CHECKPOINT_BYTES and not idle:
+                    continue
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    done_at = self.commits
+                except sqlite3.Error as e:
+                    log.warning("persistence: checkpoint failed: %s", e)
+        finally:
+            conn.close()
+
+    def _fsyncer(self) -> None:
+        """``batch`` mode: fsync the WAL at most every ``batch_interval``, on
+        its own thread so that commits (which need no fsync in this mode) go
+        on while the disk catches up."""
+        fd = None
+        try:
+            while True:
+                self._unsynced.wait()
+                self._unsynced.clear()
+                fd = self._fsync_wal(fd)
+                if self._fsync_stop:
+                    break
+                # Rate limit: this wait returns early only to stop.
+                self._stop_wait.wait(self.batch_interval)
+            fd = self._fsync_wal(fd)  # the last commits, made during the one above
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _fsync_wal(self, fd):
         try:
@@ -855,6 +975,7 @@ class SqliteStore:
             return False  # everything cancelled out: nothing to write, nothing to fsync
 
         ex = c.executemany
+        bulk = self._bulk
         c.execute("BEGIN IMMEDIATE")
         if b.cascade:
             gone = [(cid,) for cid in b.cascade]
@@ -866,17 +987,38 @@ class SqliteStore:
             ex("INSERT OR REPLACE INTO subscriptions VALUES(?,?,?,?,?,?,?)", sub_put)
         if sub_del:
             ex("DELETE FROM subscriptions WHERE client_id=? AND topic_filter=?", sub_del)
+        # The hot tables: one statement each, whatever the number of rows.
         if msgs:
-            ex("INSERT OR REPLACE INTO messages VALUES(?,?,?)", msgs)
+            if bulk and len(msgs) >= _BULK_MIN:
+                blob, meta = _pack_blobs(msgs, 1)
+                c.execute(_MSG_INS_BULK, (blob, _dumps(meta)))
+            else:
+                ex("INSERT OR REPLACE INTO messages VALUES(?,?,?)", msgs)
         if d_ins:
-            ex("INSERT OR REPLACE INTO deliveries VALUES(?,?,?,?,?,?)", d_ins)
+            if bulk and len(d_ins) >= _BULK_MIN:
+                c.execute(_DELIV_INS_BULK, (_dumps(d_ins),))
+            else:
+                ex("INSERT OR REPLACE INTO deliveries VALUES(?,?,?,?,?,?)", d_ins)
         if d_upd:
-            ex("UPDATE deliveries SET qos=?, packet_id=?, state=? WHERE client_id=? AND msg_id=?",
-               d_upd)
+            if bulk and len(d_upd) >= _BULK_MIN:
+                c.execute(_DELIV_UPD_BULK, (_dumps([(cid, mid, q, pid, st)
+                                                    for q, pid, st, cid, mid in d_upd]),))
+            else:
+                ex("UPDATE deliveries SET qos=?, packet_id=?, state=? "
+                   "WHERE client_id=? AND msg_id=?", d_upd)
         if d_del:
-            ex("DELETE FROM deliveries WHERE client_id=? AND msg_id=?", d_del)
+            if bulk and len(d_del) >= _BULK_MIN:
+                per_client: dict[str, list[int]] = {}
+                for cid, mid in d_del:
+                    per_client.setdefault(cid, []).append(mid)
+                ex(_DELIV_DEL_BULK, [(cid, _dumps(mids)) for cid, mids in per_client.items()])
+            else:
+                ex("DELETE FROM deliveries WHERE client_id=? AND msg_id=?", d_del)
         if b.msg_del:
-            ex("DELETE FROM messages WHERE msg_id=?", [(m,) for m in b.msg_del])
+            if bulk and len(b.msg_del) >= _BULK_MIN:
+                c.execute(_MSG_DEL_BULK, (_dumps(list(b.msg_del)),))
+            else:
+                ex("DELETE FROM messages WHERE msg_id=?", [(m,) for m in b.msg_del])
         if q_put:
             ex("INSERT OR IGNORE INTO incoming_qos2 VALUES(?,?)", q_put)
         if q_del:
@@ -890,8 +1032,15 @@ class SqliteStore:
         if w_del:
             ex("DELETE FROM wills WHERE client_id=?", w_del)
         if h_put:
-            ex("INSERT OR REPLACE INTO history VALUES(?,?,?,?,?)", h_put)
+            if bulk and len(h_put) >= _BULK_MIN:
+                blob, meta = _pack_blobs(h_put, 4)
+                c.execute(_HIST_INS_BULK, (blob, _dumps(meta)))
+            else:
+                ex("INSERT OR REPLACE INTO history VALUES(?,?,?,?,?)", h_put)
         if b.hist_del:
-            ex("DELETE FROM history WHERE hist_id=?", [(h,) for h in b.hist_del])
+            if bulk and len(b.hist_del) >= _BULK_MIN:
+                c.execute(_HIST_DEL_BULK, (_dumps(list(b.hist_del)),))
+            else:
+                ex("DELETE FROM history WHERE hist_id=?", [(h,) for h in b.hist_del])
         c.execute("COMMIT")
         return True

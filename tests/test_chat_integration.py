@@ -110,6 +110,13 @@ async def test_reconnect_catches_up_from_history(broker_factory, mqtt_proxy):
             with trio.move_on_after(0.5):
                 d = await next_of(bob, ChatMessage)
                 pytest.fail(f"duplicate delivered: {d}")
+            # A member joining later loads the recent conversation.
+            async with chat_client(b, "carol") as cc:
+                carol = ChatSession(cc, workspace=WS, user_id="carol")
+                await carol.join(dm, load_history=10)
+                loaded = [await next_of(carol, ChatMessage) for _ in range(4)]
+                assert [d.event.message_id for d in loaded] == [
+                    "live", "missed0", "missed1", "missed2"]
 
 
 async def test_catch_up_without_history_api_times_out_quietly(broker_factory):

@@ -180,6 +180,8 @@ class ChatSession:
     # ------------------------------------------------------------- catch-up
 
     async def _on_connect(self, client, info) -> None:
+        if self._out.closed:
+            return  # this session was closed; the client lives on
         if info.connection_number <= max(self._base_connections, 1):
             return  # the first connection (made before or after we were created)
         # Presence: say we are back (the will may have marked us offline).

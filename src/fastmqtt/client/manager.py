@@ -497,6 +497,13 @@ class Client:
     # -------------------------------------------------------- connection loop
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        except Exception as exc:  # a bug must surface as a clear error, not hang callers
+            log.exception("connection loop failed")
+            self._give_up(ConnectError(f"connection loop failed: {exc!r}", last_error=exc))
+
+    async def _connection_loop(self) -> None:
         failures = 0  # failed rounds over all URLs in a row
         index = 0
         ever_connected = False

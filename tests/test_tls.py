@@ -1,7 +1,6 @@
 """MQTT over TLS: paho-mqtt against fastmqtt-broker and Mosquitto with the same
 certificates (made by trustme), server-only and with client certificates."""
 
-import re
 import socket
 import ssl
 from types import SimpleNamespace

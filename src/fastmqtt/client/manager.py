@@ -173,6 +173,7 @@ class _Conn:
         if self.error is None:
             self.error = exc
         self.scope.cancel()
+        self._drained.set()  # release publishers waiting for buffer space
 
     async def wait_drained(self, level: int = 0) -> None:
         while len(self.buf) > level and self.error is None:

@@ -40,7 +40,9 @@ from paho.mqtt.properties import Properties as PahoProperties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 import fastmqtt._codec_py as _codec_py
-from codec_strategies import normalise, packets, topic_filters, topic_names, utf8_text
+from codec_strategies import (
+    normalise, packet_lists, packets, topic_filters, topic_names, utf8_text,
+)
 from fastmqtt.errors import MalformedPacket
 from fastmqtt.enums import PacketType, PropertyId as P
 
@@ -626,3 +628,35 @@ def test_compiled_and_python_accept_and_refuse_the_same_bytes(version, data):
     py = _outcome(_codec_py, bytes(mutated), version)
     c = _outcome(compiled, bytes(mutated), version)
     assert py == c
+
+
+def _run_decoder(impl, chunks, version, max_packet_size):
+    """Everything a Decoder reports for a chunked stream, as comparable values."""
+    decoder = impl.Decoder(version, max_packet_size)
+    seen = []
+    try:
+        for chunk in chunks:
+            seen += [_convert(p, _codec_py) for p in decoder.feed(chunk)]
+    except MalformedPacket as exc:
+        seen.append(("error", exc.reason_code, [_convert(p, _codec_py) for p in exc.packets]))
+    else:
+        seen.append(("buffered", decoder.buffered))
+    return seen, decoder.version
+
+
+@pytest.mark.parametrize("version", [5, 4, None])
+@SETTINGS
+@given(data=st.data())
+def test_compiled_and_python_decoders_agree_on_streams(version, data):
+    """Chunked, sometimes corrupted streams, with version learning and small
+    packet-size limits: both Decoders report the same packets, errors and state."""
+    compiled = _compiled()
+    stream = data.draw(packet_lists(_codec_py, version or 5, first_connect=version is None))
+    blob = bytearray(b"".join(_codec_py.encode(p, version or 5) for p in stream))
+    if blob and data.draw(st.booleans()):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=6)))
+    chunks = [bytes(blob[a:b]) for a, b in zip([0, *cuts], [*cuts, len(blob)])]
+    limit = data.draw(st.sampled_from([10, 60, 1_000_000]))
+    assert _run_decoder(compiled, chunks, version, limit) == _run_decoder(
+        _codec_py, chunks, version, limit)

@@ -666,3 +666,49 @@ def test_eq_that_changes_the_trie_does_not_corrupt_it(trie):
     assert sorted(d[0].n for d in t.match("a")) == [1, 2]
     assert t.remove_subscriber(Meddler(1)) == 1
     assert len(t.match("z")) == 40
+
+
+@pytest.mark.parametrize("where", ["subscribe", "unsubscribe", "match"])
+def test_reentrant_eq_during_lookup(trie, where):
+    # User __eq__ runs in the middle of subscribe/unsubscribe/match (the
+    # compiled trie overlaps the subscriber lookup with its walk); whatever it
+    # does to the trie, the outer call must see a consistent trie.
+    t = trie.TopicTrie()
+    armed = []
+
+    class Peer:
+        def __init__(self, n):
+            self.n = n
+
+        def __hash__(self):
+            return 7
+
+        def __eq__(self, other):
+            if armed:
+                armed.clear()
+                t.match("a/b")                      # re-enters the match scratch
+                t.remove_subscriber("victim")       # prunes nodes on the same path
+                t.subscribe("late", "a/+")
+            return isinstance(other, Peer) and other.n == self.n
+
+    t.subscribe("victim", "a/b")
+    t.subscribe("victim", "a/b/c")
+    t.subscribe(Peer(1), "a/b", no_local=True)
+    armed.append(1)
+    if where == "subscribe":
+        assert t.subscribe(Peer(2), "a/b/c") is True
+        assert {d[0] if isinstance(d[0], str) else d[0].n for d in t.match("a/b/c")} == {2}
+    elif where == "unsubscribe":
+        assert t.unsubscribe(Peer(2), "a/b") is False
+        assert t.unsubscribe(Peer(1), "a/b") is True
+    else:
+        got = t.match("a/b", publisher=Peer(1))
+        # Peer(1)'s no_local subscription is skipped; the victim is gone and
+        # "late" arrived before the walk was redone.
+        assert [d[0] for d in got] == ["late"]
+    assert not armed
+    assert "victim" not in [d[0] for d in t.match("a/b")]
+    assert t.subscriptions("late") == [("a/+", 0, False, False, 0, 0)]
+    for sub in ["late", Peer(1), Peer(2)]:
+        t.remove_subscriber(sub)
+    assert len(t) == 0 and t.node_count() == 0

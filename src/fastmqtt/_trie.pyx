@@ -716,6 +716,8 @@ cdef class TopicTrie:
     cdef uint32_t nsubscribers
     cdef uint64_t version       # bumped when stab changes (guards user __eq__)
     cdef PyObject* last_obj     # identity cache for sid_of (borrowed; cleared on release)
+    cdef uint64_t mutations     # bumped by every change and every collect(): lets a caller
+                                # that ran user __eq__ know its node pointers may be stale
     cdef uint32_t last_sid
     cdef Py_ssize_t count
     cdef uint32_t stamp
@@ -829,6 +831,7 @@ cdef class TopicTrie:
             self.sid_used += 1
         memset(&self.subs[sid], 0, sizeof(Sub))
         self.subs[sid].hash = <uint32_t>h
+        self.mutations += 1
         Py_INCREF(obj)
         self.subs[sid].obj = <PyObject*>obj
         mask = self.stab_cap - 1
@@ -869,7 +872,21 @@ cdef class TopicTrie:
             self.last_obj = NULL
         self.nsubscribers -= 1
         self.version += 1
+        self.mutations += 1
         Py_DECREF(<object>obj)   # last: may run arbitrary __del__ code
+
+    cdef inline void stab_prefetch_slot(self, Py_hash_t h) noexcept:
+        if self.stab_cap:
+            fmq_prefetch(&self.stab[(<uint32_t>h) & (self.stab_cap - 1)])
+
+    cdef inline void stab_prefetch_record(self, Py_hash_t h) noexcept:
+        # Second step: the slot has had time to arrive; start loading the
+        # subscriber record it names while the caller walks the trie.
+        cdef uint32_t v
+        if self.stab_cap:
+            v = self.stab[(<uint32_t>h) & (self.stab_cap - 1)]
+            if v:
+                fmq_prefetch(&self.subs[v - 1])
 
     cdef uint32_t sid_of(self, object obj) except? 0xFFFFFFFE:
         # One SUBSCRIBE packet usually carries several filters for the same
@@ -931,6 +948,7 @@ cdef class TopicTrie:
         t.nentries += 1
         rec.nrefs += 1
         self.count += 1
+        self.mutations += 1
         return 0
 
     cdef void entry_remove(self, Node* t, uint32_t i) noexcept:
@@ -942,6 +960,7 @@ cdef class TopicTrie:
         cdef int c
         cdef Ref* moved
         cdef Entry* m
+        self.mutations += 1
         if refpos != last:
             rec.refs[refpos] = rec.refs[last]
             moved = &rec.refs[refpos]
@@ -1061,14 +1080,18 @@ cdef class TopicTrie:
             raise ValueError("retain_handling must be 0, 1 or 2")
         if subscription_id < 0 or subscription_id > MAX_SUBSCRIPTION_ID:
             raise ValueError("subscription_id must be in 0..268435455")
-        # The lookup may run user __hash__/__eq__: do it before holding any
-        # node pointer.
+        # The subscriber lookup (two dependent cache misses at a million
+        # subscriptions) is started first and overlapped with parsing and the
+        # trie walk. It may run user __hash__/__eq__, which could change the
+        # trie: the walk is redone if anything changed meanwhile.
         cdef Py_hash_t h = 0
-        if <PyObject*>subscriber == self.last_obj:
+        cdef bint cached = <PyObject*>subscriber == self.last_obj
+        cdef uint64_t m0
+        if cached:
             sid = self.last_sid
         else:
             h = PyObject_Hash(subscriber)
-            sid = self.sid_find(subscriber, h)
+            self.stab_prefetch_slot(h)
         levels_init(&lv)
         try:
             parse_filter(&lv, topic_filter)
@@ -1077,13 +1100,25 @@ cdef class TopicTrie:
                                       PROTOCOL_ERROR)
             opts = (<uint32_t>qos | (M_NL if no_local else 0) | (M_RAP if retain_as_published else 0)
                     | (<uint32_t>retain_handling << M_RH_SHIFT))
-            if sid == NO_SID:
-                sid = self.sid_new(subscriber, h)
-                fresh = True
+            if not cached:
+                self.stab_prefetch_record(h)
+            t = self.find_node(&lv, True)
+            m0 = self.mutations
+            if not cached:
+                try:
+                    sid = self.sid_find(subscriber, h)
+                    if sid == NO_SID:
+                        sid = self.sid_new(subscriber, h)
+                        fresh = True
+                        m0 += 1     # our own change
+                except BaseException:
+                    self.prune_filter(&lv)
+                    raise
+                if self.mutations != m0:
+                    t = self.find_node(&lv, True)
             self.last_obj = <PyObject*>subscriber
             self.last_sid = sid
             try:
-                t = self.find_node(&lv, True)
                 i = -1 if fresh else self.entry_find(t, sid)
                 if i >= 0:
                     t.entries[i].meta = (t.entries[i].meta & ~(<uint32_t>M_OPTS)) | opts
@@ -1091,12 +1126,23 @@ cdef class TopicTrie:
                     return False
                 self.entry_add(t, sid, opts, <uint32_t>subscription_id)
             except BaseException:
+                node_prune(t)
                 if fresh and self.subs[sid].nrefs == 0:
                     self.sid_release(sid)
                 raise
             return True
         finally:
             levels_free(&lv)
+
+    cdef void prune_filter(self, Levels* lv) noexcept:
+        """Free the nodes of lv's filter if they hold nothing (after a failed subscribe)."""
+        cdef Node* t
+        try:
+            t = self.find_node(lv, False)
+        except BaseException:
+            return
+        if t != NULL:
+            node_prune(t)
 
     def unsubscribe(self, subscriber, topic_filter):
         """Remove one subscription.
@@ -1114,14 +1160,32 @@ cdef class TopicTrie:
         cdef Levels lv
         cdef Node* t
         cdef Py_ssize_t i
-        cdef uint32_t sid = self.sid_of(subscriber)
+        cdef uint32_t sid = NO_SID
+        cdef Py_hash_t h = 0
+        cdef uint64_t m0
+        cdef bint cached = <PyObject*>subscriber == self.last_obj
+        # As in subscribe: overlap the subscriber lookup with the walk, and
+        # walk again if user __eq__ changed anything.
+        if cached:
+            sid = self.last_sid
+        else:
+            h = PyObject_Hash(subscriber)
+            self.stab_prefetch_slot(h)
         levels_init(&lv)
         try:
             parse_filter(&lv, topic_filter)
-            if sid == NO_SID:
-                return False
+            if not cached:
+                self.stab_prefetch_record(h)
             t = self.find_node(&lv, False)
-            if t == NULL:
+            if not cached:
+                m0 = self.mutations
+                sid = self.sid_find(subscriber, h)
+                if sid != NO_SID:
+                    self.last_obj = <PyObject*>subscriber
+                    self.last_sid = sid
+                if self.mutations != m0:
+                    t = self.find_node(&lv, False)
+            if sid == NO_SID or t == NULL:
                 return False
             i = self.entry_find(t, sid)
             if i < 0:
@@ -1266,6 +1330,7 @@ cdef class TopicTrie:
         cdef Node* n
         cdef Node* c
         cdef bint wild
+        self.mutations += 1      # self.hits is about to be overwritten
         if self.stk_cap < 64:
             self.ensure_stack(64)
         if self.hits_cap < 64:
@@ -1352,15 +1417,32 @@ cdef class TopicTrie:
         cdef Sub* si
         cdef list out
         cdef object ids
+        cdef Py_hash_t ph = 0
+        cdef bint lookup = False
+        cdef uint64_t m0
         if publisher is not None:
-            try:
-                pub = self.sid_of(publisher)
-            except TypeError:
-                pass        # unhashable: cannot be a subscriber, so no no_local skip
+            if <PyObject*>publisher == self.last_obj:
+                pub = self.last_sid
+            else:
+                try:
+                    ph = PyObject_Hash(publisher)
+                    lookup = True
+                    self.stab_prefetch_slot(ph)
+                except TypeError:
+                    pass    # unhashable: cannot be a subscriber, so no no_local skip
         levels_init(&lv)
         try:
             parse_topic(&lv, topic)
+            if lookup:
+                self.stab_prefetch_record(ph)
             nh = self.collect(&lv)
+            if lookup:
+                # After the walk, so the record's cache miss overlapped it; user
+                # __eq__ may change the trie or re-enter match(): collect again then.
+                m0 = self.mutations
+                pub = self.sid_find(publisher, ph)
+                if self.mutations != m0:
+                    nh = self.collect(&lv)
         finally:
             levels_free(&lv)
         # New generation; on wrap-around clear every stamp once.

@@ -37,6 +37,7 @@ _PROTOCOL_ERROR = 0x82
 _MAX_UTF8 = 65535
 _MAX_SUBSCRIPTION_ID = 268_435_455  # largest Variable Byte Integer
 _SHARE_PREFIX = "$share/"
+_NOBODY = object()  # "no publisher" in match(), distinct from every subscriber
 
 
 def _utf8_len(text: str, code: int, what: str) -> int:
@@ -155,6 +156,9 @@ class TopicTrie:
         self._root = _Node(None, "")
         # subscriber -> {(share_name or None, filter_text): node}
         self._index: dict = {}
+        # subscriber -> the object first stored for it, so match() can compare
+        # by identity and run user __eq__ only once, before walking.
+        self._canon: dict = {}
         self._count = 0
         self._policy: str | Callable = "round_robin"
 
@@ -205,7 +209,10 @@ class TopicTrie:
         new = subscriber not in holder
         holder[subscriber] = opts  # replacing keeps the member's position
         if new:
-            self._index.setdefault(subscriber, {})[(share, "/".join(levels))] = node
+            if subscriber not in self._index:
+                self._index[subscriber] = {}
+                self._canon[subscriber] = subscriber
+            self._index[subscriber][(share, "/".join(levels))] = node
             self._count += 1
         return new
 
@@ -231,6 +238,7 @@ class TopicTrie:
             return False
         if not subs:
             del self._index[subscriber]
+            del self._canon[subscriber]
         self._detach(subscriber, share, node)
         return True
 
@@ -256,6 +264,7 @@ class TopicTrie:
             How many subscriptions were removed.
         """
         subs = self._index.pop(subscriber, None)
+        self._canon.pop(subscriber, None)
         if not subs:
             return 0
         for (share, _), node in subs.items():
@@ -320,12 +329,18 @@ class TopicTrie:
             MalformedPacket: invalid topic name (0x90).
         """
         levels = _parse_topic(topic)
+        pub = _NOBODY
+        if publisher is not None:
+            try:
+                pub = self._canon.get(publisher, _NOBODY)
+            except TypeError:
+                pass  # unhashable: cannot be a subscriber
         nodes: list[_Node] = []
         self._collect(self._root, levels, nodes, topic.startswith("$"))
         merged: dict = {}
         for node in nodes:
             for sub, (qos, nl, rap, _rh, subid) in node.subs.items():
-                if nl and publisher is not None and sub == publisher:
+                if nl and sub is pub:
                     continue
                 cur = merged.get(sub)
                 if cur is None:

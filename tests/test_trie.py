@@ -712,3 +712,12 @@ def test_reentrant_eq_during_lookup(trie, where):
     for sub in ["late", Peer(1), Peer(2)]:
         t.remove_subscriber(sub)
     assert len(t) == 0 and t.node_count() == 0
+
+
+def test_none_is_a_subscriber_like_any_other(trie):
+    # publisher=None means "no publisher", not "the subscriber None".
+    t = trie.TopicTrie()
+    t.subscribe(None, "a", no_local=True)
+    assert t.match("a") == [(None, 0, False, ())]
+    assert t.subscriptions(None) == [("a", 0, True, False, 0, 0)]
+    assert t.remove_subscriber(None) == 1

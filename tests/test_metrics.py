@@ -178,9 +178,9 @@ def test_broker_metrics_endpoint(broker_factory, paho):
     assert after[("fastmqtt_messages_sent_total", e)] >= 5
     assert after[("fastmqtt_bytes_received_total", e)] > before[("fastmqtt_bytes_received_total", e)]
     assert after[("fastmqtt_subscriptions", e)] == 1
-    per_listener = {dict(labels)["type"]: v for (name, labels), v in after.items()
+    per_listener = {dict(labels)["listener"]: v for (name, labels), v in after.items()
                     if name == "fastmqtt_listener_connections"}
-    assert per_listener == {"tcp": 2}
+    assert per_listener == {f"tcp:{b.port}": 2}  # labelled with the real port, not 0
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(url.replace("/metrics", "/"), timeout=5)
     assert exc.value.code == 404

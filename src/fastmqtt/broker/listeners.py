@@ -509,6 +509,9 @@ async def serve_listener(spec: ListenerSpec, handler: Handler, *, stats: Any = N
     listeners = await trio.open_tcp_listeners(spec.port, host=spec.host or None)
     bound = listeners[0].socket.getsockname()
     host, port = bound[0], bound[1]
+    if spec.name is None and spec.port != port:
+        # Port 0 was asked for: label logs and metrics with the real port.
+        spec = dataclasses.replace(spec, name=f"{spec.type}:{port}")
     log.debug("listening on %s (%s %s:%d)", spec.label, spec.type, host, port)
     gate = _Gate(spec, stats, ctx)
     _ALL_GATES.add(gate)

@@ -1002,6 +1002,10 @@ cdef PyObject* _pc_raw[PROP_CACHE_SLOTS]      # bytes of the block (owned)
 cdef PyObject* _pc_map[PROP_CACHE_SLOTS]      # the mapping (owned)
 cdef unsigned char _pc_type[PROP_CACHE_SLOTS]
 cdef unsigned char _pc_alias[PROP_CACHE_SLOTS]
+# Hash of the last block that missed in each slot: a block is only stored the
+# second time it is seen, so a stream of one-off blocks costs a hash per
+# packet and no copies.
+cdef uint64_t _pc_seen[PROP_CACHE_SLOTS]
 
 
 cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
@@ -1022,9 +1026,10 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     cdef const unsigned char* start = r.p
     cdef Py_ssize_t slot = -1
     cdef PyObject* cached
+    cdef uint64_t h = 0
     if length <= PROP_CACHE_MAX:
-        slot = <Py_ssize_t>((_hash_bytes(start, length) + <uint64_t>ptype * 0x9E3779B1ULL)
-                            & (PROP_CACHE_SLOTS - 1))
+        h = _hash_bytes(start, length) + <uint64_t>ptype * 0x9E3779B1ULL
+        slot = <Py_ssize_t>(h & (PROP_CACHE_SLOTS - 1))
         cached = _pc_raw[slot]
         if (cached != NULL and _pc_type[slot] == ptype
                 and PyBytes_GET_SIZE(<object>cached) == length
@@ -1033,6 +1038,9 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
             if has_alias != NULL:
                 has_alias[0] = _pc_alias[slot]
             return <object>_pc_map[slot]
+        if _pc_seen[slot] != h:
+            _pc_seen[slot] = h
+            slot = -1  # first sighting: do not store
     cdef const unsigned char* outer_end = r.end
     r.end = r.p + length
     cdef int saved = r.ptype
@@ -1305,7 +1313,6 @@ cdef int _check_filter(const unsigned char* s, Py_ssize_t n, int ptype) except -
         _fail(f"{what} topic filter is empty [MQTT-4.7.3-1]", RC_FILTER)
     cdef bint shared = False
     cdef Py_ssize_t i, start = 0
-    cdef unsigned char c
     if n >= 7 and memcmp(s, b"$share/", 7) == 0:
         shared = True
         i = 7
@@ -1321,16 +1328,23 @@ cdef int _check_filter(const unsigned char* s, Py_ssize_t n, int ptype) except -
             _fail(f"{what} shared subscription has no topic filter after the ShareName "
                   "[MQTT-4.8.2-2]", RC_FILTER)
         start = i + 1
-    for i in range(start, n):
-        c = s[i]
-        if c == b'#':
-            if i != n - 1 or (i > start and s[i - 1] != b'/'):
-                _fail(f"{what} topic filter: '#' must be the last level on its own "
-                      "[MQTT-4.7.1-1]", RC_FILTER)
-        elif c == b'+':
-            if (i > start and s[i - 1] != b'/') or (i < n - 1 and s[i + 1] != b'/'):
-                _fail(f"{what} topic filter: '+' must occupy a whole level [MQTT-4.7.1-2]",
-                      RC_FILTER)
+    # Wildcards are rare: find them with memchr instead of a byte loop. '+'
+    # before the first '#' are checked first, as a level-by-level reading
+    # would; a '+' after a '#' means that '#' is not last, which is reported.
+    cdef const unsigned char* f = s + start
+    cdef Py_ssize_t m = n - start
+    cdef const unsigned char* hq = <const unsigned char*>memchr(f, b'#', <size_t>m)
+    cdef Py_ssize_t hpos = hq - f if hq != NULL else m
+    cdef const unsigned char* q = <const unsigned char*>memchr(f, b'+', <size_t>hpos)
+    while q != NULL:
+        i = q - f
+        if (i > 0 and f[i - 1] != b'/') or (i < m - 1 and f[i + 1] != b'/'):
+            _fail(f"{what} topic filter: '+' must occupy a whole level [MQTT-4.7.1-2]",
+                  RC_FILTER)
+        q = <const unsigned char*>memchr(q + 1, b'+', <size_t>(hpos - i - 1))
+    if hq != NULL and (hpos != m - 1 or (hpos > 0 and f[hpos - 1] != b'/')):
+        _fail(f"{what} topic filter: '#' must be the last level on its own "
+              "[MQTT-4.7.1-1]", RC_FILTER)
     return shared
 
 
@@ -2239,6 +2253,16 @@ cdef bytes _encode_connack(Connack p, bint v5):
     return out
 
 
+# The last topic name object validated by _encode_publish (compact ASCII, so its
+# buffer is its UTF-8).
+cdef object _last_topic = None
+
+
+cdef inline void _remember_topic(object t) noexcept:
+    global _last_topic
+    _last_topic = t
+
+
 cdef bytes _encode_publish(Publish p, bint v5, bint template, Py_ssize_t* id_offset):
     """PUBLISH bytes; with ``template`` the packet id is written as 0 (and not
     checked), DUP is cleared, and ``id_offset`` receives the id's position."""
@@ -2259,8 +2283,18 @@ cdef bytes _encode_publish(Publish p, bint v5, bint template, Py_ssize_t* id_off
             _plan_props(p.properties, PUBLISH, &pl)
         rl += _props_part(&pl)
     cdef Str topic
-    _str_view(p.topic, &topic, "PUBLISH topic name")
-    _check_topic_name(<const unsigned char*>topic.s, topic.n, v5 and pl.has_alias)
+    cdef object t = p.topic
+    if t is _last_topic:
+        # Validated a moment ago (str is immutable): a publisher loop or a
+        # broker re-encoding one message for several receivers skips the scans.
+        topic.s = <const char*>PyUnicode_DATA(t)
+        topic.n = PyUnicode_GET_LENGTH(t)
+    else:
+        _str_view(t, &topic, "PUBLISH topic name")
+        _check_topic_name(<const unsigned char*>topic.s, topic.n, v5 and pl.has_alias)
+        if topic.n and PyUnicode_IS_COMPACT_ASCII(t):
+            # Non-empty and wildcard-free: valid whatever the properties say.
+            _remember_topic(t)
     payload = p.payload
     if not PyBytes_CheckExact(payload):
         if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -2353,8 +2387,7 @@ cdef bytes _encode_subscribe(Subscribe p, bint v5):
         w = _write_props(w, &pl)
     for item in p.subscriptions:
         sub = <Subscription>item
-        _str_view(sub.topic_filter, &sv, "SUBSCRIBE topic filter")
-        w = w_lstr(w, sv.s, sv.n)
+        w = _w_str(w, sub.topic_filter)  # validated above
         if v5:
             w[0] = <unsigned char>(sub.qos | (0x04 if sub.no_local else 0)
                                    | (0x08 if sub.retain_as_published else 0)
@@ -2417,8 +2450,7 @@ cdef bytes _encode_unsubscribe(Unsubscribe p, bint v5):
     if v5:
         w = _write_props(w, &pl)
     for tf in p.topic_filters:
-        _str_view(tf, &sv, "UNSUBSCRIBE topic filter")
-        w = w_lstr(w, sv.s, sv.n)
+        w = _w_str(w, tf)  # validated above
     return out
 
 

@@ -20,14 +20,23 @@ freed at once, walking back up the parents, so memory follows the live
 subscriptions.
 
 *Subscribers.* A subscriber (any hashable) is interned to a small integer
-``sid`` through an open-addressing table of sids keyed by the object's hash.
-Dense per-sid arrays hold the object, a match scratch word, and a ``SubRec``
-with the subscriber's ``Ref`` list (node, index of its entry there). Each
-node holds an ``Entry`` array (sid, subscription identifier, options and the
-index of the matching Ref in one word). Entry and Ref point at each other, so
-removing a subscription is O(1) once found, and finding one scans whichever
-of the node's entries or the subscriber's refs is shorter. That is 24 bytes
-per subscription plus array slack.
+``sid`` through an open-addressing table of sids keyed by the object's hash
+(plus a one-entry identity cache, since a SUBSCRIBE carries several filters of
+one client). One 40-byte ``Sub`` record per sid holds the object, the match
+scratch (generation stamp, accumulator slot) and the subscriber's ``Ref`` list
+(node, index of its entry there). Each node holds an ``Entry`` array (sid,
+subscription identifier, options and the index of the matching Ref in one
+word). Entry and Ref point at each other, so removing a subscription is O(1)
+once found, and finding one scans whichever of the node's entries or the
+subscriber's refs is shorter. That is 24 bytes per subscription plus array
+slack (arrays grow ~1.25x and fill their allocator size class).
+
+*Cache misses* are what a million subscriptions cost, so the code overlaps
+them: the subscriber lookup is started (prefetch) before parsing and walking
+and finished after; match() prefetches every reached subscriber record, then
+every subscriber object, a whole batch at a time. User ``__eq__`` can run
+during a lookup; a ``mutations`` counter tells the caller to walk again if it
+changed anything.
 
 *Shared groups.* ``$share/{name}/{filter}`` is a group node (``F_GROUP``,
 keyed by the share name, salted hash) in the children table of the filter's
@@ -1349,10 +1358,14 @@ cdef class TopicTrie:
                 # '#' matches this level's children and the level itself [MQTT-4.7.1-2].
                 c = child_find(n, b"#", 1, HASH_MULTI, 0)
                 fmq_prefetch(c.entries)     # read soon by match()
+                if c.flags & F_GROUPS:
+                    fmq_prefetch(c.table)
                 self.hits[nh] = c
                 nh += 1
             if i == L:
                 fmq_prefetch(n.entries)
+                if n.flags & F_GROUPS:
+                    fmq_prefetch(n.table)
                 self.hits[nh] = n
                 nh += 1
                 continue
@@ -1460,6 +1473,10 @@ cdef class TopicTrie:
             ent = n.entries
             for k in range(n.nentries):
                 fmq_prefetch(&info[ent[k].sid])
+            if n.flags & F_GROUPS:
+                # Shared groups are served last; start their node loads now.
+                for k in range(node_slots(n)):
+                    fmq_prefetch(node_child_at(n, k))
         for h in range(nh):
             n = self.hits[h]
             if n.flags & F_GROUPS:

@@ -128,3 +128,23 @@ async def test_catch_up_without_history_api_times_out_quietly(broker_factory):
             await bob.join(dm)
             assert await bob.catch_up(dm) == 0
             assert bob.history_available is False
+
+
+@pytest.mark.parametrize("version", [4, 5])
+async def test_fetch_history_pages(broker_factory, version):
+    from fastmqtt.chat import HistoryError, fetch_history, iter_history
+
+    b = broker_factory("fastmqtt", config={"history": ["chat/+/channel/+"]})
+    topic = ChatTopics().channel(WS, "general")
+    with trio.fail_after(30):
+        async with Client(b.host, b.port, backoff=FAST, version=version) as c:
+            for i in range(5):
+                await c.publish(topic, encode_event(ChatMessage(message_id=f"p{i}",
+                                                                grouping_id="-", text=str(i))))
+            page = await fetch_history(c, topic, limit=2)
+            assert [m.payload for m in page.messages][-1].endswith(b'"text":"4","reply_to":null,"attachments":[]}}')
+            pages = [p async for p in iter_history(c, topic, limit=2)]
+            texts = [m.payload for p in pages for m in p.messages]
+            assert len(texts) == 5 and [len(p.messages) for p in pages] == [2, 2, 1]
+            with pytest.raises(HistoryError):
+                await fetch_history(c, ChatTopics().dm(WS, "x"), limit=2)  # not recorded

@@ -103,6 +103,8 @@ async def fetch_history(client: Any, topic: str, *, limit: int = 50, before: str
         req["before"] = before
     if after is not None:
         req["after"] = after
+    if getattr(client, "version", 5) != 5:
+        return await _fetch_v311(client, topic, req, timeout)
     try:
         response = await client.request(HISTORY_PREFIX + topic,
                                         json.dumps(req, separators=(",", ":")),
@@ -110,6 +112,33 @@ async def fetch_history(client: Any, topic: str, *, limit: int = 50, before: str
     except RequestTimeout:
         raise HistoryUnavailable(f"no history answer for {topic!r} in {timeout}s") from None
     return _parse_page(response.payload, topic)
+
+
+async def _fetch_v311(client: Any, topic: str, req: dict, timeout: float) -> HistoryPage:
+    # MQTT 3.1.1 has no Response Topic / Correlation Data properties: both go
+    # in the JSON body, and the broker echoes "correlation" in its answer.
+    import secrets
+
+    import trio
+
+    corr = secrets.token_hex(8)
+    try:
+        with trio.fail_after(timeout):
+            response_topic = await client._ensure_response_topic()
+            req = {**req, "response_topic": response_topic, "correlation": corr}
+            with client.messages(response_topic, buffer=64) as answers:
+                await client.publish(HISTORY_PREFIX + topic,
+                                     json.dumps(req, separators=(",", ":")), qos=1)
+                async for m in answers:
+                    try:
+                        body = json.loads(m.payload)
+                    except ValueError:
+                        continue
+                    if isinstance(body, dict) and body.get("correlation") == corr:
+                        return _parse_page(m.payload, topic)
+    except trio.TooSlowError:
+        pass
+    raise HistoryUnavailable(f"no history answer for {topic!r} in {timeout}s")
 
 
 async def iter_history(client: Any, topic: str, *, limit: int = 50, max_pages: int = 10,

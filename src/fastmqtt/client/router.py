@@ -188,6 +188,12 @@ class MessageStream:
             self._router.remove(self._route_id)
             self._buf.close()
 
+    def __enter__(self) -> "MessageStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     async def __aenter__(self) -> "MessageStream":
         return self
 

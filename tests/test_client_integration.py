@@ -45,6 +45,19 @@ async def test_pubsub_all_qos(any_broker, version):
                 ("it/a/x", b"m0", 0), ("it/a/x", b"m1", 1), ("it/a/x", b"m2", 2)]
 
 
+@pytest.mark.parametrize("version", [4, 5])
+async def test_subscribe_many_one_packet(any_broker, mqtt_proxy, version):
+    proxy = await mqtt_proxy(any_broker)
+    with trio.fail_after(20):
+        async with client(proxy, version=version) as c:
+            stream = c.messages("many-subs/#")
+            granted = await c.subscribe_many(["many-subs/a", ("many-subs/b", 0), "many-subs/c/#"])
+            assert granted == [1, 0, 1]
+            assert len(proxy.packets("to_broker", "SUBSCRIBE")) == 1
+            await c.publish("many-subs/c/1", "x")
+            assert (await stream.receive()).topic == "many-subs/c/1"
+
+
 async def test_v5_properties_round_trip(any_broker):
     with trio.fail_after(20):
         async with client(any_broker) as c:

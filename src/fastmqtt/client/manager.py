@@ -1022,6 +1022,50 @@ class Client:
             if waiter in st.waiters:
                 st.waiters.remove(waiter)
 
+    async def subscribe_many(self, topic_filters: Iterable[str | tuple[str, int]], qos: int = 1, *,
+                             timeout: float | None = None) -> list[int]:
+        """Subscribe to several filters with one SUBSCRIBE (what a chat client
+        does on login); each is kept across reconnects like :meth:`subscribe`.
+
+        Args:
+            topic_filters: filters, or ``(filter, qos)`` pairs.
+            qos: QoS for plain filters.
+            timeout: seconds to wait for the SUBACK.
+
+        Returns:
+            The granted QoS of each filter, in order.
+        Raises:
+            SubscribeError: the first refused filter (the others stay subscribed).
+        """
+        self._check_usable()
+        pairs = [(f, qos) if isinstance(f, str) else (f[0], f[1]) for f in topic_filters]
+        states, waiters = [], []
+        for topic_filter, q in pairs:
+            validate_topic_filter(topic_filter)
+            st = _Sub(codec.Subscription(topic_filter, q), None)
+            old = self._subs.get(topic_filter)
+            if old is not None:
+                st.waiters = old.waiters
+            self._subs[topic_filter] = st
+            self._pending_unsubs.discard(topic_filter)
+            waiter = _Waiter()
+            st.waiters.append(waiter)
+            states.append(st)
+            waiters.append(waiter)
+        self._send_subscriptions(states)
+        results: list[int] = []
+        error: BaseException | None = None
+        with trio.fail_after(timeout) if timeout is not None else _nullcontext():
+            for waiter in waiters:
+                try:
+                    results.append(await waiter.wait())
+                except SubscribeError as exc:
+                    error = error or exc
+                    results.append(exc.reason_code)
+        if error is not None:
+            raise error
+        return results
+
     async def unsubscribe(self, topic_filter: str, *, timeout: float | None = None) -> None:
         """Remove a subscription (also from what is resent after reconnects).
 

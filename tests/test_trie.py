@@ -721,3 +721,96 @@ def test_none_is_a_subscriber_like_any_other(trie):
     assert t.match("a") == [(None, 0, False, ())]
     assert t.subscriptions(None) == [("a", 0, True, False, 0, 0)]
     assert t.remove_subscriber(None) == 1
+
+
+# -- references and memory ----------------------------------------------------------
+
+
+class _Obj:
+    """A weak-referenceable, hashable subscriber."""
+
+
+def test_subscriber_references_are_released(trie):
+    import gc
+    import weakref
+
+    t = trie.TopicTrie()
+    a, b, c = _Obj(), _Obj(), _Obj()
+    refs = [weakref.ref(x) for x in (a, b, c)]
+    t.subscribe(a, "x/+")
+    t.subscribe(a, "$share/g/x/#")
+    t.subscribe(b, "x/y")
+    t.subscribe(c, "#")
+    assert len(t.match("x/y")) == 4
+    t.remove_subscriber(a)
+    t.unsubscribe(b, "x/y")
+    del a, b
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None
+    assert refs[2]() is c
+    del c
+    del t
+    gc.collect()
+    assert refs[2]() is None
+
+
+def test_retained_messages_are_released(trie):
+    import gc
+    import weakref
+
+    s = trie.RetainedStore()
+    msgs = [_Obj() for _ in range(4)]
+    refs = [weakref.ref(m) for m in msgs]
+    s.set("a", msgs[0])
+    s.set("a", msgs[1])                    # replaces msgs[0]
+    s.set("b", msgs[2], expires_at=1.0)
+    s.set("c", msgs[3])
+    s.match("#", now=2.0)                  # expires msgs[2]
+    s.delete("c")
+    del msgs
+    gc.collect()
+    assert [r() is None for r in refs] == [True, False, True, True]
+    del s
+    gc.collect()
+    assert refs[1]() is None
+
+
+def test_no_memory_growth_over_subscribe_unsubscribe_cycles(trie):
+    # PyMem allocations (the compiled trie's nodes, tables and arrays) are
+    # traced by tracemalloc: a full cycle must give all of them back.
+    import gc
+    import random
+    import tracemalloc
+
+    rng = random.Random(5)
+    levels = ["a", "b", "c", "+", ""] + [f"n{i}" for i in range(60)]
+    filters = sorted({"/".join(rng.choice(levels) for _ in range(rng.randint(1, 5)))
+                      + rng.choice(["", "/#"]) for _ in range(1500)} - {""})
+    subs = [(i % 97, f if i % 5 else f"$share/g{i % 3}/{f}") for i, f in enumerate(filters)]
+    t = trie.TopicTrie()
+    st = trie.RetainedStore()
+
+    def cycle():
+        for s, f in subs:
+            t.subscribe(s, f, qos=1, subscription_id=s + 1)
+            st.set(f.replace("+", "p").replace("#", "h"), s)
+        for _ in range(50):
+            t.match("a/b/n3")
+        for s, f in subs:
+            t.unsubscribe(s, f)
+            st.delete(f.replace("+", "p").replace("#", "h"))
+
+    cycle()
+    tracemalloc.start()
+    try:
+        cycle()
+        gc.collect()    # the Python trie's pruned nodes are parent<->child cycles
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            cycle()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(t) == 0 and t.node_count() == 0 and len(st) == 0
+    assert grown < 4096, grown

@@ -814,3 +814,21 @@ def test_no_memory_growth_over_subscribe_unsubscribe_cycles(trie):
         tracemalloc.stop()
     assert len(t) == 0 and t.node_count() == 0 and len(st) == 0
     assert grown < 4096, grown
+
+
+def test_cycle_through_the_trie_is_collected(trie):
+    # A subscriber that refers back to its trie (a session holding the broker)
+    # must not make an uncollectable cycle.
+    import gc
+    import weakref
+
+    t = trie.TopicTrie()
+    s = _Obj()
+    s.trie = t
+    t.subscribe(s, "a/+")
+    t.subscribe(s, "$share/g/a/#")
+    t.set_share_policy(lambda name, f, members: members[0])
+    refs = weakref.ref(s)
+    del s, t
+    gc.collect()
+    assert refs() is None

@@ -61,7 +61,8 @@ can reach.
 cimport cython
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
-from cpython.object cimport PyObject_Hash, PyObject_RichCompareBool, Py_EQ
+from cpython.object cimport (PyObject_Hash, PyObject_RichCompareBool, Py_EQ, PyTypeObject,
+                             traverseproc, visitproc, inquiry)
 from libc.string cimport memcmp, memcpy, memmove, memset, memchr
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport qsort
@@ -769,6 +770,37 @@ cdef class TopicTrie:
         PyMem_Free(self.hits)
         PyMem_Free(self.acc)
         PyMem_Free(self.xs)
+
+    cdef int clear_all(self) except -1:
+        """Drop every subscription and subscriber (tp_clear, to break cycles)."""
+        cdef list held = []
+        cdef uint32_t i
+        cdef Node* root
+        if self.root != NULL:
+            root = node_new(NULL, NULL, 0)
+            nodes_free(self.root, False)
+            self.root = root
+        if self.subs != NULL:
+            for i in range(self.sid_used):
+                if self.subs[i].obj != NULL:
+                    held.append(<object>self.subs[i].obj)
+                    Py_DECREF(<object>self.subs[i].obj)
+                    PyMem_Free(self.subs[i].refs)
+            PyMem_Free(self.subs)
+            self.subs = NULL
+        PyMem_Free(self.stab)
+        self.stab = NULL
+        self.stab_cap = 0
+        self.sid_cap = 0
+        self.sid_used = 0
+        self.free_sid = NO_SID
+        self.nsubscribers = 0
+        self.count = 0
+        self.last_obj = NULL
+        self.version += 1
+        self.mutations += 1
+        del held        # last: releasing may run arbitrary code
+        return 0
 
     # -- subscriber ids ----------------------------------------------------
 
@@ -1624,6 +1656,47 @@ cdef int children_into(Node* n, bint skip_dollar, uint32_t level, list work) exc
         if c != NULL and not (skip_dollar and c.keylen and c.key[0] == b'$'):
             work.append((<size_t>c, level))
     return 0
+
+
+# ---------------------------------------------------------------------------
+# garbage collection: the trie's subscriber references live in C arrays that
+# Cython's generated tp_traverse cannot see, so a subscriber that refers back
+# to its trie (a session holding the broker) would make an uncollectable
+# cycle. These slots extend Cython's with the subscriber objects.
+
+cdef traverseproc _cy_trie_traverse = NULL
+cdef inquiry _cy_trie_clear = NULL
+
+
+cdef int _trie_traverse(PyObject* o, visitproc visit, void* arg) except -1:
+    cdef int r
+    cdef uint32_t i
+    cdef Sub* subs = (<TopicTrie>o).subs
+    cdef uint32_t used = (<TopicTrie>o).sid_used
+    if _cy_trie_traverse != NULL:
+        r = _cy_trie_traverse(o, visit, arg)
+        if r:
+            return r
+    for i in range(used):
+        if subs[i].obj != NULL:
+            r = visit(subs[i].obj, arg)
+            if r:
+                return r
+    return 0
+
+
+cdef int _trie_clear(object o) except -1:
+    (<TopicTrie>o).clear_all()
+    if _cy_trie_clear != NULL:
+        return _cy_trie_clear(o)
+    return 0
+
+
+cdef PyTypeObject* _trie_type = <PyTypeObject*>TopicTrie
+_cy_trie_traverse = _trie_type.tp_traverse
+_cy_trie_clear = _trie_type.tp_clear
+_trie_type.tp_traverse = _trie_traverse
+_trie_type.tp_clear = _trie_clear
 
 
 # ---------------------------------------------------------------------------

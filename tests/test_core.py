@@ -652,3 +652,24 @@ def test_restore_from_store_resends_with_dup():
     assert [(m.payload, m.dup) for m in pubs] == [(b"inflight", True), (b"queued", False)]
     assert pubs[0].packet_id == sent.packet_id
     assert core2.retained.get("r").payload == b"kept"
+
+
+def test_takeover_of_non_persistent_session_starts_fresh_MQTT_3_2_2_2():
+    core = make_core()
+    a = connected(core, "dup", 4, clean_start=True)
+    subscribe(a, "t")
+    b = Peer(core, 4)
+    out = b.connect("dup", clean_start=False)
+    assert out[0].session_present is False  # the old session ended with its connection
+    assert core.clients["dup"].subs == {}
+    assert core.clients["dup"].conn is b.conn
+
+
+def test_takeover_of_persistent_session_keeps_it():
+    core = make_core()
+    a = connected(core, "dup", 4, clean_start=False)
+    subscribe(a, "t")
+    b = Peer(core, 4)
+    assert b.connect("dup", clean_start=False)[0].session_present is True
+    connected(core, "p", 4).send(Publish("t", b"x", 1, packet_id=1))
+    assert len(of(b.recv(), Publish)) == 1

@@ -272,7 +272,9 @@ class BrokerCore:
                           "another connection used this client id")
                 self._detach(cs, old, now, will=True, takeover_clean=pkt.clean_start)
             self._cancel_pending_will(cid)  # reconnected in time [MQTT-3.1.3-9]
-            if pkt.clean_start or (cs.expires_at is not None and cs.expires_at <= now):
+            if self.clients.get(cid) is not cs:
+                cs = None  # the old session ended with its connection (expiry 0)
+            elif pkt.clean_start or (cs.expires_at is not None and cs.expires_at <= now):
                 self._end_session(cs, now)
                 cs = None
         else:

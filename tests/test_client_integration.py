@@ -73,10 +73,13 @@ async def test_v5_properties_round_trip(any_broker):
             assert 0 < m.properties[P.MESSAGE_EXPIRY_INTERVAL] <= 60
 
 
-async def test_topic_alias_outbound_delivers_full_topic(any_broker):
-    # Mosquitto grants Topic Alias Maximum 10; the receiver sees full topics.
+async def test_topic_alias_outbound_delivers_full_topic(any_broker, mqtt_proxy):
+    # The publisher sends the topic once, then only the alias [MQTT-3.3.2-12];
+    # the receiver sees full topics.
+    proxy = await mqtt_proxy(any_broker)
     with trio.fail_after(20):
-        async with client(any_broker) as sub, client(any_broker) as pub:
+        async with client(any_broker) as sub, client(proxy) as pub:
+            granted = pub.protocol.server_properties.get(P.TOPIC_ALIAS_MAXIMUM, 0)
             stream = sub.messages("alias/#")
             await sub.subscribe("alias/#")
             for i in range(5):
@@ -84,6 +87,12 @@ async def test_topic_alias_outbound_delivers_full_topic(any_broker):
             got = await collect(stream, 5)
             assert {m.topic for m in got} == {"alias/long/topic/name"}
             assert [m.payload for m in got] == [b"0", b"1", b"2", b"3", b"4"]
+            sent = [codec.decode(raw, 5) for raw in proxy.packets("to_broker", "PUBLISH")]
+            if granted:
+                assert sent[0].topic == "alias/long/topic/name"
+                assert all(p.topic == "" and p.properties[P.TOPIC_ALIAS] == 1 for p in sent[1:])
+            else:
+                assert all(P.TOPIC_ALIAS not in p.properties for p in sent)
 
 
 async def test_handlers_and_overlapping_filters(any_broker):

@@ -103,8 +103,10 @@ class ChatSession:
     async def start(self, status: str = "online") -> None:
         """Subscribe to the user topic and the workspace presence, then announce
         ``status``."""
-        await self.join(self.topics.user(self.workspace, self.user_id))
-        await self.client.subscribe(self.topics.presence_filter(self.workspace), qos=1)
+        user_topic = self.topics.user(self.workspace, self.user_id)
+        await self.client.subscribe_many(
+            [user_topic, self.topics.presence_filter(self.workspace)], qos=1)
+        self.joined[user_topic] = None
         await self.presence.set_status(status)
 
     async def join(self, topic: str, *, load_history: int = 0) -> None:

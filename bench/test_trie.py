@@ -145,20 +145,36 @@ def test_unsubscribe(benchmark, impl, size):
     assert len(trie) == len(subs) - len(batch)
 
 
+def best_of(runs: list[dict]) -> dict:
+    """Per metric, the best of several fresh-process runs (the machine is shared)."""
+    out = dict(runs[0])
+    for key in ("subscribe_per_s", "match_per_s", "unsubscribe_per_s"):
+        out[key] = max(r[key] for r in runs)
+    out["bytes_per_sub"] = min(r["bytes_per_sub"] for r in runs)
+    return out
+
+
 def test_fresh_process_report(request, capsys):
     """Rates and RSS bytes/subscription per implementation and size, with ratios."""
-    sizes = SHORT_SIZES[-1:] if _is_short(request.config) else FULL_SIZES
+    short = _is_short(request.config)
+    sizes = SHORT_SIZES[-1:] if short else FULL_SIZES
+    repeats = 1 if short else int(os.environ.get("FASTMQTT_BENCH_REPEATS", "3"))
     rows = []
     for size in sizes:
-        results = {impl: measure_in_subprocess(impl, size)
-                   for impl in IMPLS if not (impl == "py" and size > PY_MAX)}
+        impls = [impl for impl in IMPLS if not (impl == "py" and size > PY_MAX)]
+        runs: dict[str, list] = {impl: [] for impl in impls}
+        for _ in range(repeats):     # interleaved, so load changes hit all alike
+            for impl in impls:
+                runs[impl].append(measure_in_subprocess(impl, size))
+        results = {impl: best_of(r) for impl, r in runs.items()}
         base = results["dict"]
         for impl, r in results.items():
             rows.append((size, impl, r, base))
         # Same corpus, same answers: compiled and reference deliver alike.
         if "py" in results:
             assert results["c"]["matches_per_publish"] == results["py"]["matches_per_publish"]
-    lines = ["", "trie, chat workload, fresh process per row (ratios vs the dict-of-dicts trie)",
+    lines = ["", f"trie, chat workload, fresh process per run, best of {repeats}, CPU time"
+                 " (ratios vs the dict-of-dicts trie)",
              f"{'subs':>9} {'impl':>5} {'subscribe/s':>12} {'x':>6} {'match/s':>10} {'x':>6}"
              f" {'unsub/s':>10} {'x':>6} {'B/sub':>7} {'x':>5} {'deliv/pub':>9}"]
     for size, impl, r, base in rows:

@@ -19,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ -f tests/js/package.json ] && [ ! -d tests/js/node_modules/mqtt ]; then
+if [ -f tests/js/package.json ] && { [ ! -d tests/js/node_modules/mqtt ] || [ ! -d tests/js/node_modules/mqtt-packet ]; }; then
     echo "installing MQTT.js for the WebSocket tests"
     (cd tests/js && npm install --no-audit --no-fund --silent)
 fi

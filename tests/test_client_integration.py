@@ -567,6 +567,24 @@ async def test_server_disconnect_triggers_reconnect(scripted_broker):
             assert c.connections == 2 and "0x8B" in str(c.last_error)
 
 
+async def test_server_reference_redirect(scripted_broker, any_broker):
+    """CONNACK "Use another server" with a Server Reference: the client goes
+    there next (MQTT 5.0, 4.11)."""
+    async def script(conn):
+        await conn.recv_type(conn.codec.Connect)
+        await conn.send(conn.codec.Connack(False, 0x9C, {
+            P.SERVER_REFERENCE: f"{any_broker.host}:{any_broker.port}"}))
+
+    redirector = await scripted_broker(script)
+    with trio.fail_after(20):
+        async with client(redirector) as c:
+            assert c.is_connected and redirector.connections == 1
+            await c.subscribe("redir/#")
+            stream = c.messages("redir/#")
+            await c.publish("redir/x", "moved")
+            assert (await stream.receive()).payload == b"moved"
+
+
 # ------------------------------------------------------------ TLS, WebSocket
 
 @pytest.fixture

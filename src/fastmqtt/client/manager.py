@@ -260,6 +260,8 @@ class Client:
         topic_aliases: use outbound topic aliases when the broker allows (v5).
         max_packet_size: largest packet we accept (0: no limit).
         connect_properties: extra v5 CONNECT properties.
+        ping_timeout: seconds without PINGRESP before the connection counts as
+            dead (default: the keep alive, at most 30).
         on_connect: callables ``hook(client, info)`` (sync or async) run on
             every connection after resubscription; add more with
             :meth:`add_connect_hook`.
@@ -368,6 +370,7 @@ class Client:
         if on_connect is not None:
             for hook in ([on_connect] if callable(on_connect) else on_connect):
                 self.add_connect_hook(hook)
+        self._redirect: BrokerURL | None = None  # Server Reference to try next
         self.connections = 0  # successful connections so far
         self.last_error: BaseException | None = None
         self.session_present = False
@@ -509,8 +512,13 @@ class Client:
         index = 0
         ever_connected = False
         while not self._closing:
-            url = self.urls[index % len(self.urls)]
-            index += 1
+            if self._redirect is not None:
+                # The broker named another server (v5 Server Reference, 4.11):
+                # try it next, once, without counting an attempt.
+                url, self._redirect = self._redirect, None
+            else:
+                url = self.urls[index % len(self.urls)]
+                index += 1
             try:
                 connected, lasted = await self._one_connection(url)
             except ConnectError as exc:  # a permanent refusal
@@ -518,6 +526,8 @@ class Client:
                 return
             if self._closing:
                 return
+            if self._redirect is not None:
+                continue
             if connected:
                 ever_connected = True
                 # A connection that dies at once (session taken over, broker
@@ -580,6 +590,7 @@ class Client:
                 first = events[0]
                 if isinstance(first, ConnectionRefused):
                     rc = first.reason_code
+                    self._note_redirect(url, rc, first.properties)
                     self.last_error = ConnectError(
                         f"{url} refused the connection: 0x{rc:02X}", rc)
                     nursery.cancel_scope.cancel()
@@ -623,6 +634,26 @@ class Client:
             if refusal is not None:
                 raise refusal
         return connected, trio.current_time() - up_at if connected else 0.0
+
+    def _note_redirect(self, current: BrokerURL, reason_code: int,
+                       properties: Mapping[int, Any]) -> None:
+        """Remember a v5 Server Reference sent with Use another server (0x9C)
+        or Server moved (0x9D). Its format is not fixed by the specification:
+        a URL, or ``host[:port]`` reached like the current broker."""
+        ref = properties.get(P.SERVER_REFERENCE)
+        if reason_code not in (ReasonCode.USE_ANOTHER_SERVER, ReasonCode.SERVER_MOVED) or not ref:
+            return
+        target = ref.split()[0] if ref.split() else ""
+        try:
+            if "://" in target:
+                self._redirect = parse_url(target)
+            else:
+                host, _, port = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
+                self._redirect = BrokerURL(current.kind, host or target,
+                                           int(port) if port else current.port, current.tls,
+                                           current.path)
+        except ValueError:
+            log.warning("ignoring unusable server reference %r", ref)
 
     async def _run_hook(self, hook: Callable, info: ConnectionInfo) -> None:
         try:
@@ -730,6 +761,8 @@ class Client:
                     item[1].set(ev.reason_codes)
             elif isinstance(ev, ServerDisconnected):
                 rc = ev.reason_code
+                if self._conn is not None:
+                    self._note_redirect(self._conn.url, rc, ev.properties)
                 reason = ev.properties.get(P.REASON_STRING, "")
                 raise TransportClosed(f"broker sent DISCONNECT 0x{rc:02X} {reason}".strip())
             elif isinstance(ev, AuthReceived):

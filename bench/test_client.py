@@ -10,14 +10,24 @@ printed at the end.
     python -m pytest bench/test_client.py
     python -m pytest bench/test_client.py -q --benchmark-min-rounds=1 \
         --benchmark-max-time=0.02 --benchmark-warmup=off      # short run
+
+The end-to-end group publishes QoS 1 messages to a Mosquitto process with
+ten in flight and waits for every PUBACK: fastmqtt.Client against
+paho-mqtt 2.x (threaded). ``FASTMQTT_BENCH_FULL=1`` uses 20,000 messages
+instead of 1,000.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import trio
 
 from fastmqtt import _codec, _codec_py
 from fastmqtt.chat import ChatMessage, ChatTopics, decode_event, encode_event
@@ -186,3 +196,69 @@ def test_envelope_decode(benchmark, impl):
     out = benchmark(lambda: [fn(CHAT_PAYLOAD) for _ in range(N)])
     assert out[0] == EVENT
     _record(benchmark, "envelope decode", impl, N)
+
+
+# --------------------------------------------------------------- end to end
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+E2E_N = 20_000 if os.environ.get("FASTMQTT_BENCH_FULL") == "1" else 1_000
+WINDOW = 10
+
+
+@pytest.fixture(scope="module")
+def mosquitto_proc(tmp_path_factory):
+    from fixtures_broker import BrokerProcess
+
+    b = BrokerProcess("mosquitto", tmp_path_factory.mktemp("bench-mosquitto"))
+    b.start()
+    yield b
+    b.kill()
+
+
+def _ours_qos1(broker) -> int:
+    from fastmqtt.client import Client
+
+    async def main():
+        async with Client(broker.host, broker.port, version=5) as c:
+            done = 0
+
+            async def worker(n):
+                nonlocal done
+                for _ in range(n):
+                    r = await c.publish("bench/e2e", CHAT_PAYLOAD, qos=1)
+                    done += r is not None
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(WINDOW):
+                    nursery.start_soon(worker, E2E_N // WINDOW)
+            return done
+
+    return trio.run(main)
+
+
+def _paho_qos1(broker) -> int:
+    import paho.mqtt.client as paho
+
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    c.max_inflight_messages_set(WINDOW)
+    c.max_queued_messages_set(0)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        infos = [c.publish("bench/e2e", CHAT_PAYLOAD, qos=1) for _ in range(E2E_N)]
+        deadline = time.monotonic() + 120
+        for info in infos:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+        return sum(1 for info in infos if info.is_published())
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+@pytest.mark.benchmark(group="e2e qos1 publish")
+@pytest.mark.parametrize("impl", ["ours", "baseline"])
+def test_e2e_qos1_publish_mosquitto(benchmark, mosquitto_proc, impl):
+    fn = _ours_qos1 if impl == "ours" else _paho_qos1
+    acked = benchmark.pedantic(fn, args=(mosquitto_proc,), rounds=1, iterations=1)
+    assert acked == E2E_N
+    _record(benchmark, "e2e qos1 (vs paho)", impl, E2E_N)

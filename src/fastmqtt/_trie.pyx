@@ -1001,7 +1001,23 @@ cdef class TopicTrie:
         cdef int c
         cdef Ref* moved
         cdef Entry* m
+        cdef Node* far_node = NULL
+        cdef Sub* far_sub = NULL
         self.mutations += 1
+        # Two fix-ups follow, each two dependent cache misses away (the Ref
+        # moved into our Ref's place -> its node -> its entry; the Entry moved
+        # into our entry's place -> its Sub -> its Ref). Start both chains
+        # together so they cost two miss latencies, not four.
+        if refpos != last:
+            far_node = rec.refs[last].node
+            fmq_prefetch(far_node)
+        if not (t.flags & F_GROUP) and i + 1 != t.nentries:
+            far_sub = &self.subs[t.entries[t.nentries - 1].sid]
+            fmq_prefetch(far_sub)
+        if far_node != NULL:
+            fmq_prefetch(&far_node.entries[rec.refs[last].pos])
+        if far_sub != NULL:
+            fmq_prefetch(&far_sub.refs[t.entries[t.nentries - 1].meta >> M_REF_SHIFT])
         if refpos != last:
             rec.refs[refpos] = rec.refs[last]
             moved = &rec.refs[refpos]

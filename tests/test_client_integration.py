@@ -567,6 +567,38 @@ async def test_server_disconnect_triggers_reconnect(scripted_broker):
             assert c.connections == 2 and "0x8B" in str(c.last_error)
 
 
+async def test_enhanced_authentication_challenge_response(scripted_broker):
+    """v5 enhanced authentication (4.12): CONNECT carries the method, the
+    server challenges with AUTH 0x18, the client answers, then CONNACK."""
+    seen = {}
+
+    async def script(conn):
+        c = await conn.recv_type(conn.codec.Connect)
+        seen["connect"] = dict(c.properties)
+        await conn.send(conn.codec.Auth(0x18, {P.AUTHENTICATION_METHOD: "SCRAM-ish",
+                                               P.AUTHENTICATION_DATA: b"nonce"}))
+        a = await conn.recv_type(conn.codec.Auth)
+        seen["answer"] = (a.reason_code, dict(a.properties))
+        ok = a.properties.get(P.AUTHENTICATION_DATA) == b"proof(nonce)"
+        await conn.send(conn.codec.Connack(False, 0 if ok else 0x86,
+                                           {P.AUTHENTICATION_METHOD: "SCRAM-ish"}))
+        while True:
+            await conn.recv()
+
+    b = await scripted_broker(script)
+
+    async def on_auth(props):
+        return b"proof(" + props[P.AUTHENTICATION_DATA] + b")"
+
+    with trio.fail_after(10):
+        async with client(b, auth_method="SCRAM-ish", auth_data=b"client-first",
+                          on_auth=on_auth) as c:
+            assert c.is_connected
+    assert seen["connect"][P.AUTHENTICATION_METHOD] == "SCRAM-ish"
+    assert seen["connect"][P.AUTHENTICATION_DATA] == b"client-first"
+    assert seen["answer"][0] == 0x18
+
+
 async def test_server_reference_redirect(scripted_broker, any_broker):
     """CONNACK "Use another server" with a Server Reference: the client goes
     there next (MQTT 5.0, 4.11)."""

@@ -266,6 +266,10 @@ class Client:
             every connection after resubscription; add more with
             :meth:`add_connect_hook`.
         response_prefix: first levels of the request/response reply topic.
+        auth_method, auth_data: v5 enhanced authentication (4.12): sent in
+            CONNECT; each AUTH challenge (reason 0x18) from the broker is
+            answered with ``on_auth(properties)`` (sync or async, returning the
+            next Authentication Data bytes).
         wait_connected: ``__aenter__`` waits for the first connection (and
             raises :class:`ConnectError` when ``connect_attempts`` run out);
             False returns at once and connects in the background (publishes
@@ -305,6 +309,9 @@ class Client:
         on_connect: Callable | Iterable[Callable] | None = None,
         response_prefix: str = "fastmqtt/response",
         wait_connected: bool = True,
+        auth_method: str | None = None,
+        auth_data: bytes | None = None,
+        on_auth: Callable | None = None,
     ) -> None:
         self.ssl_context = tls if isinstance(tls, _ssl.SSLContext) else None
         parsed: list[BrokerURL] = []
@@ -337,6 +344,13 @@ class Client:
         self.reconnect = reconnect
         self.response_prefix = response_prefix
         self.wait_connected_on_enter = wait_connected
+        self.auth_method = auth_method
+        self.on_auth = on_auth
+        if auth_method is not None:
+            connect_properties = dict(connect_properties or {})
+            connect_properties[P.AUTHENTICATION_METHOD] = auth_method
+            if auth_data is not None:
+                connect_properties[P.AUTHENTICATION_DATA] = auth_data
         self._protocol = ClientProtocol(
             client_id, version=version, keep_alive=keep_alive, clean_start=clean_start,
             session_expiry=session_expiry, username=username, password=password, will=will,
@@ -576,6 +590,11 @@ class Client:
                         while not events:
                             events = proto.receive_data(await transport.receive(),
                                                         trio.current_time())
+                            if events and isinstance(events[0], AuthReceived):
+                                # Enhanced authentication: answer the challenge
+                                # and keep waiting for the CONNACK [MQTT-4.12.0-2].
+                                await transport.send(await self._answer_auth(events[0]))
+                                events = events[1:]
                 except (OSError, TransportClosed, ProtocolError, trio.TooSlowError,
                         MalformedPacket) as exc:
                     self.last_error = exc
@@ -634,6 +653,20 @@ class Client:
             if refusal is not None:
                 raise refusal
         return connected, trio.current_time() - up_at if connected else 0.0
+
+    async def _answer_auth(self, ev: AuthReceived) -> bytes:
+        if ev.reason_code != ReasonCode.CONTINUE_AUTHENTICATION or self.on_auth is None:
+            raise ProtocolError(f"unexpected AUTH 0x{ev.reason_code:02X} during connect")
+        if ev.properties.get(P.AUTHENTICATION_METHOD) != self.auth_method:
+            # The method must stay the same throughout [MQTT-4.12.0-5].
+            raise ProtocolError("AUTH with a different Authentication Method")
+        data = self.on_auth(ev.properties)
+        if inspect.isawaitable(data):
+            data = await data
+        props = {P.AUTHENTICATION_METHOD: self.auth_method}
+        if data is not None:
+            props[P.AUTHENTICATION_DATA] = bytes(data)
+        return self._protocol.auth(ReasonCode.CONTINUE_AUTHENTICATION, props)
 
     def _note_redirect(self, current: BrokerURL, reason_code: int,
                        properties: Mapping[int, Any]) -> None:

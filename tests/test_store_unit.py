@@ -695,30 +695,65 @@ def test_open_twice_is_an_error(sq):
 
 
 @pytest.mark.parametrize("mode", ["sync", "batch"])
-def test_batch_mode_fsyncs_the_wal_and_sync_mode_leaves_it_to_sqlite(tmp_path, mode):
+async def test_wal_is_fsynced_before_durable_in_sync_mode_only(tmp_path, mode):
+    """sync: durable() returns only after an fsync that began after the commit.
+    batch: durable() returns after the commit; the fsync follows (rate limited)."""
     s = SqliteStore(str(tmp_path), durability=mode, batch_interval_ms=5)
-    synced = threading.Event()
+    gate = threading.Event()
+    fsyncs = []
     inner = s._fsync_wal
 
-    def spy(fd):
-        synced.set()
-        return inner(fd)
+    def gated_fsync(fd, strict=False):
+        fsyncs.append(s._written)
+        gate.wait(10)
+        return inner(fd, strict)
 
-    s._fsync_wal = spy
+    s._fsync_wal = gated_fsync
     s.open(now=NOW)
     try:
         s.put_session("c", NEVER, 5, None)
-        wait_committed(s)
-        if mode == "batch":
-            # Committed without fsync; the WAL is fsynced within the interval.
-            assert synced.wait(10)
-        # The writer is idle now; its connection's settings (1 NORMAL, 2 FULL).
-        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == (1 if mode == "batch" else 2)
+        ticket = s.mark()
+        done = trio.Event()
+
+        async def waiter():
+            await s.durable(ticket)
+            done.set()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(waiter)
+                # The commit happens; the fsync is held at the gate.
+                while not fsyncs:
+                    await trio.sleep(0.001)
+                assert fsyncs[0] >= ticket  # this fsync covers the commit
+                await trio.testing.wait_all_tasks_blocked()
+                if mode == "sync":
+                    assert not done.is_set()  # committed but not yet on disk
+                else:
+                    await done.wait()  # batch: no wait for the disk
+                gate.set()
+        assert done.is_set()
+        # Commits never fsync inside COMMIT: the flusher does it.
+        assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == 1
         assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
-        s.close()
-    if mode == "sync":
-        assert not synced.is_set()  # synchronous=FULL fsyncs every commit itself
+        gate.set()
+        await s.aclose()
+
+
+async def test_failed_fsync_fails_the_store_in_sync_mode(tmp_path, caplog):
+    s = SqliteStore(str(tmp_path))
+
+    def broken(fd, strict=False):
+        raise OSError(5, "Input/output error")
+
+    s._fsync_wal = broken
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    with trio.fail_after(10), pytest.raises(StoreError, match="Input/output"):
+        await s.durable(s.mark())
+    assert "fsync of the WAL failed" in caplog.text
+    await s.aclose()
 
 
 def test_unopenable_database_is_an_error_not_moved_aside(tmp_path):

@@ -40,14 +40,26 @@ delivery (and any left over by a crash) are removed at start-up.
 
 Durability modes
 ----------------
-``sync`` (default): ``PRAGMA synchronous=FULL`` in WAL mode, every commit is
-fsynced before ``durable()`` returns: nothing acknowledged is lost, even on
-power failure.
+Commits use ``PRAGMA synchronous=NORMAL`` in WAL mode: COMMIT appends the
+batch to the WAL (the OS page cache has it, so a ``kill -9`` of the broker
+loses nothing) without an fsync. A third thread, the flusher, fsyncs the WAL.
 
-``batch``: ``synchronous=NORMAL``; commits are still immediate (so a
-``kill -9`` loses nothing: committed WAL frames are in the OS page cache), but
-the WAL is fsynced by the writer at most every ``batch_interval_ms``: a power
-failure or kernel crash loses at most that window.
+``sync`` (default): ``durable()`` returns only once an fsync that *started
+after* the commit has finished: nothing acknowledged is lost, even on power
+failure. The flusher runs fsyncs back to back while the writer commits the
+next batch, so the disk flush and the next commit overlap (as a database's log
+writer and log flusher do) and each fsync covers every commit made during the
+previous one. This is what ``synchronous=FULL`` guarantees, without holding
+the writer inside COMMIT for the fsync.
+
+``batch``: ``durable()`` returns after the commit; the flusher fsyncs the WAL
+at most every ``batch_interval_ms``: a power failure or kernel crash loses at
+most that window, a process crash nothing.
+
+Checkpoints (WAL into the database file) run on their own thread and
+connection, so they never stall a commit either. A failed fsync makes the
+store fail (``durable()`` raises): after one, the kernel may have dropped the
+pages, so nothing later could honestly be called durable.
 
 Start-up
 --------
@@ -83,6 +95,8 @@ __all__ = ["SqliteStore", "DB_NAME", "SCHEMA_VERSION"]
 DB_NAME = "fastmqtt.db"
 LOCK_NAME = "fastmqtt.lock"
 SCHEMA_VERSION = 1
+#: Longest a change nobody waits for stays uncommitted (seconds).
+FLUSH_DELAY = 0.005
 #: WAL size that triggers a checkpoint, and how often the size is looked at.
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 CHECKPOINT_PERIOD = 0.25
@@ -229,13 +243,15 @@ class SqliteStore:
         self.stats = stats
         self._clock = clock
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # someone waits in durable(): commit now
+        self._pending = threading.Event()  # the current batch is not empty
         self._unsynced = threading.Event()  # batch mode: commits not yet fsynced
         self._stop_wait = threading.Event()
         self._fsync_stop = False
         self._batch = _Batch()
         self._seq = 0  # last recorded change
         self._committed = 0  # last change durable per the mode
+        self._written = 0  # last change committed to the WAL (maybe not fsynced)
         self._dseq = 0  # delivery order counter
         self._refs: dict[int, int] = {}  # msg_id -> deliveries referring to it
         self._client_msgs: dict[str, set[int]] = {}  # client_id -> msg_ids delivered
@@ -296,6 +312,8 @@ class SqliteStore:
             self._release_lockfile()
             raise
         self._closing = self._fsync_stop = False
+        self._pending.clear()
+        self._wake.clear()
         self._stop_wait.clear()
         self._unsynced.clear()
         self._thread = threading.Thread(target=self._writer, name="fastmqtt-store-writer",
@@ -347,8 +365,9 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                timeout=0.5)
-        sync = "FULL" if self.durability == "sync" else "NORMAL"
-        conn.execute(f"PRAGMA synchronous={sync}")
+        # NORMAL in both modes: COMMIT only writes the WAL; the flusher thread
+        # fsyncs it (see _fsyncer), before durable() returns in sync mode.
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
         # Checkpoints (copying the WAL into the database, with their own
@@ -527,6 +546,8 @@ class SqliteStore:
                 raise StoreError(f"persistence failed: {self._error}") from self._error
             if self._thread is None:
                 raise StoreError("store is not open")
+            if ticket > self._written:
+                self._wake.set()  # a publisher waits: the writer commits now
             # No await between the check above and the push: the wake-up
             # (run on this thread) cannot slip in between.
             ev = trio.Event()
@@ -573,6 +594,7 @@ class SqliteStore:
         thread = self._thread
         if thread is not None:
             self._closing = True
+            self._pending.set()
             self._wake.set()
             self._stop_wait.set()
         return thread
@@ -601,7 +623,7 @@ class SqliteStore:
         b.seq = self._seq
         b.ops += 1
         if b.ops == 1:
-            self._wake.set()
+            self._pending.set()
         return b
 
     def put_session(self, client_id: str, expiry_interval: int, protocol_level: int,
@@ -783,26 +805,38 @@ class SqliteStore:
         checkpointer = threading.Thread(target=self._checkpointer,
                                         name="fastmqtt-store-checkpoint", daemon=True)
         checkpointer.start()
-        fsyncer = None
-        if self.durability == "batch":
-            fsyncer = threading.Thread(target=self._fsyncer, name="fastmqtt-store-fsync",
-                                       daemon=True)
-            fsyncer.start()
+        fsyncer = threading.Thread(target=self._fsyncer, name="fastmqtt-store-fsync",
+                                   daemon=True)
+        fsyncer.start()
+        sync = self.durability == "sync"
         try:
             while True:
-                self._wake.wait()
+                # Commit when someone waits in durable() (a PUBACK depends on
+                # it), or FLUSH_DELAY after the first change nobody waits for.
+                # Not at the first change: the trio thread is then still
+                # handling the rest of what it read, and one commit for the
+                # whole read is cheaper and no slower for the waiters.
+                self._pending.wait()
+                if not self._closing:
+                    self._wake.wait(FLUSH_DELAY)
                 self._wake.clear()
+                self._pending.clear()
                 fresh = _Batch()  # built outside the lock: the swap is two stores
                 with self._lock:
                     batch = self._batch
                     if batch.ops:
                         self._batch = fresh
                 if batch.ops:
-                    self._commit(batch)
-                    self._committed = batch.seq
-                    self._post_notify()
-                    if fsyncer is not None:
+                    wrote = self._commit(batch)
+                    self._written = batch.seq
+                    if sync:
+                        # Durable once the flusher's next fsync is done.
                         self._unsynced.set()
+                    else:
+                        self._committed = batch.seq
+                        self._post_notify()
+                        if wrote:
+                            self._unsynced.set()
                 if self._closing and not self._batch.ops:
                     break
         except BaseException as e:  # the writer must never die silently
@@ -810,12 +844,48 @@ class SqliteStore:
             self._error = e
             self._post_notify()
         finally:
-            if fsyncer is not None:
-                self._fsync_stop = True
-                self._unsynced.set()
-                fsyncer.join()
+            self._fsync_stop = True
+            self._unsynced.set()
+            fsyncer.join()
             self._stop_wait.set()
             checkpointer.join()
+
+    def _fsyncer(self) -> None:
+        """Flusher thread: fsync the WAL, then (``sync``) declare durable what
+        was committed before the fsync began.
+
+        Commits are made with ``synchronous=NORMAL`` (no fsync inside COMMIT)
+        and this thread does the fsync, so the writer already commits the next
+        batch while the disk flushes the previous one: each fsync covers every
+        commit made while the last one ran. In ``batch`` mode fsyncs are spaced
+        at least ``batch_interval`` apart and nobody waits for them.
+        """
+        fd = None
+        sync = self.durability == "sync"
+        try:
+            while True:
+                self._unsynced.wait()
+                self._unsynced.clear()
+                seq = self._written
+                fd = self._fsync_wal(fd, sync)
+                if sync:
+                    self._committed = seq
+                    self._post_notify()
+                if self._fsync_stop and self._written == seq:
+                    break
+                if not sync:
+                    # Rate limit: this wait returns early only to stop.
+                    self._stop_wait.wait(self.batch_interval)
+        except OSError as e:
+            # After a failed fsync the kernel may have dropped the dirty pages:
+            # nothing written since can be called durable.
+            log.error("persistence: fsync of the WAL failed (%s); no further changes are "
+                      "acknowledged", e)
+            self._error = e
+            self._post_notify()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _checkpointer(self) -> None:
         """Copy the WAL into the database (PASSIVE: alongside the writer) when
@@ -825,7 +895,7 @@ class SqliteStore:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=5)
-            conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'sync' else 'NORMAL'}")
+            conn.execute("PRAGMA synchronous=NORMAL")  # checkpoints fsync WAL and database
         except sqlite3.Error as e:  # pragma: no cover - the writer's open just worked
             log.warning("persistence: no checkpoint connection (%s); the WAL will grow", e)
             return
@@ -850,38 +920,25 @@ class SqliteStore:
         finally:
             conn.close()
 
-    def _fsyncer(self) -> None:
-        """``batch`` mode: fsync the WAL at most every ``batch_interval``, on
-        its own thread so that commits (which need no fsync in this mode) go
-        on while the disk catches up."""
-        fd = None
-        try:
-            while True:
-                self._unsynced.wait()
-                self._unsynced.clear()
-                fd = self._fsync_wal(fd)
-                if self._fsync_stop:
-                    break
-                # Rate limit: this wait returns early only to stop.
-                self._stop_wait.wait(self.batch_interval)
-            fd = self._fsync_wal(fd)  # the last commits, made during the one above
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def _fsync_wal(self, fd):
+    def _fsync_wal(self, fd, strict: bool = False):
+        """fsync the WAL file (opened once). ``strict``: raise on failure."""
         try:
             if fd is None:
-                fd = os.open(self.path + "-wal", os.O_RDONLY)
+                try:
+                    fd = os.open(self.path + "-wal", os.O_RDONLY)
+                except FileNotFoundError:
+                    return None  # nothing written yet: nothing to flush
             os.fsync(fd)
         except OSError as e:
-            log.warning("persistence: fsync of the WAL failed: %s", e)
             if fd is not None:
                 os.close(fd)
+            if strict:
+                raise
+            log.warning("persistence: fsync of the WAL failed: %s", e)
             fd = None
         return fd
 
-    def _commit(self, b: _Batch) -> None:
+    def _commit(self, b: _Batch) -> bool:
         """Apply one batch in one transaction; retry transient failures."""
         delays = self.retry_delays
         for attempt in range(len(delays) + 1):
@@ -900,14 +957,15 @@ class SqliteStore:
                 time.sleep(delays[attempt])
                 continue
             if not wrote:
-                return
+                return False
             dt = time.perf_counter() - t0
             self.commits += 1
             self.commit_seconds += dt
             if self.stats is not None:
                 self.stats.store_commits += 1
                 self.stats.store_commit_seconds += dt
-            return
+            return True
+        return False
 
     def _blob(self, kind: str, key, publish) -> bytes | None:
         try:

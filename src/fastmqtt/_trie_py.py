@@ -187,11 +187,12 @@ class TopicTrie:
                 subscription (0x82) [MQTT-3.8.3-4].
             ValueError: an option out of range.
         """
+        # Same order of checks as the compiled trie: options, filter, no_local.
+        opts = _pack_opts(qos, no_local, retain_as_published, retain_handling, subscription_id)
         share, levels = _parse_filter(topic_filter)
         if share is not None and no_local:
             raise MalformedPacket("no_local on a shared subscription [MQTT-3.8.3-4]",
                                   _PROTOCOL_ERROR)
-        opts = _pack_opts(qos, no_local, retain_as_published, retain_handling, subscription_id)
         hash(subscriber)
         node = self._root
         for level in levels:

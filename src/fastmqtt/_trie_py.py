@@ -25,6 +25,7 @@ fallback when the extension is missing, so it aims at clarity first.
 from __future__ import annotations
 
 import random as _random
+from operator import index as _index
 from typing import Any, Callable, Hashable, Sequence
 
 from .errors import MalformedPacket
@@ -103,9 +104,11 @@ def _parse_topic(topic: str) -> list[str]:
 
 
 def _pack_opts(qos, no_local, rap, rh, subid) -> tuple:
-    qos = int(qos)
-    rh = int(rh)
-    subid = int(subid)
+    # operator.index, like the compiled module's C integer arguments: ints
+    # and bools pass, strings and floats are a TypeError.
+    qos = _index(qos)
+    rh = _index(rh)
+    subid = _index(subid)
     if qos not in (0, 1, 2):
         raise ValueError("qos must be 0, 1 or 2")
     if rh not in (0, 1, 2):

@@ -876,7 +876,7 @@ class SqliteStore:
                 if not sync:
                     # Rate limit: this wait returns early only to stop.
                     self._stop_wait.wait(self.batch_interval)
-        except OSError as e:
+        except BaseException as e:
             # After a failed fsync the kernel may have dropped the dirty pages:
             # nothing written since can be called durable.
             log.error("persistence: fsync of the WAL failed (%s); no further changes are "

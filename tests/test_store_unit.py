@@ -844,3 +844,27 @@ async def test_aclose_completes_pending_waiters(tmp_path):
             gate.release.set()
             await s.aclose()  # commits the second batch too
     assert errors == []  # closing committed everything first: the wait succeeded
+
+
+async def test_checkpointer_moves_the_wal_into_the_database(tmp_path, monkeypatch):
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_BYTES", 64 * 1024)
+    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_PERIOD", 0.01)
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+    try:
+        base = os.path.getsize(s.path)
+        s.put_session("c", NEVER, 5, None)
+        for i in range(1, 2001):
+            s.put_message(i, pub(payload=b"x" * 200), None)
+            s.add_delivery("c", DeliveryRecord(i, 1))
+        with trio.fail_after(10):
+            await s.durable(s.mark())
+            # The writer itself never checkpoints (wal_autocheckpoint=0); the
+            # checkpoint thread copies the pages into the database file.
+            assert s._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+            while os.path.getsize(s.path) <= base + 200 * 1000:
+                await trio.sleep(0.01)
+    finally:
+        await s.aclose()

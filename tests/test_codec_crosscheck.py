@@ -698,3 +698,23 @@ def test_compiled_and_python_agree_on_property_blocks_out_of_place(data):
         packet = _spliced(kind, block)
         for _ in range(2):  # the second sighting is where a cache kicks in
             assert _outcome(compiled, packet, 5) == _outcome(_codec_py, packet, 5), kind
+
+
+@SETTINGS
+@given(topic_filter=topic_filters(), version=st.sampled_from([5, 4]))
+def test_compiled_and_python_agree_on_strings_reused_across_fields(topic_filter, version):
+    """The same string as a SUBSCRIBE filter, an UNSUBSCRIBE filter, a property
+    value and then a PUBLISH topic: each use gets its own field's rules."""
+    compiled = _compiled()
+    py = _codec_py
+    uses = [
+        py.encode(py.Subscribe(1, [py.Subscription(topic_filter)]), version),
+        py.encode(py.Unsubscribe(2, [topic_filter]), version),
+        py.encode(py.Publish("t", properties={P.CONTENT_TYPE: topic_filter}), version),
+    ]
+    raw = topic_filter.encode()
+    props = b"\x00" if version == 5 else b""
+    body = len(raw).to_bytes(2, "big") + raw + props
+    uses.append(bytes([0x30]) + py._varint(len(body)) + body)  # as a topic name
+    for data in uses + uses:
+        assert _outcome(compiled, data, version) == _outcome(py, data, version)

@@ -832,3 +832,14 @@ def test_cycle_through_the_trie_is_collected(trie):
     del s, t
     gc.collect()
     assert refs() is None
+
+
+def test_share_policy_callable_delivery_carries_chosen_members_options(trie):
+    t = trie.TopicTrie()
+    t.subscribe("m1", "$share/g/a", qos=0)
+    t.subscribe("m2", "$share/g/a", qos=2, retain_as_published=True, subscription_id=11)
+    t.subscribe("m3", "$share/g/a", qos=1, subscription_id=12)
+    for pick, expected in [("m2", ("m2", 2, True, (11,))), ("m3", ("m3", 1, False, (12,))),
+                           ("m1", ("m1", 0, False, ()))]:
+        t.set_share_policy(lambda name, f, members, pick=pick: pick)
+        assert t.match("a") == [expected]

@@ -61,6 +61,7 @@ can reach.
 cimport cython
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.object cimport (PyObject_Hash, PyObject_RichCompareBool, Py_EQ, PyTypeObject,
                              traverseproc, visitproc, inquiry)
 from libc.string cimport memcmp, memcpy, memmove, memset, memchr
@@ -1644,23 +1645,24 @@ cdef class TopicTrie:
                 grp = node_child_at(n, g)
                 if grp == NULL or not (grp.flags & F_GROUP):
                     continue
-                members = []
-                opts = []
-                for idx in range(grp.nentries):
-                    e = &grp.entries[idx]
-                    members.append(<object>self.subs[e.sid].obj)
-                    opts.append((<int>(e.meta & M_QOS), (e.meta & M_RAP) != 0,
-                                 (<long long>e.subid,) if e.subid else ()))
-                snapshot.append((key_text(grp), filter_text, members, opts))
-        for name, filter_text, members, opts in snapshot:
+                members = [<object>self.subs[grp.entries[idx].sid].obj
+                           for idx in range(grp.nentries)]
+                # The members' options as raw Entry bytes: only the chosen
+                # one is decoded, so a big group costs no tuple per member.
+                entries = PyBytes_FromStringAndSize(<char*>grp.entries,
+                                                    grp.nentries * sizeof(Entry))
+                snapshot.append((key_text(grp), filter_text, members, entries))
+        for name, filter_text, members, entries in snapshot:
             chosen = self.policy(name, filter_text, list(members))
             if chosen is None:
                 continue
             try:
-                pos = members.index(chosen)
+                idx = members.index(chosen)
             except ValueError:
                 raise ValueError("share policy returned a non-member") from None
-            out.append((members[pos], *opts[pos]))
+            e = &(<Entry*>PyBytes_AS_STRING(entries))[idx]
+            out.append((members[idx], <int>(e.meta & M_QOS), (e.meta & M_RAP) != 0,
+                        (<long long>e.subid,) if e.subid else ()))
         return 0
 
 

@@ -547,14 +547,19 @@ class BrokerCore:
     def handle_pubrel(self, conn, pkt, now: float) -> None:
         cs = conn.client
         pid = pkt.packet_id
+        ticket = 0
         if pid in cs.incoming_qos2:
             cs.incoming_qos2.discard(pid)
             if cs.persisted:
                 self.store.delete_incoming_qos2(cs.client_id, pid)
+                # PUBCOMP frees the id for reuse by the publisher [MQTT-4.3.3-13]:
+                # a crash must not bring the old id back, so wait for the commit.
+                if self.persistent_store:
+                    ticket = self.store.mark()
             rc = 0
         else:
             rc = ReasonCode.PACKET_IDENTIFIER_NOT_FOUND if conn.version == 5 else 0
-        conn.write(_ack(0x70, pid, rc))
+        conn.send_ack(ticket, _ack(0x70, pid, rc))
 
     def handle_puback(self, conn, pkt, now: float) -> None:
         cs = conn.client
@@ -582,9 +587,14 @@ class BrokerCore:
                 self.pump(cs, now)
             return
         og.state = "released"
+        ticket = 0
         if cs.persisted and og.msg.msg_id:
             self.store.update_delivery(cs.client_id, DeliveryRecord(og.msg.msg_id, 2, pid, "released"))
-        conn.write(_pubrel(pid))
+            # After a crash the resend must be this PUBREL, not the PUBLISH
+            # [MQTT-4.4.0-1]: the PUBREL leaves once the new state is committed.
+            if self.persistent_store:
+                ticket = self.store.mark()
+        conn.send_ack(ticket, _pubrel(pid))
 
     def handle_pubcomp(self, conn, pkt, now: float) -> None:
         cs = conn.client

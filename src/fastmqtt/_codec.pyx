@@ -43,6 +43,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
@@ -212,6 +213,19 @@ cdef int _wire_version(object version) except -1:
         if version == 4 or version == 3:
             return 4
     _fail(f"unsupported protocol version {version!r} (5, 4 or 3)", RC_VERSION)
+
+
+cdef tuple _tuple_append(tuple t, object value):
+    """A new tuple: ``t`` plus ``value`` (small tuples come from a freelist)."""
+    cdef Py_ssize_t n = PyTuple_GET_SIZE(t), i
+    cdef tuple out = PyTuple_New(n + 1)
+    for i in range(n):
+        item = <object>PyTuple_GET_ITEM(t, i)
+        Py_INCREF(item)
+        PyTuple_SET_ITEM(out, i, item)
+    Py_INCREF(value)
+    PyTuple_SET_ITEM(out, n, value)
+    return out
 
 
 cdef inline object _atomic(object container):
@@ -1048,6 +1062,7 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     cdef dict props = {}
     # Multi-valued properties are collected here and stored once, as tuples.
     cdef list users = None
+    cdef tuple user_tuple = None
     cdef list subids = None
     cdef uint64_t seen = 0
     cdef long long ident, iv
@@ -1069,9 +1084,16 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
         name = <str>_PNAME[pid]
         if kind == T_PAIR:  # USER_PROPERTY, the only pair and the usual repeat
             value = _atomic((r_str(r, "USER_PROPERTY name"), r_str(r, "USER_PROPERTY value")))
-            if users is None:
-                users = [value]
+            # A few pairs grow a tuple in place of a list (no list, no resize,
+            # no final copy); many switch to a list to stay linear.
+            if users is not None:
+                users.append(value)
+            elif user_tuple is None:
+                user_tuple = (value,)
+            elif PyTuple_GET_SIZE(user_tuple) < 8:
+                user_tuple = _tuple_append(user_tuple, value)
             else:
+                users = list(user_tuple)
                 users.append(value)
             continue
         if kind == T_STR:
@@ -1114,6 +1136,8 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
         props[<object>_PKEY[P_SUBID]] = _atomic(tuple(subids))
     if users is not None:
         props[<object>_PKEY[P_USER]] = _atomic(tuple(users))
+    elif user_tuple is not None:
+        props[<object>_PKEY[P_USER]] = _atomic(user_tuple)
     cdef bint alias = (seen >> P_TOPIC_ALIAS) & 1
     if has_alias != NULL:
         has_alias[0] = alias

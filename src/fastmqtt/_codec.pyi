@@ -20,6 +20,11 @@ Conventions shared by every packet class:
 * Every violation of the wire format or the specification, in decoding *and*
   encoding, raises ``fastmqtt.errors.MalformedPacket`` (``reason_code`` 0x81,
   0x82, 0x84, 0x8F, 0x90, 0x95, ...) and nothing else.
+* Because packets and their fields are immutable, the compiled decoder may hand
+  out the *same* object for equal values in different packets (short strings,
+  whole property mappings): compare with ``==``, never with ``is``. Compiled
+  packet objects are not tracked by the cyclic garbage collector; do not put a
+  mutable container that refers back to a packet into one of its fields.
 """
 
 from typing import Any, Iterable, Mapping, Sequence, Union

@@ -66,6 +66,21 @@ LISTENING_RE = re.compile(r"listening on tcp://127\.0\.0\.1:(\d+)")
 IMPLS = ("fastmqtt", "mosquitto")
 
 
+try:  # loaded before any fork: the child must not import anything
+    import ctypes
+
+    _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+except (OSError, AttributeError):  # not glibc Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the test process dies, so a
+    killed or crashed pytest run leaves no broker behind (PR_SET_PDEATHSIG)."""
+    if _prctl is not None:
+        _prctl(1, int(signal.SIGKILL))
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to 0)."""
     with socket.socket() as s:
@@ -183,7 +198,7 @@ class BrokerProcess:
             self.run_start = len(self._lines)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout
@@ -304,8 +319,22 @@ class BrokerProcess:
         return f"<BrokerProcess {self.impl} {self.host}:{self.port}>"
 
 
+TEST_WATCHDOG = 120.0  # seconds; far above any test here
+
+
 @pytest.fixture
-def broker_factory(tmp_path):
+def _watchdog():
+    """If a test that uses these fixtures runs far too long, dump every thread's
+    stack and exit, instead of hanging a CI job silently."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(TEST_WATCHDOG, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture
+def broker_factory(tmp_path, _watchdog):
     """Start brokers with custom arguments; all are killed at teardown.
 
     Usage: ``broker_factory("fastmqtt", args=["--max-keepalive", "5"], config={...})``.
@@ -597,6 +626,13 @@ class PahoClient:
     def wait_disconnected(self, timeout: float = 5.0) -> bool:
         return self._disconnected.wait(timeout)
 
+    def _stop_loop(self, timeout: float = 5.0) -> None:
+        # paho's loop_stop() joins its thread without a timeout; bound it.
+        t = getattr(self.client, "_thread", None)
+        self.client._thread_terminate = True
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
     def disconnect(self, reason_code: int | None = None, properties=None) -> None:
         """Send DISCONNECT (v5 reason code optional) and stop the network thread."""
         kw = {}
@@ -609,7 +645,7 @@ class PahoClient:
             kw["properties"] = properties
         self.client.disconnect(**kw)
         self._disconnected.wait(5)
-        self.client.loop_stop()
+        self._stop_loop()
 
     def drop(self) -> None:
         """Close the TCP connection without DISCONNECT (abnormal close: will fires)."""
@@ -620,19 +656,19 @@ class PahoClient:
             except OSError:
                 pass
         self._disconnected.wait(5)
-        self.client.loop_stop()
+        self._stop_loop()
 
     def close(self) -> None:
         try:
             if self.client.is_connected():
                 self.client.disconnect()
-            self.client.loop_stop()
         except Exception:
             pass
+        self._stop_loop()
 
 
 @pytest.fixture
-def paho():
+def paho(_watchdog):
     """Factory ``paho(broker, version=5, **kw)`` returning a *connected* PahoClient
     (pass ``connect=False`` to get it unconnected). All are closed at teardown."""
     made: list[PahoClient] = []
@@ -740,7 +776,7 @@ class MosquittoSub:
 
 
 @pytest.fixture
-def mosquitto_sub():
+def mosquitto_sub(_watchdog):
     """Factory for background :class:`MosquittoSub`, all killed at teardown."""
     made: list[MosquittoSub] = []
 
@@ -1156,7 +1192,7 @@ class RawClient:
 
 
 @pytest.fixture
-def raw():
+def raw(_watchdog):
     """Factory ``raw(broker, version=5)`` for :class:`RawClient`; all closed at teardown."""
     made: list[RawClient] = []
 

@@ -223,7 +223,9 @@ def measure_in_subprocess(impl: str, size: int, timeout: float = 900) -> dict:
     import subprocess
 
     out = subprocess.run([sys.executable, __file__, impl, str(size)], capture_output=True,
-                         text=True, timeout=timeout, check=True)
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"measure {impl} {size} exited with {out.returncode}:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1960,12 +1960,43 @@ cdef extern from "Python.h":
 cdef type _ProxyType = type(_EMPTY_PROPERTIES_py)
 
 
+cdef enum:
+    PLAN_ITEMS = 32         # property values a plan records in C form
+
+
+cdef struct PropItem:
+    unsigned char pid
+    long long iv            # integer value
+    const char* s1          # string / binary data (borrowed from the packet)
+    Py_ssize_t n1
+    const char* s2          # USER_PROPERTY value
+    Py_ssize_t n2
+
+
 cdef struct PropPlan:
     int n
     unsigned char ids[48]
     PyObject* vals[48]      # borrowed from the packet's properties dict
     Py_ssize_t size         # bytes of the property block after its length
     bint has_alias
+    # Every value as validated, in write order, so writing needs no second
+    # look at the Python objects; ``nitems`` -1 when they did not fit (or a
+    # value had to be copied) and the writer falls back to the objects.
+    int nitems
+    PropItem items[PLAN_ITEMS]
+
+
+cdef inline PropItem* _item(PropPlan* pl, int pid) noexcept:
+    """The next item slot, or NULL once the plan gave up recording."""
+    if pl.nitems < 0:
+        return NULL
+    if pl.nitems >= PLAN_ITEMS:
+        pl.nitems = -1
+        return NULL
+    cdef PropItem* it = &pl.items[pl.nitems]
+    pl.nitems += 1
+    it.pid = <unsigned char>pid
+    return it
 
 
 cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
@@ -1976,6 +2007,7 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     pl.n = 0
     pl.size = 0
     pl.has_alias = False
+    pl.nitems = 0
     if props is EMPTY or props is None:
         return 0
     if type(props) is not _ProxyType:
@@ -2004,7 +2036,7 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
         if pid == P_TOPIC_ALIAS:
             pl.has_alias = True
     for i in range(pl.n):
-        pl.size += _prop_size(pl.ids[i], <object>pl.vals[i], ptype)
+        pl.size += _prop_size(pl.ids[i], <object>pl.vals[i], ptype, pl)
     return 0
 
 
@@ -2021,11 +2053,11 @@ cdef inline int _prop_id(object key, int ptype) except -1:
     return <int>pid
 
 
-cdef Py_ssize_t _prop_size(int pid, object value, int ptype) except -1:
+cdef Py_ssize_t _prop_size(int pid, object value, int ptype, PropPlan* pl) except -1:
     cdef Py_ssize_t size = 0, i, n
     if pid == P_USER or pid == P_SUBID:
         if pid == P_SUBID and PyLong_Check(value):
-            return 1 + _value_size(pid, value, ptype)
+            return 1 + _value_size(pid, value, ptype, pl)
         if type(value) is tuple or type(value) is list or isinstance(value, (list, tuple)):
             n = len(value)
         else:
@@ -2033,10 +2065,16 @@ cdef Py_ssize_t _prop_size(int pid, object value, int ptype) except -1:
         if pid == P_SUBID and ptype != PUBLISH and n > 1:
             _fail(f"{_pname(ptype)} property {_PNAME[pid]} included more than once",
                   RC_PROTOCOL)
+        if type(value) is not tuple and type(value) is not list:
+            # A subclass is read by iteration, as the reference does, and its
+            # items may be temporaries: keep no pointers into them.
+            pl.nitems = -1
+            value = tuple(value)
+            n = len(value)
         for i in range(n):
-            size += 1 + _value_size(pid, value[i], ptype)
+            size += 1 + _value_size(pid, value[i], ptype, pl)
         return size
-    return 1 + _value_size(pid, value, ptype)
+    return 1 + _value_size(pid, value, ptype, pl)
 
 
 cdef int _int_error(int pid, object value, int ptype) except -1:
@@ -2057,18 +2095,22 @@ cdef int _int_error(int pid, object value, int ptype) except -1:
     _fail(f"{name} must be 1..268435455, got {value!r}")
 
 
-cdef Py_ssize_t _value_size(int pid, object value, int ptype) except -1:
-    """Validate one property value and return its encoded size (without the id)."""
+cdef Py_ssize_t _value_size(int pid, object value, int ptype, PropPlan* pl) except -1:
+    """Validate one property value, record it in ``pl`` and return its encoded
+    size (without the id)."""
     cdef int kind = _PTYPE[pid]
     cdef Str sv
     cdef int overflow = 0
     cdef long long iv
+    cdef PropItem* it = _item(pl, pid)
     if kind <= T_VBI:
         if not PyLong_Check(value):
             _int_error(pid, value, ptype)
         iv = PyLong_AsLongLongAndOverflow(value, &overflow)
         if overflow or (iv == 0 and _PNONZERO[pid]) or iv < 0:
             _int_error(pid, value, ptype)
+        if it != NULL:
+            it.iv = iv
         if kind == T_BYTE:
             if iv > (1 if _PBOOL[pid] else 0xFF):
                 _int_error(pid, value, ptype)
@@ -2087,10 +2129,17 @@ cdef Py_ssize_t _value_size(int pid, object value, int ptype) except -1:
     if kind == T_STR:
         if not _str_ok(value, &sv):
             _str_error(value, f"{_pname(ptype)} property {_PNAME[pid]}")
+        if it != NULL:
+            it.s1 = sv.s
+            it.n1 = sv.n
         return 2 + sv.n
     if kind == T_BIN:
         if PyBytes_CheckExact(value) and PyBytes_GET_SIZE(value) <= 0xFFFF:
+            if it != NULL:
+                it.s1 = PyBytes_AS_STRING(value)
+                it.n1 = PyBytes_GET_SIZE(value)
             return 2 + PyBytes_GET_SIZE(value)
+        pl.nitems = -1  # converted copy: write from the object
         return 2 + PyBytes_GET_SIZE(_as_bytes(value, f"{_pname(ptype)} property "
                                                      f"{_PNAME[pid]}", 0xFFFF))
     # T_PAIR
@@ -2098,23 +2147,56 @@ cdef Py_ssize_t _value_size(int pid, object value, int ptype) except -1:
     if not (type(value) is tuple or isinstance(value, (tuple, list))) or len(value) != 2:
         _fail(f"{_pname(ptype)} property {_PNAME[pid]} must be a (name, value) pair of str, "
               f"got {value!r}")
+    if type(value) is not tuple and type(value) is not list:
+        pl.nitems = -1  # see _prop_size: no pointers into possible temporaries
+        it = NULL
     if not _str_ok(value[0], &sv):
         _str_error(value[0], f"{_pname(ptype)} property {_PNAME[pid]} name")
     size = 4 + sv.n
+    if it != NULL:
+        it.s1 = sv.s
+        it.n1 = sv.n
     if not _str_ok(value[1], &sv):
         _str_error(value[1], f"{_pname(ptype)} property {_PNAME[pid]} value")
+    if it != NULL:
+        it.s2 = sv.s
+        it.n2 = sv.n
     return size + sv.n
 
 
 cdef unsigned char* _write_props(unsigned char* w, PropPlan* pl) except NULL:
     """Write the property block measured by ``_plan_props`` (values already valid)."""
     w = w_vbi(w, pl.size)
-    cdef int i, pid
+    cdef int i, pid, kind
+    cdef PropItem* it
+    if pl.nitems >= 0:
+        for i in range(pl.nitems):
+            it = &pl.items[i]
+            w[0] = it.pid
+            w += 1
+            kind = _PTYPE[it.pid]
+            if kind == T_BYTE:
+                w[0] = <unsigned char>it.iv
+                w += 1
+            elif kind == T_U16:
+                w = w_u16(w, <Py_ssize_t>it.iv)
+            elif kind == T_U32:
+                w = w_u32(w, it.iv)
+            elif kind == T_VBI:
+                w = w_vbi(w, <Py_ssize_t>it.iv)
+            elif kind == T_PAIR:
+                w = w_lstr(w, it.s1, it.n1)
+                w = w_lstr(w, it.s2, it.n2)
+            else:  # T_STR, T_BIN
+                w = w_lstr(w, it.s1, it.n1)
+        return w
     cdef Py_ssize_t j
     for i in range(pl.n):
         pid = pl.ids[i]
         value = <object>pl.vals[i]
         if (pid == P_USER or pid == P_SUBID) and not PyLong_Check(value):
+            if type(value) is not tuple and type(value) is not list:
+                value = tuple(value)  # as _prop_size read it
             for j in range(len(value)):
                 w[0] = <unsigned char>pid
                 w = _write_value(w + 1, pid, value[j])

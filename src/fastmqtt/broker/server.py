@@ -91,16 +91,33 @@ def _listener_spec(lc: ListenerConfig):
                         handshake_timeout=lc.handshake_timeout, name=lc.name)
 
 
-class _Wakeup:
-    """Wakes a connection's writer; one trio.Event per batch."""
+class _Link:
+    """Per-connection glue between the sans-IO connection and the trio tasks.
 
-    __slots__ = ("event",)
+    It is the connection's ``on_output`` callback: when bytes get queued and no
+    writer is running, it starts one in the broker-wide writer nursery. A
+    writer runs while there is something to send and then ends, so an idle
+    connection costs one parked task (its reader), not two.
+    """
 
-    def __init__(self) -> None:
-        self.event = trio.Event()
+    __slots__ = ("broker", "stream", "conn", "writing", "reader_scope", "done")
+
+    def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
+        self.broker = broker
+        self.stream = stream
+        self.conn = conn
+        self.writing = False
+        self.reader_scope: trio.CancelScope | None = None
+        self.done: trio.Event | None = None  # set when a writer ends, if someone waits
 
     def __call__(self) -> None:
-        self.event.set()
+        if not self.writing:
+            self.writing = True
+            self.broker._nursery.start_soon(self.broker._writer, self)
+
+    def stop_reader(self) -> None:
+        if self.reader_scope is not None:
+            self.reader_scope.cancel()
 
 
 class Broker:
@@ -142,28 +159,27 @@ class Broker:
             keepalive_grace=cfg.keepalive_grace, max_qos=cfg.max_qos,
             retain_available=cfg.retain_available)
         conn.peer = _peer_name(stream)
-        wake = _Wakeup()
-        conn.on_output = wake
+        link = _Link(self, stream, conn)
+        conn.on_output = link
         self.connections.add(conn)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, stream, conn, wake, nursery.cancel_scope)
-                try:
-                    await self._reader(stream, conn)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    conn.close(None, f"connection lost: {exc or type(exc).__name__}")
-                except Exception:
-                    log.exception("client %s (%s): internal error", conn.client_id or "?", conn.peer)
-                    conn.will_on_close = True
-                    conn.close(0x83, "internal error", "implementation specific error")
-                finally:
-                    conn.close(None, "connection closed")
-                    self._lost(conn)
-                # The writer flushes what is queued (DISCONNECT included), then ends.
+            try:
+                await self._reader(stream, conn, link)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                conn.close(None, f"connection lost: {exc or type(exc).__name__}")
+            except Exception:
+                log.exception("client %s (%s): internal error", conn.client_id or "?", conn.peer)
+                conn.will_on_close = True
+                conn.close(0x83, "internal error", "implementation specific error")
+            finally:
+                conn.close(None, "connection closed")
+                self._lost(conn)
+            # Let the writer flush what is queued (a DISCONNECT included), bounded.
+            if link.writing:
+                link.done = trio.Event()
                 with trio.move_on_after(FLUSH_TIMEOUT):
-                    await trio.sleep_forever()
-                nursery.cancel_scope.cancel()
+                    await link.done.wait()
         except Exception:
             log.exception("client %s (%s): error in connection handler", conn.client_id or "?",
                           conn.peer)
@@ -185,53 +201,53 @@ class Broker:
         except Exception:
             log.exception("client %s: error while cleaning up the session", conn.client_id)
 
-    async def _reader(self, stream: trio.abc.Stream, conn: ServerConnection) -> None:
+    async def _reader(self, stream: trio.abc.Stream, conn: ServerConnection, link: _Link) -> None:
         core = self.core
         stats = self.stats
         current_time = trio.current_time
         wall = time.time
+        # One cancel scope per connection, its deadline moved after every read
+        # (cheaper than a scope per receive): CONNECT timeout, then keep alive.
         while not conn.closing:
-            deadline = conn.next_deadline()
-            data = None
-            if deadline == math.inf:
-                data = await stream.receive_some(RECV_SIZE)
-            else:
-                with trio.move_on_at(deadline):
+            with trio.CancelScope(deadline=conn.next_deadline()) as scope:
+                link.reader_scope = scope
+                while True:
                     data = await stream.receive_some(RECV_SIZE)
-            if data is None:
-                why = conn.timed_out(current_time())
-                if why == "connect":
-                    log.info("%s: no CONNECT within %.0fs, dropped", conn.peer,
-                             self.config.connect_timeout)
-                    conn.close(None, "CONNECT timeout")
-                    return
-                if why == "keepalive":
-                    log.info("client %s: keep alive timeout (%ds)", conn.client_id, conn.keep_alive)
-                    conn.will_on_close = True  # [MQTT-3.1.2-8]: the will is published
-                    conn.close(0x8D, "keep alive timeout", "keep alive timeout")
-                    return
-                continue
-            if not data:
-                if conn.client is not None and not conn.closing:
-                    conn.close(None, "connection closed by client")
-                return
-            stats.bytes_received += len(data)
-            events = conn.receive_data(data, current_time())
-            if not events:
-                continue
-            now = wall()
-            for ev in events:
-                if ev.__class__ is ProtocolViolation:
-                    self._violation(conn, ev)
-                    return
-                if ev.packet_type == 1:
-                    if not await self._connect(conn, ev):
+                    if not data:
+                        if conn.client is not None and not conn.closing:
+                            conn.close(None, "connection closed by client")
                         return
-                    now = wall()
-                else:
-                    core.handle(conn, ev, now)
-                if conn.closing:
-                    return
+                    stats.bytes_received += len(data)
+                    events = conn.receive_data(data, current_time())
+                    if events:
+                        now = wall()
+                        for ev in events:
+                            if ev.__class__ is ProtocolViolation:
+                                self._violation(conn, ev)
+                                return
+                            if ev.packet_type == 1:
+                                if not await self._connect(conn, ev):
+                                    return
+                                now = wall()
+                            else:
+                                core.handle(conn, ev, now)
+                            if conn.closing:
+                                return
+                    scope.deadline = conn.next_deadline()
+            link.reader_scope = None
+            if conn.closing:
+                return  # stopped by the writer (slow consumer, takeover, shutdown)
+            why = conn.timed_out(current_time())
+            if why == "connect":
+                log.info("%s: no CONNECT within %.0fs, dropped", conn.peer,
+                         self.config.connect_timeout)
+                conn.close(None, "CONNECT timeout")
+                return
+            if why == "keepalive":
+                log.info("client %s: keep alive timeout (%ds)", conn.client_id, conn.keep_alive)
+                conn.will_on_close = True  # [MQTT-3.1.2-8]: the will is published
+                conn.close(0x8D, "keep alive timeout", "keep alive timeout")
+                return
 
     def _violation(self, conn: ServerConnection, ev: ProtocolViolation) -> None:
         if conn.client is None:
@@ -271,53 +287,56 @@ class Broker:
             log.info("%s: client %r refused (%s)", conn.peer, pkt.client_id, conn.close_reason)
         return ok
 
-    async def _writer(self, stream: trio.abc.Stream, conn: ServerConnection, wake: _Wakeup,
-                      scope: trio.CancelScope) -> None:
+    async def _writer(self, link: _Link) -> None:
+        """Send everything queued on the connection, then end (see :class:`_Link`)."""
+        conn = link.conn
+        stream = link.stream
         stats = self.stats
         store = self.store
         core = self.core
         timeout = self.config.slow_consumer_timeout
+        current_time = trio.current_time
         try:
-            while True:
-                if not conn.outbox and not conn.acks:
-                    if conn.closing:
-                        break
-                    await wake.event.wait()
-                    wake.event = trio.Event()
-                data = conn.take_output()
-                if data:
-                    with trio.move_on_after(timeout) as cs:
+            # The deadline is "now + slow_consumer_timeout" while a send is under
+            # way and inf while waiting for the store.
+            with trio.CancelScope() as ws:
+                while conn.outbox or conn.acks:
+                    data = conn.take_output()
+                    if data:
+                        ws.deadline = current_time() + timeout
                         await stream.send_all(data)
-                    if cs.cancelled_caught:
-                        log.warning("client %s: slow consumer, nothing written for %.0fs;"
-                                    " disconnecting", conn.client_id, timeout)
-                        stats.drop("slow_consumer")
-                        conn.send_failed()
-                        conn.close_reason = "slow consumer"
-                        break
-                    stats.bytes_sent += len(data)
-                    cs_state = conn.client
-                    if cs_state is not None and cs_state.queue and not conn.closing:
-                        core.pump(cs_state, time.time())
-                if conn.acks:
-                    ticket, data = conn.take_acks()
-                    if ticket:
-                        await store.durable(ticket)
-                    with trio.move_on_after(timeout) as cs:
+                        stats.bytes_sent += len(data)
+                        cs_state = conn.client
+                        if cs_state is not None and cs_state.queue and not conn.closing:
+                            core.pump(cs_state, time.time())
+                    if conn.acks:
+                        ticket, data = conn.take_acks()
+                        if ticket:
+                            ws.deadline = math.inf
+                            await store.durable(ticket)
+                        ws.deadline = current_time() + timeout
                         await stream.send_all(data)
-                    if cs.cancelled_caught:
-                        conn.send_failed()
-                        break
-                    stats.bytes_sent += len(data)
+                        stats.bytes_sent += len(data)
+            if ws.cancelled_caught:
+                log.warning("client %s: slow consumer, nothing written for %.0fs;"
+                            " disconnecting", conn.client_id, timeout)
+                stats.drop("slow_consumer")
+                conn.close_reason = "slow consumer"
+                conn.send_failed()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             conn.send_failed()
         except Exception:
             log.exception("client %s: writer failed", conn.client_id)
             conn.send_failed()
         finally:
-            conn.closing = True
-            self._lost(conn)
-            scope.cancel()
+            link.writing = False
+            if conn.closing:
+                # Flushed (or failed): the connection is over; stop its reader.
+                if conn.failed:
+                    self._lost(conn)
+                link.stop_reader()
+            if link.done is not None:
+                link.done.set()
 
     # -------------------------------------------------------------- run loop
 

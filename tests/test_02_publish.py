@@ -264,3 +264,34 @@ def test_publish_to_many_subscribers(broker_impl, raw, paho):
     for s in subs:
         p = s.recv_type("PUBLISH")
         assert (p.topic, p.payload, p.qos) == (topic, b"all", 1)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_mosquitto_sub_persistent_session_gets_offline_messages(broker_impl, mosquitto_sub, version):
+    # mosquitto_sub -c -i ID (v5: -x session expiry) subscribes, exits; QoS 1
+    # messages published meanwhile arrive when it comes back.
+    topic = unique("cliq") + "/t"
+    cid = unique("cliq")
+    extra = ["-c", "-i", cid] + (["-x", "300"] if version == 5 else [])
+    first = mosquitto_sub(broker_impl, topic, count=1, qos=1, version=version, timeout=10, extra=extra)
+    first.wait_subscribed()
+    assert mosquitto_pub(broker_impl, topic, "online", qos=1, version=version).returncode == 0
+    assert [m.payload for m in first.wait()] == [b"online"]
+    for i in range(3):
+        assert mosquitto_pub(broker_impl, topic, f"offline-{i}", qos=1, version=version).returncode == 0
+    again = mosquitto_sub(broker_impl, topic, count=3, qos=1, version=version, timeout=10, extra=extra)
+    assert [m.payload for m in again.wait()] == [b"offline-0", b"offline-1", b"offline-2"]
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_mqtt31_publish_flow(broker_impl, raw, qos):
+    # Protocol level 3 (MQTT 3.1, "MQIsdp") clients still work end to end.
+    topic = unique("v31")
+    sub = raw(broker_impl, 3)
+    assert sub.connect(unique("v31s")).reason_code == 0
+    assert sub.subscribe(topic, qos).reason_codes == [qos]
+    pub = raw(broker_impl, 3)
+    pub.connect(unique("v31p"))
+    pub.publish(topic, b"old but gold", qos=qos, packet_id=5)
+    p = sub.recv_type("PUBLISH")
+    assert (p.payload, p.qos) == (b"old but gold", qos)

@@ -87,15 +87,22 @@ def test_malformed_packet_closes_connection_MQTT_4_13_1_1(broker_impl, raw, name
         assert len(got) == 1 and got[0].reason_code in codes, got
 
 
-def test_malformed_packet_logged_with_the_rule(broker, raw):
+@pytest.mark.parametrize("name,rule", [
+    ("varint_5_bytes", "MQTT-1.5.5-1"),
+    ("topic_bad_utf8", "MQTT-1.5.4-1"),
+    ("topic_nul", "MQTT-1.5.4-2"),
+    ("pubrel_bad_flags", "MQTT-2.1.3-1"),
+])
+def test_malformed_packet_logged_with_the_rule(shared_broker, raw, name, rule):
+    # One log line names the client, the reason code sent and the rule broken.
     cid = unique("logme")
-    mark = broker.mark()
-    c = raw(broker, 5)
+    mark = shared_broker.mark()
+    c = raw(shared_broker, 5)
     c.connect(cid)
-    c.send(body_publish(b"a\x00b", 5))
+    c.send(MALFORMED[name][1])
     c.expect_closed()
-    m = broker.wait_for_log(re.compile(re.escape(cid) + r".*(?i:malformed|0x81|MQTT-\d)"), since=mark)
-    assert m is not None, broker.log(mark)
+    pattern = re.escape(cid) + r".*0x81.*" + re.escape(f"[{rule}]")
+    assert shared_broker.wait_for_log(pattern, since=mark) is not None, shared_broker.log(mark)
 
 
 def test_other_clients_unaffected(broker_impl, raw, paho):

@@ -673,3 +673,36 @@ def test_takeover_of_persistent_session_keeps_it():
     assert b.connect("dup", clean_start=False)[0].session_present is True
     connected(core, "p", 4).send(Publish("t", b"x", 1, packet_id=1))
     assert len(of(b.recv(), Publish)) == 1
+
+
+def test_unsupported_authentication_method_refused_0x8C():
+    core = make_core()
+    peer = Peer(core, 5)
+    out = peer.connect("a", properties={P.AUTHENTICATION_METHOD: "SCRAM-SHA-1"})
+    assert out[0].reason_code == 0x8C and peer.conn.closing
+    assert "a" not in core.clients
+
+
+def test_receive_maximum_exceeded_by_qos1_while_acks_wait_for_the_store():
+    from fastmqtt.broker.config import BrokerConfig
+    from fastmqtt.broker.core import BrokerCore
+
+    class SlowStore:  # every ack waits for a commit that has not happened yet
+        persistent = True
+        _n = 0
+
+        def mark(self):
+            self._n += 1
+            return self._n
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    core = BrokerCore(BrokerConfig(receive_maximum=3), store=SlowStore())
+    p = Peer(core, 5)
+    assert p.connect("p")[0].reason_code == 0
+    for i in range(3):
+        core.handle(p.conn, Publish("t", b"x", 1, packet_id=i + 1), 0.0)
+    assert not p.conn.closing and len(p.conn.acks) == 3
+    core.handle(p.conn, Publish("t", b"x", 1, packet_id=4), 0.0)
+    assert p.conn.closing

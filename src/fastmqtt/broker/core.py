@@ -231,6 +231,12 @@ class BrokerCore:
         assigned = None
         if v5:
             conn.request_problem_info = props.get(P.REQUEST_PROBLEM_INFORMATION, 1) == 1
+            if P.AUTHENTICATION_METHOD in props:
+                # Enhanced authentication (AUTH exchanges) is not offered
+                # [MQTT-4.12.0-1]: refuse the method rather than ignore it.
+                self.reject(conn, ReasonCode.BAD_AUTHENTICATION_METHOD,
+                            "authentication method not supported")
+                return False
         if not cid:
             # [MQTT-3.1.3-6]/[MQTT-3.1.3-7] zero-length id: assign one (v5
             # always; 3.1.1 only with Clean Session 1, else 0x02 [MQTT-3.1.3-8]).
@@ -504,6 +510,12 @@ class BrokerCore:
                 self.protocol_error(conn, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
                                     "more QoS 2 PUBLISH in flight than Receive Maximum [MQTT-3.3.4-7]")
                 return
+        elif qos == 1 and len(conn.acks) >= self.config.receive_maximum:
+            # PUBACKs still owed (waiting for the store): the client has more
+            # QoS 1 messages in flight than our Receive Maximum [MQTT-3.3.4-7].
+            self.protocol_error(conn, ReasonCode.RECEIVE_MAXIMUM_EXCEEDED,
+                                "more QoS 1 PUBLISH in flight than Receive Maximum [MQTT-3.3.4-7]")
+            return
         topic = pkt.topic
         rc = 0
         if self.check_acl and not self.authorizer.can_publish(cs.client_id, cs.username, topic):

@@ -843,3 +843,33 @@ def test_share_policy_callable_delivery_carries_chosen_members_options(trie):
                            ("m1", ("m1", 0, False, ()))]:
         t.set_share_policy(lambda name, f, members, pick=pick: pick)
         assert t.match("a") == [expected]
+
+
+def test_equal_temporaries_never_alias_through_the_lookup_cache(trie):
+    # Regression: the compiled trie once cached the *argument* of the last
+    # lookup; a freed equal temporary's address, reused by the next temporary,
+    # then named the wrong subscriber. Many short-lived equal objects make
+    # address reuse near certain.
+    class Key:
+        __slots__ = ("k",)
+
+        def __init__(self, k):
+            self.k = k
+
+        def __eq__(self, other):
+            return isinstance(other, Key) and other.k == self.k
+
+        def __hash__(self):
+            return hash(self.k)
+
+    t = trie.TopicTrie()
+    keep = [Key(i) for i in range(20)]
+    for k in keep:
+        t.subscribe(k, "a")
+    for rnd in range(300):
+        i, j = rnd % 20, (rnd * 7 + 3) % 20
+        assert t.subscribe(Key(i), "a", qos=rnd % 3) is False   # replace via a temporary
+        assert t.unsubscribe(Key(j), "a") is True               # another temporary
+        assert sorted(d[0].k for d in t.match("a")) == sorted(set(range(20)) - {j})
+        assert t.subscribe(Key(j), "a") is True
+    assert len(t) == 20

@@ -932,14 +932,16 @@ cdef class TopicTrie:
 
     cdef uint32_t sid_of(self, object obj) except? 0xFFFFFFFE:
         # One SUBSCRIBE packet usually carries several filters for the same
-        # client: remember the last subscriber looked up (by identity; the
-        # trie holds a reference, so the address cannot be reused meanwhile).
+        # client: remember the last subscriber looked up, by the identity of
+        # the object the trie stores (never the argument, which may be an
+        # equal temporary whose address is reused once it is freed); the
+        # trie's own reference keeps that address from being reused.
         cdef uint32_t sid
         if <PyObject*>obj == self.last_obj:
             return self.last_sid
         sid = self.sid_find(obj, PyObject_Hash(obj))
         if sid != NO_SID:
-            self.last_obj = <PyObject*>obj
+            self.last_obj = self.subs[sid].obj
             self.last_sid = sid
         return sid
 
@@ -1174,7 +1176,7 @@ cdef class TopicTrie:
                     raise
                 if self.mutations != m0:
                     t = self.find_node(&lv, True)
-            self.last_obj = <PyObject*>subscriber
+            self.last_obj = self.subs[sid].obj
             self.last_sid = sid
             try:
                 i = -1 if fresh else self.entry_find(t, sid)
@@ -1239,7 +1241,7 @@ cdef class TopicTrie:
                 m0 = self.mutations
                 sid = self.sid_find(subscriber, h)
                 if sid != NO_SID:
-                    self.last_obj = <PyObject*>subscriber
+                    self.last_obj = self.subs[sid].obj
                     self.last_sid = sid
                 if self.mutations != m0:
                     t = self.find_node(&lv, False)

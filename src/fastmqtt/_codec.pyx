@@ -1141,8 +1141,11 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     cdef bint alias = (seen >> P_TOPIC_ALIAS) & 1
     if has_alias != NULL:
         has_alias[0] = alias
-    # (Not untracked: mappingproxy's dealloc unlinks it from the GC list
-    # unconditionally.)
+    # The dict holds PropertyId keys (instances of a heap type, so CPython
+    # tracks the dict) and atomic values: it cannot be in a cycle. The view
+    # itself stays tracked: mappingproxy's dealloc unlinks it from the GC list
+    # unconditionally.
+    PyObject_GC_UnTrack(props)
     result = PyDictProxy_New(props)
     if slot >= 0:
         raw = PyBytes_FromStringAndSize(<const char*>start, <Py_ssize_t>length)

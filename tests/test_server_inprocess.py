@@ -173,13 +173,16 @@ async def test_keepalive_timeout_publishes_will():
 
 async def test_slow_consumer_is_disconnected_others_unaffected():
     cfg = config(slow_consumer_timeout=0.5, max_outgoing_bytes=64 * 1024)
-    with trio.fail_after(20):
+    with trio.fail_after(40):
         async with trio.open_nursery() as nursery:
             broker = await nursery.start(serve, cfg)
             port = broker.ports[0]
-            slow = await Raw.open(port)
-            # a small receive buffer so the kernel cannot absorb the whole flood
-            slow.stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+            # a small receive buffer, set before connecting so the TCP window
+            # stays small: the kernel cannot absorb the flood for the slow reader
+            sock = trio.socket.socket()
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", port))
+            slow = Raw(trio.SocketStream(sock), 5)
             await slow.connect("slow")
             await slow.send(Subscribe(1, [Subscription("t", 0)]))
             assert (await slow.next()).packet_type == 9
@@ -190,7 +193,7 @@ async def test_slow_consumer_is_disconnected_others_unaffected():
             pub = await Raw.open(port)
             await pub.connect("pub")
             payload = b"x" * 60_000
-            n = 300  # 18 MB: far more than the socket buffers hold
+            n = 150  # 9 MB: far more than the slow socket's buffers hold
             received = 0
 
             async def drain_fast():

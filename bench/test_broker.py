@@ -91,6 +91,9 @@ def fresh_broker(tmp_path):
     def start(impl, args=None, **kw):
         if args is None:
             args = ["--no-persistence"] if impl == "fastmqtt" else []
+        if impl == "mosquitto":
+            # Connection-level logging like fastmqtt's INFO; not a line per packet.
+            kw.setdefault("mosquitto_log_types", ["error", "warning", "notice", "information"])
         b = BrokerProcess(impl, tmp_path / f"{impl}-{len(made)}", args=args, **kw)
         made.append(b)
         return b.start()

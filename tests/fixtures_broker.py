@@ -128,12 +128,15 @@ class BrokerProcess:
         persistence: mosquitto only: keep state in ``data_dir`` across restarts.
         env: extra environment variables.
         port: fixed port; 0 lets fastmqtt choose (and picks one for mosquitto).
+        mosquitto_log_types: Mosquitto ``log_type`` values; "all" (the default)
+            logs every packet, which tests like and benchmarks must avoid.
     """
 
     def __init__(self, impl: str = "fastmqtt", workdir: str | os.PathLike = ".", *,
                  args: Iterable[str] = (), config: dict | str | None = None,
                  mosquitto_conf: Iterable[str] = (), persistence: bool = False,
-                 env: dict | None = None, port: int = 0) -> None:
+                 env: dict | None = None, port: int = 0,
+                 mosquitto_log_types: Iterable[str] = ("all",)) -> None:
         if impl not in IMPLS:
             raise ValueError(impl)
         self.impl = impl
@@ -148,6 +151,7 @@ class BrokerProcess:
         self.mosquitto_conf = list(mosquitto_conf)
         self.persistence = persistence
         self.env = dict(env or {})
+        self.mosquitto_log_types = list(mosquitto_log_types)
         self.proc: subprocess.Popen | None = None
         self._lines: list[str] = []
         self._cond = threading.Condition()
@@ -171,7 +175,7 @@ class BrokerProcess:
             f"listener {self.port} {HOST}",
             "allow_anonymous true",
             "log_dest stderr",
-            "log_type all",
+            *(f"log_type {t}" for t in self.mosquitto_log_types),
             "user root" if os.geteuid() == 0 else "",
         ]
         if self.persistence:

@@ -873,3 +873,57 @@ def test_equal_temporaries_never_alias_through_the_lookup_cache(trie):
         assert sorted(d[0].k for d in t.match("a")) == sorted(set(range(20)) - {j})
         assert t.subscribe(Key(j), "a") is True
     assert len(t) == 20
+
+
+_DEBUG_WORKLOAD = r'''
+import random
+import fastmqtt._trie as c
+import fastmqtt._trie_py as p
+
+rng = random.Random(11)
+levels = ["a", "b", "", "$x", "\u00fc", "+"] + ["n%d" % i for i in range(40)]
+tc, tp = c.TopicTrie(), p.TopicTrie()
+rc, rp = c.RetainedStore(), p.RetainedStore()
+subs = ["s%d" % i for i in range(30)]
+for step in range(6000):
+    f = "/".join(rng.choice(levels) for _ in range(rng.randint(1, 6))) or "a"
+    if rng.random() < 0.3:
+        f += "/#"
+    if rng.random() < 0.15:
+        f = "$share/g%d/%s" % (rng.randint(0, 2), f)
+    s = "".join(rng.choice(subs))           # a fresh equal str each time
+    op = rng.random()
+    if op < 0.5:
+        a = tc.subscribe(s, f, qos=rng.randint(0, 2), subscription_id=rng.randint(0, 3))
+        b = tp.subscribe(s, f, qos=0)
+        assert a == b
+    elif op < 0.8:
+        assert tc.unsubscribe(s, f) == tp.unsubscribe(s, f)
+    elif op < 0.85:
+        assert tc.remove_subscriber(s) == tp.remove_subscriber(s)
+    else:
+        topic = f.replace("$share/", "").replace("+", "x").replace("#", "y")
+        assert sorted(d[0] for d in tc.match(topic)) == sorted(d[0] for d in tp.match(topic))
+        rc.set(topic, step, expires_at=step + 50)
+        rp.set(topic, step, expires_at=step + 50)
+        flt = f.split("$share/", 1)[-1]
+        assert sorted(rc.match(flt, now=step)) == sorted(rp.match(flt, now=step))
+    assert len(tc) == len(tp)
+for s in subs:
+    tc.remove_subscriber(s)
+assert len(tc) == 0 and tc.node_count() == 0
+print("ok")
+'''
+
+
+def test_compiled_trie_under_the_debug_allocator():
+    # PYTHONMALLOC=debug puts guard bytes around every PyMem block and checks
+    # them on free: a write past any node, table or array fails this run.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DEBUG_WORKLOAD], capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ,
+                                                      "PYTHONMALLOC": "debug"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

@@ -88,6 +88,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Wait (bounded) until a TCP connect to ``host:port`` succeeds.
+
+    Raises:
+        TimeoutError: still refused at the deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{host}:{port} not accepting after {timeout}s") from None
+            # Nothing to wait on but the port itself: retry after a short pause.
+            time.sleep(0.05)
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -654,6 +672,7 @@ class PahoClient:
     def drop(self) -> None:
         """Close the TCP connection without DISCONNECT (abnormal close: will fires)."""
         sock = self.client.socket()
+        sock = getattr(sock, "_socket", sock)  # the TCP socket under paho's WebSocket wrapper
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

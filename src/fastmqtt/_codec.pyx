@@ -28,9 +28,17 @@ packet: the next chunk first tops that packet up (the fixed header tells its
 exact size, checked against ``max_packet_size`` before any body byte is
 stored), and decoding resumes from the chunk itself.
 
+Two small caches remove allocations that chat traffic repeats: short ASCII
+strings (topics, property strings, filters) and whole property blocks, keyed by
+their raw bytes (and the packet type). Both return shared immutable objects,
+are filled only with values that passed every check, and are direct-mapped
+(a new value simply replaces an old one). Packet classes are ``no_gc`` and the
+decoder untracks the tuples and dicts it builds, so queued packets cost the
+cyclic collector nothing.
+
 Encoding validates the same rules the decoder enforces, computes the exact
-size first (properties are checked, sorted by id and measured in a small C
-"plan"), allocates the result ``bytes`` once and fills it.
+size first (properties are checked, sorted by id and recorded in C form in a
+small "plan"), allocates the result ``bytes`` once and fills it.
 
 Errors are only ever ``fastmqtt.errors.MalformedPacket(message, reason_code)``:
 0x81 byte layout, 0x82 "Protocol Error", 0x84 protocol name/level, 0x8F/0x90

@@ -279,3 +279,12 @@ def test_garbage_instead_of_connect_closes(broker_impl, raw):
     d = raw(broker_impl, 4)
     assert d.connect(unique("after")).reason_code == 0
 
+
+
+def test_v5_unknown_authentication_method_0x8c(broker_impl, raw):
+    # Enhanced authentication with a method the server does not support: CONNACK
+    # 0x8C "Bad authentication method", then close (4.12).
+    c = raw(broker_impl, 5)
+    c.send(connect_bytes(unique("auth"), version=5, props={0x15: "NO-SUCH-METHOD"}))
+    got = c.expect_closed()
+    assert [(p.type, p.reason_code) for p in got] == [("CONNACK", 0x8C)]

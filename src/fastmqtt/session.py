@@ -222,7 +222,7 @@ class ServerConnection:
         else:
             topic = self.in_aliases.get(alias)
             if topic is None:
-                return ProtocolViolation(0x82, f"Topic Alias {alias} was never set [MQTT-3.3.4-? 3.3.2.3.4]")
+                return ProtocolViolation(0x82, f"Topic Alias {alias} was never set (section 3.3.2.3.4)")
         rest = {k: v for k, v in props.items() if k != _TOPIC_ALIAS}
         return Publish(topic, packet.payload, packet.qos, packet.retain, packet.dup,
                        packet.packet_id, rest)

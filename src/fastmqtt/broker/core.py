@@ -193,6 +193,7 @@ class BrokerCore:
         self.pending_wills: dict[str, tuple[Message, float]] = {}
         self.next_msg_id = 1
         self._rr: dict[tuple[str, str], int] = {}
+        self._next_purge = 0.0
         self.max_out = cfg.max_outgoing_bytes
         self.max_inflight = cfg.max_inflight_messages
         self.max_queued = cfg.max_queued_messages
@@ -667,7 +668,7 @@ class BrokerCore:
                 self.store.put_subscription(cs.client_id, rec)
             codes.append(granted)
             # Retained messages on subscribe [MQTT-3.3.1-9..11]; never for shared
-            # subscriptions [MQTT-4.8.2-? 4.8.2 "retained messages are not sent"].
+            # subscriptions (section 4.8.2: retained messages are not sent to shared ones).
             rh = sub.retain_handling
             if not shared and (rh == 0 or (rh == 1 and new)):
                 to_send.append((f, granted, (subid,) if subid else ()))
@@ -700,7 +701,7 @@ class BrokerCore:
         """Send an acknowledgement of a persistent session's state change only
         once the store committed it: a SUBACK promises that messages published
         after it reach the subscriber, even across a crash. (The Server may
-        send matching PUBLISHes before the SUBACK, [MQTT-3.8.4-?] 3.8.4.)"""
+        send matching PUBLISHes before the SUBACK, section 3.8.4.)"""
         ticket = self.store.mark() if cs.persisted and self.persistent_store else 0
         conn.send_ack(ticket, encode(packet, conn.version or 4))
 
@@ -1022,7 +1023,12 @@ class BrokerCore:
             if cs.conn is None and cs.expires_at is not None and cs.expires_at <= now:
                 log.info("session %s expired", cs.client_id)
                 self._end_session(cs, now)
-        purged = self.retained.purge_expired(now)
+        # Expired retained messages are skipped on lookup anyway; sweeping the
+        # whole store is only for memory, so once a minute is plenty.
+        purged = 0
+        if now >= self._next_purge:
+            self._next_purge = now + 60.0
+            purged = self.retained.purge_expired(now)
         if purged:
             self.retained_bytes = sum(len(m.payload) for _, m, _ in self.retained.items())
         st = self.stats

@@ -288,3 +288,21 @@ def test_v5_unknown_authentication_method_0x8c(broker_impl, raw):
     c.send(connect_bytes(unique("auth"), version=5, props={0x15: "NO-SUCH-METHOD"}))
     got = c.expect_closed()
     assert [(p.type, p.reason_code) for p in got] == [("CONNACK", 0x8C)]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_takeover_keeps_persistent_session_MQTT_3_1_4_3(broker_impl, raw, version):
+    # Taking over with Clean Start 0 continues the session: Session Present 1
+    # and the old subscriptions now deliver to the new connection.
+    cid, topic = unique("tk"), unique("tk")
+    props = {SESSION_EXPIRY_INTERVAL: 300} if version == 5 else None
+    old = raw(broker_impl, version)
+    old.connect(cid, clean=False, props=props)
+    old.subscribe(topic, 1)
+    new = raw(broker_impl, version)
+    assert new.connect(cid, clean=False, props=props).session_present is True
+    old.expect_closed()
+    pub = raw(broker_impl, 5)
+    pub.connect(unique("tkp"))
+    pub.publish(topic, b"to the new one", qos=1, packet_id=1)
+    assert new.recv_type("PUBLISH").payload == b"to the new one"

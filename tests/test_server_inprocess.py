@@ -14,7 +14,7 @@ import trio
 
 from fastmqtt.broker.config import BrokerConfig
 from fastmqtt.broker.server import serve
-from fastmqtt.codec import (Connect, Decoder, Disconnect, Pingreq, Publish, Subscribe,
+from fastmqtt.codec import (Connect, Decoder, Disconnect, Pingreq, Puback, Publish, Subscribe,
                             Subscription, Will, encode)
 from fastmqtt.enums import PropertyId
 
@@ -188,7 +188,8 @@ async def test_slow_consumer_is_disconnected_others_unaffected():
             assert (await slow.next()).packet_type == 9
             fast = await Raw.open(port)
             await fast.connect("fast")
-            await fast.send(Subscribe(1, [Subscription("t", 0)]))
+            # QoS 1 for the healthy reader: nothing of its may be dropped
+            await fast.send(Subscribe(1, [Subscription("t", 1)]))
             assert (await fast.next()).packet_type == 9
             pub = await Raw.open(port)
             await pub.connect("pub")
@@ -200,13 +201,14 @@ async def test_slow_consumer_is_disconnected_others_unaffected():
                 nonlocal received
                 while received < n:
                     pkt = await fast.next()
-                    assert pkt is not None
+                    assert isinstance(pkt, Publish) and pkt.qos == 1
+                    await fast.send(Puback(pkt.packet_id))
                     received += 1
 
             async with trio.open_nursery() as inner:
                 inner.start_soon(drain_fast)
                 for i in range(n):
-                    await pub.send(Publish("t", payload, 0))
+                    await pub.send(Publish("t", payload, 1, packet_id=i + 1))
                     if i % 20 == 0:
                         await trio.sleep(0)
             # the slow one never read: it was dropped, not waited for

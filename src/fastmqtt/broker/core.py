@@ -194,6 +194,11 @@ class BrokerCore:
         self.next_msg_id = 1
         self._rr: dict[tuple[str, str], int] = {}
         self._next_purge = 0.0
+        # Connections whose unsent bytes passed half of max_outgoing_bytes while
+        # routing: the edge lets their writers catch up before it reads more
+        # from the publisher (see server.Broker._backpressure).
+        self.pressured: set = set()
+        self.soft_out = max(1, cfg.max_outgoing_bytes // 2)
         self.max_out = cfg.max_outgoing_bytes
         self.max_inflight = cfg.max_inflight_messages
         self.max_queued = cfg.max_queued_messages
@@ -794,6 +799,8 @@ class BrokerCore:
         max_out = self.max_out
         max_inflight = self.max_inflight
         template = self._template
+        soft_out = self.soft_out
+        pressured = self.pressured
         sent = 0
         for cs, qos, rap, subids in matches:
             if check and not self.authorizer.can_receive(cs.client_id, cs.username, msg.topic):
@@ -832,6 +839,8 @@ class BrokerCore:
             conn.out_bytes += len(data)
             if len(outbox) == 1 and conn.on_output is not None:
                 conn.on_output()
+            elif conn.out_bytes > soft_out:
+                pressured.add(conn)
             sent += 1
         self.stats.messages_sent += sent
         return len(matches)
@@ -851,6 +860,8 @@ class BrokerCore:
             if data is not None:
                 conn.write(data)
                 self.stats.messages_sent += 1
+                if conn.out_bytes > self.soft_out:
+                    self.pressured.add(conn)
             return
         og = Outgoing(msg, qos, retain, subids, 0, "new")
         if (conn is None or cs.queue or conn.out_bytes > self.max_out
@@ -873,6 +884,8 @@ class BrokerCore:
         cs.inflight[pid] = og
         conn.write(tpl.with_packet_id(pid))
         self.stats.messages_sent += 1
+        if conn.out_bytes > self.soft_out:
+            self.pressured.add(conn)
         if cs.persisted:
             rec = DeliveryRecord(self._persist_msg(msg), og.qos, pid, "sent")
             if prev == "queued":

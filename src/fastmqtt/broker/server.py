@@ -52,6 +52,7 @@ log = logging.getLogger("fastmqtt.broker")
 
 RECV_SIZE = 65536
 FLUSH_TIMEOUT = 2.0
+STUCK_AFTER = 0.1  # a send_all pending this long: the receiver is not keeping up
 
 
 def _open_store(config: BrokerConfig, stats: Stats):
@@ -100,7 +101,8 @@ class _Link:
     connection costs one parked task (its reader), not two.
     """
 
-    __slots__ = ("broker", "stream", "conn", "writing", "reader_scope", "done")
+    __slots__ = ("broker", "stream", "conn", "writing", "reader_scope", "done", "send_started",
+                 "drained")
 
     def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
         self.broker = broker
@@ -109,6 +111,8 @@ class _Link:
         self.writing = False
         self.reader_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None  # set when a writer ends, if someone waits
+        self.send_started: float | None = None  # trio time the current send_all began
+        self.drained: trio.Event | None = None  # set after a send_all, if someone waits
 
     def __call__(self) -> None:
         if not self.writing:
@@ -233,6 +237,8 @@ class Broker:
                                 core.handle(conn, ev, now)
                             if conn.closing:
                                 return
+                    if core.pressured:
+                        await self._backpressure(conn)
                     scope.deadline = conn.next_deadline()
             link.reader_scope = None
             if conn.closing:
@@ -248,6 +254,38 @@ class Broker:
                 conn.will_on_close = True  # [MQTT-3.1.2-8]: the will is published
                 conn.close(0x8D, "keep alive timeout", "keep alive timeout")
                 return
+
+    async def _backpressure(self, publisher: ServerConnection) -> None:
+        """Before reading more from ``publisher``, let the writers of receivers
+        whose unsent bytes passed half of ``max_outgoing_bytes`` catch up.
+
+        Without this, many busy readers starve a receiver's writer of turns on
+        the event loop and its buffer overflows although the receiver reads
+        fine (QoS 0 would be dropped, QoS 1/2 would pile up in the queue). A
+        receiver whose socket has accepted nothing for ``STUCK_AFTER`` seconds
+        is not waited for: a subscriber that stops reading must not slow
+        delivery to the others; it loses QoS 0 and is dropped after
+        ``slow_consumer_timeout``.
+        """
+        core = self.core
+        conns = [c for c in core.pressured if c is not publisher]
+        core.pressured.clear()
+        soft = core.soft_out
+        current_time = trio.current_time
+        for c in conns:
+            link = c.on_output
+            if not isinstance(link, _Link):
+                continue
+            while c.out_bytes > soft and not c.closing:
+                started = link.send_started
+                if started is not None and current_time() - started > STUCK_AFTER:
+                    break
+                if link.drained is None:
+                    link.drained = trio.Event()
+                with trio.move_on_after(STUCK_AFTER) as cs:
+                    await link.drained.wait()
+                if cs.cancelled_caught:
+                    break
 
     def _violation(self, conn: ServerConnection, ev: ProtocolViolation) -> None:
         if conn.client is None:
@@ -303,8 +341,13 @@ class Broker:
                 while conn.outbox or conn.acks:
                     data = conn.take_output()
                     if data:
-                        ws.deadline = current_time() + timeout
+                        link.send_started = t = current_time()
+                        ws.deadline = t + timeout
                         await stream.send_all(data)
+                        link.send_started = None
+                        if link.drained is not None:
+                            link.drained.set()
+                            link.drained = None
                         stats.bytes_sent += len(data)
                         cs_state = conn.client
                         if cs_state is not None and cs_state.queue and not conn.closing:

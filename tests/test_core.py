@@ -706,3 +706,37 @@ def test_receive_maximum_exceeded_by_qos1_while_acks_wait_for_the_store():
     assert not p.conn.closing and len(p.conn.acks) == 3
     core.handle(p.conn, Publish("t", b"x", 1, packet_id=4), 0.0)
     assert p.conn.closing
+
+
+def test_history_records_matching_and_answers_requests_without_fanout():
+    from fastmqtt.broker.config import BrokerConfig
+    from fastmqtt.broker.core import BrokerCore
+
+    class FakeHistory:
+        def __init__(self):
+            self.recorded = []
+
+        def matches(self, topic):
+            return topic.startswith("chat/")
+
+        def record(self, publish, now):
+            self.recorded.append(publish.topic)
+
+        def handle_request(self, publish, client_id, now):
+            reply = publish.properties[P.RESPONSE_TOPIC]
+            return [Publish(reply, b"old message", 1)]
+
+    h = FakeHistory()
+    core = BrokerCore(BrokerConfig(persistence=False), history=h)
+    asker = connected(core, "asker")
+    subscribe(asker, "reply/asker")
+    spy = connected(core, "spy")
+    subscribe(spy, "$history/#")
+    p = connected(core, "p")
+    p.send(Publish("chat/1", b"x", 1, packet_id=1))
+    p.send(Publish("other", b"x", 1, packet_id=2))
+    assert h.recorded == ["chat/1"]
+    out = asker.send(Publish("$history/chat/1", b"", 1, packet_id=3,
+                             properties={P.RESPONSE_TOPIC: "reply/asker"}))
+    assert [m.payload for m in of(out, Publish)] == [b"old message"]
+    assert of(spy.recv(), Publish) == []  # the request itself is not fanned out

@@ -524,6 +524,7 @@ class BrokerCore:
             return
         topic = pkt.topic
         rc = 0
+        routed = True
         if self.check_acl and not self.authorizer.can_publish(cs.client_id, cs.username, topic):
             st.drop("not_authorized")
             # v5: tell the publisher; 3.1.1: acknowledge normally and drop (as Mosquitto).
@@ -532,8 +533,10 @@ class BrokerCore:
             if topic.startswith("$SYS"):
                 rc = ReasonCode.NOT_AUTHORIZED if v5 else -1  # clients may not write $SYS
             elif topic.startswith("$history/") and self.history is not None:
+                # A history request is answered, not fanned out.
                 self._history_request(cs, pkt, now)
-        if rc == 0:
+                routed = False
+        if rc == 0 and routed:
             props = pkt.properties
             expires_at = None
             if props and _EXPIRY in props:
@@ -541,9 +544,10 @@ class BrokerCore:
             msg = Message.from_publish(pkt, expires_at, cs.client_id)
             if pkt.retain:
                 self._retain(msg)
-            if self.history is not None and topic[0] != "$":
+            history = self.history
+            if history is not None and topic[0] != "$" and history.matches(topic):
                 try:
-                    self.history.record(msg.to_publish(), now)
+                    history.record(pkt, now)
                 except Exception:  # history must never break delivery
                     log.exception("history.record failed")
             n = self._route(msg, cs, now)

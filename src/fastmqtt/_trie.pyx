@@ -99,6 +99,33 @@ cdef extern from *:
     } __attribute__((packed)) FmqNode;
     #define FMQ_NODE_HEAD offsetof(FmqNode, key)
     #define fmq_prefetch(p) __builtin_prefetch((const void *)(p))
+    /* One delivery tuple (obj, qos, rap, ids) from borrowed references, with
+       no argument parsing or conversion calls: qos, rap and ids are shared
+       cached objects (small ints, bools, the empty tuple) or a new ids tuple
+       (stolen when steal_ids). */
+    static PyObject *fmq_delivery(PyObject *obj, PyObject *qos, PyObject *rap,
+                                  PyObject *ids, int steal_ids) {
+        PyObject *t = PyTuple_New(4);
+        if (t == NULL) {
+            if (steal_ids) { Py_DECREF(ids); }
+            return NULL;
+        }
+        Py_INCREF(obj); PyTuple_SET_ITEM(t, 0, obj);
+        Py_INCREF(qos); PyTuple_SET_ITEM(t, 1, qos);
+        Py_INCREF(rap); PyTuple_SET_ITEM(t, 2, rap);
+        if (!steal_ids) { Py_INCREF(ids); }
+        PyTuple_SET_ITEM(t, 3, ids);
+        return t;
+    }
+    static PyObject *fmq_one_id(uint32_t subid) {
+        PyObject *v = PyLong_FromUnsignedLong(subid);
+        PyObject *t;
+        if (v == NULL) return NULL;
+        t = PyTuple_New(1);
+        if (t == NULL) { Py_DECREF(v); return NULL; }
+        PyTuple_SET_ITEM(t, 0, v);
+        return t;
+    }
     """
     ctypedef struct Entry "FmqEntry":
         uint32_t sid
@@ -117,6 +144,23 @@ cdef extern from *:
         char key[1]
     size_t FMQ_NODE_HEAD
     void fmq_prefetch(const void*) noexcept nogil
+    PyObject* fmq_delivery(PyObject* obj, PyObject* qos, PyObject* rap, PyObject* ids,
+                           int steal_ids) except NULL
+    PyObject* fmq_one_id(uint32_t subid) except NULL
+    PyObject* PyList_New(Py_ssize_t n) except NULL
+    void PyList_SET_ITEM(PyObject* l, Py_ssize_t i, PyObject* v) noexcept
+
+# Shared objects of delivery tuples (index: qos; rap; the empty ids tuple).
+cdef object _QOS0 = 0, _QOS1 = 1, _QOS2 = 2
+cdef PyObject* QOS_OBJ[4]
+QOS_OBJ[0] = <PyObject*>_QOS0
+QOS_OBJ[1] = <PyObject*>_QOS1
+QOS_OBJ[2] = <PyObject*>_QOS2
+QOS_OBJ[3] = <PyObject*>_QOS0     # unused (qos <= 2)
+cdef object _TRUE = True, _FALSE = False, _NO_IDS = ()
+cdef PyObject* RAP_OBJ[2]
+RAP_OBJ[0] = <PyObject*>_FALSE
+RAP_OBJ[1] = <PyObject*>_TRUE
 
 cdef object MalformedPacket = _MalformedPacket
 
@@ -223,6 +267,7 @@ cdef inline uint32_t hash_bytes(const char* p, uint32_t n) noexcept nogil:
     # colliding levels only lengthens its own probe chains (load <= 1/2).
     cdef uint64_t h = 0x9E3779B97F4A7C15u ^ n
     cdef uint64_t w
+    cdef uint32_t total = n, i
     while n >= 8:
         memcpy(&w, p, 8)
         h = (h ^ w) * 0xff51afd7ed558ccdu
@@ -230,8 +275,16 @@ cdef inline uint32_t hash_bytes(const char* p, uint32_t n) noexcept nogil:
         p += 8
         n -= 8
     if n:
-        w = 0
-        memcpy(&w, p, n)
+        # The tail without a variable-length memcpy call: one 8-byte load
+        # ending at the last byte (shifted down to the same value) when the
+        # key is that long, else byte by byte.
+        if total >= 8:
+            memcpy(&w, p + n - 8, 8)
+            w >>= (8 - n) * 8
+        else:
+            w = 0
+            for i in range(n):
+                w |= (<uint64_t>(<const uint8_t*>p)[i]) << (8 * i)
         h = (h ^ w) * 0xff51afd7ed558ccdu
         h ^= h >> 29
     h ^= h >> 33
@@ -1481,6 +1534,7 @@ cdef class TopicTrie:
         cdef Sub* si
         cdef list out
         cdef object ids
+        cdef object t
         cdef Py_hash_t ph = 0
         cdef bint lookup = False
         cdef uint64_t m0
@@ -1577,13 +1631,36 @@ cdef class TopicTrie:
                                 self.xs_append(&nxs, (<uint64_t>a << 32) | ac.subid)
                             self.xs_append(&nxs, (<uint64_t>a << 32) | e.subid)
                         ac.nsubids += 1
-        out = [None] * nacc
+        # The list's slots are filled in place (a slot still NULL if an
+        # allocation fails is fine for list_dealloc).
+        # Built-in share policies give one delivery per matching group: count
+        # them so the list has its final size (no append, no resize).
+        cdef uint32_t ngroups = 0, g
+        cdef Node* grp
+        if groups and self.policy_kind != 2:
+            for h in range(nh):
+                n = self.hits[h]
+                if n.flags & F_GROUPS:
+                    for g in range(node_slots(n)):
+                        grp = node_child_at(n, g)
+                        if grp != NULL and (grp.flags & F_GROUP):
+                            ngroups += 1
+        cdef PyObject* outp = PyList_New(nacc + ngroups)
+        out = <list>outp
+        Py_DECREF(out)      # the cast took a second reference
         for a in range(nacc):
             ac = &self.acc[a]
             if ac.nsubids > 1:
                 continue
-            out[a] = (<object>ac.obj, <int>(ac.qos_rap & M_QOS),
-                      (ac.qos_rap & M_RAP) != 0, (<long long>ac.subid,) if ac.nsubids else ())
+            qr = ac.qos_rap
+            if ac.nsubids:
+                PyList_SET_ITEM(outp, a, fmq_delivery(ac.obj, QOS_OBJ[qr & M_QOS],
+                                                      RAP_OBJ[(qr & M_RAP) != 0],
+                                                      fmq_one_id(ac.subid), 1))
+            else:
+                PyList_SET_ITEM(outp, a, fmq_delivery(ac.obj, QOS_OBJ[qr & M_QOS],
+                                                      RAP_OBJ[(qr & M_RAP) != 0],
+                                                      <PyObject*>_NO_IDS, 0))
         if nxs:
             qsort(self.xs, nxs, sizeof(uint64_t), qsort_u64)
             j = 0
@@ -1596,20 +1673,28 @@ cdef class TopicTrie:
                         ids.append(<long long>v)
                     j += 1
                 ac = &self.acc[a]
-                out[a] = (<object>ac.obj, <int>(ac.qos_rap & M_QOS),
-                          (ac.qos_rap & M_RAP) != 0, tuple(ids))
+                t = tuple(ids)
+                PyList_SET_ITEM(outp, a, fmq_delivery(ac.obj, QOS_OBJ[ac.qos_rap & M_QOS],
+                                                      RAP_OBJ[(ac.qos_rap & M_RAP) != 0],
+                                                      <PyObject*>t, 0))
         if groups:
             # Shared groups: one delivery per matching group [MQTT-4.8.2].
             if self.policy_kind == 2:
                 self.share_by_callable(nh, out)
             else:
+                k = nacc
                 for h in range(nh):
                     n = self.hits[h]
                     if n.flags & F_GROUPS:
-                        self.share_builtin(n, out)
+                        k = self.share_builtin(n, outp, k, nacc + ngroups)
+                if k != nacc + ngroups:
+                    # Only if a finalizer run by an allocation changed the trie.
+                    del out[k:]
         return out
 
-    cdef int share_builtin(self, Node* n, list out) except -1:
+    cdef uint32_t share_builtin(self, Node* n, PyObject* outp, uint32_t k,
+                                uint32_t end) except? 0xFFFFFFFF:
+        """Fill list slots k..end-1 with one delivery per group under n; returns the next slot."""
         cdef uint32_t g, idx
         cdef Node* grp
         cdef Entry* e
@@ -1617,6 +1702,8 @@ cdef class TopicTrie:
             grp = node_child_at(n, g)
             if grp == NULL or not (grp.flags & F_GROUP):
                 continue
+            if k == end:
+                break
             if self.policy_kind == 0:
                 idx = grp.nchildren % grp.nentries
                 grp.nchildren = idx + 1
@@ -1626,9 +1713,18 @@ cdef class TopicTrie:
                 self.rng ^= self.rng << 17
                 idx = <uint32_t>(self.rng % grp.nentries)
             e = &grp.entries[idx]
-            out.append((<object>self.subs[e.sid].obj, <int>(e.meta & M_QOS),
-                        (e.meta & M_RAP) != 0, (<long long>e.subid,) if e.subid else ()))
-        return 0
+            if e.subid:
+                PyList_SET_ITEM(outp, k, fmq_delivery(self.subs[e.sid].obj,
+                                                      QOS_OBJ[e.meta & M_QOS],
+                                                      RAP_OBJ[(e.meta & M_RAP) != 0],
+                                                      fmq_one_id(e.subid), 1))
+            else:
+                PyList_SET_ITEM(outp, k, fmq_delivery(self.subs[e.sid].obj,
+                                                      QOS_OBJ[e.meta & M_QOS],
+                                                      RAP_OBJ[(e.meta & M_RAP) != 0],
+                                                      <PyObject*>_NO_IDS, 0))
+            k += 1
+        return k
 
     cdef int share_by_callable(self, uint32_t nh, list out) except -1:
         # A callable may run arbitrary code (even change this trie), so copy

@@ -199,6 +199,7 @@ class BrokerCore:
         # from the publisher (see server.Broker._backpressure).
         self.pressured: set = set()
         self.soft_out = max(1, cfg.max_outgoing_bytes // 2)
+        self.soft_queue = max(1, cfg.max_queued_messages // 2) if cfg.max_queued_messages else 1 << 62
         self.max_out = cfg.max_outgoing_bytes
         self.max_inflight = cfg.max_inflight_messages
         self.max_queued = cfg.max_queued_messages
@@ -859,6 +860,7 @@ class BrokerCore:
                 return
             if conn.out_bytes > self.max_out:
                 self.stats.drop("qos0_slow")  # a slow reader loses QoS 0 first
+                self.pressured.add(conn)  # and the publisher is held back a little
                 return
             data = self._encode(conn, msg, 0, retain, subids, now)
             if data is not None:
@@ -930,6 +932,8 @@ class BrokerCore:
             if cs.persisted and victim.msg.msg_id:
                 self.store.remove_delivery(cs.client_id, victim.msg.msg_id)
         og.state = "queued"
+        if cs.conn is not None and len(q) > self.soft_queue:
+            self.pressured.add(cs.conn)  # connected but behind: ask for backpressure
         q.append(og)
         cs.queue_bytes += size
         if og.qos == 0:

@@ -52,7 +52,8 @@ log = logging.getLogger("fastmqtt.broker")
 
 RECV_SIZE = 65536
 FLUSH_TIMEOUT = 2.0
-STUCK_AFTER = 0.1  # a send_all pending this long: the receiver is not keeping up
+STUCK_AFTER = 0.5  # no send_all completed for this long: the receiver is not keeping up
+WAKE_READERS = 4  # held-back publishers let in per completed send
 
 
 def _open_store(config: BrokerConfig, stats: Stats):
@@ -101,8 +102,8 @@ class _Link:
     connection costs one parked task (its reader), not two.
     """
 
-    __slots__ = ("broker", "stream", "conn", "writing", "reader_scope", "done", "send_started",
-                 "drained")
+    __slots__ = ("broker", "stream", "conn", "writing", "reader_scope", "done", "last_done",
+                 "waiters")
 
     def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
         self.broker = broker
@@ -111,12 +112,16 @@ class _Link:
         self.writing = False
         self.reader_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None  # set when a writer ends, if someone waits
-        self.send_started: float | None = None  # trio time the current send_all began
-        self.drained: trio.Event | None = None  # set after a send_all, if someone waits
+        self.last_done = trio.current_time()  # when a send_all last completed
+        # Readers held back until this receiver's writer makes room (backpressure).
+        self.waiters = trio.lowlevel.ParkingLot()
 
     def __call__(self) -> None:
         if not self.writing:
             self.writing = True
+            # An idle receiver that gets output is not "stuck": progress is
+            # measured from here until its first send completes.
+            self.last_done = trio.current_time()
             self.broker._nursery.start_soon(self.broker._writer, self)
 
     def stop_reader(self) -> None:
@@ -271,20 +276,21 @@ class Broker:
         conns = [c for c in core.pressured if c is not publisher]
         core.pressured.clear()
         soft = core.soft_out
+        qsoft = core.soft_queue
         current_time = trio.current_time
         for c in conns:
             link = c.on_output
             if not isinstance(link, _Link):
                 continue
-            while c.out_bytes > soft and not c.closing:
-                started = link.send_started
-                if started is not None and current_time() - started > STUCK_AFTER:
+            while not c.closing:
+                cs = c.client
+                if c.out_bytes <= soft and (cs is None or len(cs.queue) <= qsoft):
                     break
-                if link.drained is None:
-                    link.drained = trio.Event()
-                with trio.move_on_after(STUCK_AFTER) as cs:
-                    await link.drained.wait()
-                if cs.cancelled_caught:
+                if current_time() - link.last_done > STUCK_AFTER:
+                    break  # not making progress: do not wait for it
+                with trio.move_on_after(STUCK_AFTER) as scope:
+                    await link.waiters.park()
+                if scope.cancelled_caught:
                     break
 
     def _violation(self, conn: ServerConnection, ev: ProtocolViolation) -> None:
@@ -341,13 +347,13 @@ class Broker:
                 while conn.outbox or conn.acks:
                     data = conn.take_output()
                     if data:
-                        link.send_started = t = current_time()
-                        ws.deadline = t + timeout
+                        ws.deadline = current_time() + timeout
                         await stream.send_all(data)
-                        link.send_started = None
-                        if link.drained is not None:
-                            link.drained.set()
-                            link.drained = None
+                        link.last_done = current_time()
+                        if link.waiters:
+                            # Let in a few held-back publishers, not all: each
+                            # may add about one read's worth of output.
+                            link.waiters.unpark(count=WAKE_READERS)
                         stats.bytes_sent += len(data)
                         cs_state = conn.client
                         if cs_state is not None and cs_state.queue and not conn.closing:

@@ -56,7 +56,7 @@ from ..enums import PropertyId, ReasonCode
 from ..errors import MalformedPacket
 from ..trie import RetainedStore, TopicTrie
 from .config import BrokerConfig
-from .interfaces import (AllowAll, DeliveryRecord, NullStore, SessionRecord, Snapshot, Stats,
+from .interfaces import (AllowAll, DeliveryRecord, NullStore, Snapshot, Stats,
                          SubscriptionRecord)
 
 __all__ = ["BrokerCore", "ClientState", "Message", "Outgoing"]

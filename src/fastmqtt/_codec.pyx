@@ -236,6 +236,21 @@ cdef tuple _tuple_append(tuple t, object value):
     return out
 
 
+cdef extern from "Python.h":
+    void Py_SET_SIZE(object o, Py_ssize_t n)
+
+
+cdef tuple _tuple_head(tuple t, Py_ssize_t n):
+    """``t`` cut to its first ``n`` items, in place. ``t`` is new and only
+    referenced by the caller, items ``n`` and up are NULL (never set), and
+    nothing has seen or hashed it: shrinking ``ob_size`` is what
+    ``_PyTuple_Resize`` does minus the realloc (the block stays 8 slots; the
+    freelist then reuses it for a tuple of ``n``, which fits)."""
+    if n < PyTuple_GET_SIZE(t):
+        Py_SET_SIZE(t, n)
+    return t
+
+
 cdef inline object _atomic(object container):
     """``container`` untracked by the cyclic GC: it holds only atomic values
     (str, int) or objects that are themselves untracked packets/tuples."""
@@ -1071,6 +1086,7 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     # Multi-valued properties are collected here and stored once, as tuples.
     cdef list users = None
     cdef tuple user_tuple = None
+    cdef Py_ssize_t nusers = 0
     cdef list subids = None
     cdef uint64_t seen = 0
     cdef long long ident, iv
@@ -1092,14 +1108,19 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
         name = <str>_PNAME[pid]
         if kind == T_PAIR:  # USER_PROPERTY, the only pair and the usual repeat
             value = _atomic((r_str(r, "USER_PROPERTY name"), r_str(r, "USER_PROPERTY value")))
-            # A few pairs grow a tuple in place of a list (no list, no resize,
-            # no final copy); many switch to a list to stay linear.
+            # Up to 8 pairs are gathered in a tuple sized 8 and cut to length
+            # once at the end (one allocation); more switch to a list.
             if users is not None:
                 users.append(value)
             elif user_tuple is None:
-                user_tuple = (value,)
-            elif PyTuple_GET_SIZE(user_tuple) < 8:
-                user_tuple = _tuple_append(user_tuple, value)
+                user_tuple = PyTuple_New(8)
+                Py_INCREF(value)
+                PyTuple_SET_ITEM(user_tuple, 0, value)
+                nusers = 1
+            elif nusers < 8:
+                Py_INCREF(value)
+                PyTuple_SET_ITEM(user_tuple, nusers, value)
+                nusers += 1
             else:
                 users = list(user_tuple)
                 users.append(value)
@@ -1145,7 +1166,7 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     if users is not None:
         props[<object>_PKEY[P_USER]] = _atomic(tuple(users))
     elif user_tuple is not None:
-        props[<object>_PKEY[P_USER]] = _atomic(user_tuple)
+        props[<object>_PKEY[P_USER]] = _atomic(_tuple_head(user_tuple, nusers))
     cdef bint alias = (seen >> P_TOPIC_ALIAS) & 1
     if has_alias != NULL:
         has_alias[0] = alias
@@ -1965,6 +1986,9 @@ cdef extern from *:
 
 cdef extern from "Python.h":
     bint PyDict_CheckExact(object o)
+    bint PyLong_CheckExact(object o)
+    Py_ssize_t PyList_GET_SIZE(object o)
+    PyObject* PyList_GET_ITEM(object o, Py_ssize_t i)
     int PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value) noexcept
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
 
@@ -2010,6 +2034,167 @@ cdef inline PropItem* _item(PropPlan* pl, int pid) noexcept:
     return it
 
 
+cdef extern from *:
+    """
+    /* Value of an int (or int subclass) known to be in 0..2**30-1, else -1;
+       no call, no allocation. */
+    #if PY_VERSION_HEX >= 0x030C0000
+    static inline long fastmqtt_small_int(PyObject *o) {
+        if (!PyUnstable_Long_IsCompact((PyLongObject *)o)) return -1;
+        Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject *)o);
+        return (v < 0 || v >= (1L << 30)) ? -1 : (long)v;
+    }
+    #else
+    static inline long fastmqtt_small_int(PyObject *o) {
+        Py_ssize_t size = Py_SIZE(o);
+        if (size == 0) return 0;
+        if (size == 1) return (long)((PyLongObject *)o)->ob_digit[0];
+        return -1;
+    }
+    #endif
+    """
+    long fastmqtt_small_int(PyObject* o) noexcept
+
+
+cdef inline bint _pair_fast(PyObject* pair, PropItem* it) noexcept:
+    """A USER_PROPERTY (name, value) tuple/list of two exact, valid strs."""
+    cdef PyObject* a
+    cdef PyObject* b
+    cdef Str sv
+    if type(<object>pair) is tuple:
+        if PyTuple_GET_SIZE(<object>pair) != 2:
+            return False
+        a = PyTuple_GET_ITEM(<object>pair, 0)
+        b = PyTuple_GET_ITEM(<object>pair, 1)
+    elif type(<object>pair) is list:
+        if PyList_GET_SIZE(<object>pair) != 2:
+            return False
+        a = PyList_GET_ITEM(<object>pair, 0)
+        b = PyList_GET_ITEM(<object>pair, 1)
+    else:
+        return False
+    if not PyUnicode_CheckExact(<object>a) or not PyUnicode_CheckExact(<object>b):
+        return False
+    if not _str_ok(<object>a, &sv):
+        return False
+    it.s1 = sv.s
+    it.n1 = sv.n
+    if not _str_ok(<object>b, &sv):
+        return False
+    it.s2 = sv.s
+    it.n2 = sv.n
+    return True
+
+
+cdef bint _plan_fast(object mapping, int ptype, PropPlan* pl) noexcept:
+    """``_plan_props`` for the usual case, with no Python API calls: keys are
+    property ids, values exact ints/strs/bytes and USER_PROPERTY a tuple or
+    list of (str, str). Fills ``pl`` (ids, values and items in ascending id
+    order) and returns True; returns False, leaving ``pl`` to be reset, on
+    anything else, and the general walk then decides (and words any error)."""
+    cdef Py_ssize_t pos = 0, j, m
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef PyObject* e
+    cdef long pid, iv
+    cdef int i, kind
+    cdef PropItem* it
+    cdef Str sv
+    cdef Py_ssize_t size = 0
+    while PyDict_Next(mapping, &pos, &k, &v):
+        if not PyLong_Check(<object>k):
+            return False
+        pid = fastmqtt_small_int(k)
+        if pid <= 0 or pid >= 64 or _PTYPE[pid] == 0 or not (_PALLOW[pid] & (1u << ptype)):
+            return False
+        if pl.n >= 48:
+            return False
+        i = pl.n
+        while i > 0 and pl.ids[i - 1] > pid:
+            pl.ids[i] = pl.ids[i - 1]
+            pl.vals[i] = pl.vals[i - 1]
+            i -= 1
+        pl.ids[i] = <unsigned char>pid
+        pl.vals[i] = v
+        pl.n += 1
+        if pid == P_TOPIC_ALIAS:
+            pl.has_alias = True
+    for i in range(pl.n):
+        pid = pl.ids[i]
+        v = pl.vals[i]
+        kind = _PTYPE[pid]
+        if kind <= T_VBI:
+            if not PyLong_CheckExact(<object>v):
+                return False
+            iv = fastmqtt_small_int(v)
+            if iv < 0 or (iv == 0 and _PNONZERO[pid]):
+                return False
+            if kind == T_BYTE:
+                if iv > (1 if _PBOOL[pid] else 0xFF):
+                    return False
+                size += 2
+            elif kind == T_U16:
+                if iv > 0xFFFF:
+                    return False
+                size += 3
+            elif kind == T_U32:
+                size += 5
+            else:
+                if iv > MAX_RL:
+                    return False
+                size += 1 + _vbi_len(iv)
+            if pl.nitems >= PLAN_ITEMS:
+                return False
+            it = &pl.items[pl.nitems]
+            pl.nitems += 1
+            it.pid = <unsigned char>pid
+            it.iv = iv
+        elif kind == T_STR:
+            if not PyUnicode_CheckExact(<object>v) or not _str_ok(<object>v, &sv):
+                return False
+            if pl.nitems >= PLAN_ITEMS:
+                return False
+            it = &pl.items[pl.nitems]
+            pl.nitems += 1
+            it.pid = <unsigned char>pid
+            it.s1 = sv.s
+            it.n1 = sv.n
+            size += 3 + sv.n
+        elif kind == T_BIN:
+            if not PyBytes_CheckExact(<object>v) or PyBytes_GET_SIZE(<object>v) > 0xFFFF:
+                return False
+            if pl.nitems >= PLAN_ITEMS:
+                return False
+            it = &pl.items[pl.nitems]
+            pl.nitems += 1
+            it.pid = <unsigned char>pid
+            it.s1 = PyBytes_AS_STRING(<object>v)
+            it.n1 = PyBytes_GET_SIZE(<object>v)
+            size += 3 + it.n1
+        else:  # T_PAIR
+            if type(<object>v) is tuple:
+                m = PyTuple_GET_SIZE(<object>v)
+            elif type(<object>v) is list:
+                m = PyList_GET_SIZE(<object>v)
+            else:
+                return False
+            if pl.nitems + m > PLAN_ITEMS:
+                return False
+            for j in range(m):
+                if type(<object>v) is tuple:
+                    e = PyTuple_GET_ITEM(<object>v, j)
+                else:
+                    e = PyList_GET_ITEM(<object>v, j)
+                it = &pl.items[pl.nitems]
+                pl.nitems += 1
+                it.pid = <unsigned char>pid
+                if not _pair_fast(e, it):
+                    return False
+                size += 5 + it.n1 + it.n2
+    pl.size = size
+    return True
+
+
 cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     """Validate a properties mapping for ``ptype`` and measure its encoding.
 
@@ -2028,6 +2213,14 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     cdef object mapping = <object>FASTMQTT_PROXY_MAPPING(props)
     if not PyDict_CheckExact(mapping):
         _fail(f"{_pname(ptype)} properties must be a dict-backed mapping")
+    if _plan_fast(mapping, ptype, pl):
+        return 0
+    # Something the fast path does not take (a subclass, a large int, an
+    # invalid value): the general walk below, which also words the errors.
+    pl.n = 0
+    pl.size = 0
+    pl.has_alias = False
+    pl.nitems = 0
     cdef Py_ssize_t pos = 0
     cdef PyObject* k
     cdef PyObject* v

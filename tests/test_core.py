@@ -292,7 +292,7 @@ def test_invalid_filter_closes_connection_MQTT_4_7_1_1():
     out = sub.send_bytes(_raw_subscribe(1, "a/#/b", 1))
     assert sub.conn.closing and sub.violations
     assert of(out, Disconnect)[0].reason_code in (0x81, 0x8F)
-    assert "s" not in core.clients or core.clients["s"].subs == {}
+    assert "s" not in core.clients or core.trie.subscriptions(core.clients["s"]) == []
 
 
 def test_resubscribe_replaces_MQTT_3_8_4_3():
@@ -661,7 +661,7 @@ def test_takeover_of_non_persistent_session_starts_fresh_MQTT_3_2_2_2():
     b = Peer(core, 4)
     out = b.connect("dup", clean_start=False)
     assert out[0].session_present is False  # the old session ended with its connection
-    assert core.clients["dup"].subs == {}
+    assert core.trie.subscriptions(core.clients["dup"]) == []
     assert core.clients["dup"].conn is b.conn
 
 

@@ -108,7 +108,7 @@ class ServerConnection:
         "topic_alias_maximum", "in_aliases", "out_alias_maximum", "out_aliases",
         "out_max_packet_size", "send_quota", "request_problem_info", "outbox",
         "out_bytes", "acks", "on_output", "closing", "close_reason", "violation",
-        "client", "peer", "will_on_close", "failed", "extra",
+        "client", "peer", "will_on_close", "failed", "lost", "extra",
     )
 
     def __init__(self, now: float = 0.0, *, max_packet_size: int = 268_435_460,
@@ -144,7 +144,8 @@ class ServerConnection:
         self.peer = ""
         self.will_on_close = True  # False after a normal DISCONNECT
         self.failed = False
-        self.extra: dict = {}
+        self.lost = False  # the core was told the connection ended
+        self.extra: dict | None = None  # free for the edge / plug-ins
 
     # ------------------------------------------------------------------ input
 

@@ -16,9 +16,9 @@ State per client id is a :class:`ClientState` ("session" in the spec). It
 outlives its connection when the session is persistent (v5 Session Expiry
 Interval > 0, or 3.1.1 Clean Session 0) and then holds:
 
-* ``subs``: the client's subscriptions (also in the shared :class:`TopicTrie`,
-  keyed by the ClientState object itself so ``match`` hands back the state
-  without a lookup);
+* its subscriptions live only in the shared :class:`TopicTrie`, keyed by the
+  ClientState object itself so ``match`` hands back the state without a
+  lookup (``trie.subscriptions(state)`` lists them);
 * ``inflight``: packet id -> :class:`Outgoing`, QoS 1/2 messages sent and not
   yet acknowledged (state ``sent``) or PUBREL'd (``released``). Bounded by the
   client's Receive Maximum and ``max_inflight_messages`` [MQTT-4.9.0-2];
@@ -70,6 +70,7 @@ _SUBID = P.SUBSCRIPTION_IDENTIFIER
 _ALIAS = P.TOPIC_ALIAS
 _WILL_DELAY = P.WILL_DELAY_INTERVAL
 _PINGRESP = b"\xd0\x00"
+_NO_IDS: frozenset = frozenset()  # shared empty incoming-QoS-2 set (saves ~200 B/session)
 _DROP_PROPS = (_ALIAS, _SUBID)
 
 
@@ -123,7 +124,7 @@ class Outgoing:
 class ClientState:
     """Session state of one client id (see the module docstring)."""
 
-    __slots__ = ("client_id", "conn", "version", "expiry", "username", "subs", "inflight",
+    __slots__ = ("client_id", "conn", "version", "expiry", "username", "inflight",
                  "queue", "queue_bytes", "queue_qos0", "incoming_qos2", "will", "will_delay", "next_pid",
                  "expires_at", "persisted", "__weakref__")
 
@@ -133,14 +134,13 @@ class ClientState:
         self.version = 4
         self.expiry = 0  # seconds the session outlives its connection
         self.username: str | None = None
-        self.subs: dict[str, SubscriptionRecord] = {}
         self.inflight: dict[int, Outgoing] = {}
         # An empty tuple until something is queued: an empty deque costs ~600
         # bytes, and most sessions never queue anything.
         self.queue: deque[Outgoing] | tuple = ()
         self.queue_bytes = 0
         self.queue_qos0 = 0  # QoS 0 entries in ``queue`` (the first to drop when full)
-        self.incoming_qos2: set[int] = set()
+        self.incoming_qos2: set[int] | frozenset = _NO_IDS  # a real set once used
         self.will: Message | None = None
         self.will_delay = 0
         self.next_pid = 1
@@ -430,12 +430,11 @@ class BrokerCore:
         if cs.persisted:
             self.store.delete_session(cs.client_id)
             cs.persisted = False
-        cs.subs.clear()
         cs.inflight.clear()
         cs.queue = ()
         cs.queue_bytes = 0
         cs.queue_qos0 = 0
-        cs.incoming_qos2.clear()
+        cs.incoming_qos2 = _NO_IDS
         pending = self.pending_wills.pop(cs.client_id, None)
         if pending is not None:
             # Session over before the will delay: publish now [MQTT-3.1.3-9].
@@ -563,6 +562,8 @@ class BrokerCore:
             conn.send_ack(ticket, _ack(0x40, pid, rc if v5 else 0))
         else:
             if rc < 0x80:
+                if not cs.incoming_qos2:
+                    cs.incoming_qos2 = set()
                 cs.incoming_qos2.add(pid)
                 if cs.persisted:
                     self.store.put_incoming_qos2(cs.client_id, pid)
@@ -671,11 +672,9 @@ class BrokerCore:
                     return
                 codes.append(0x8F if v5 else 0x80)
                 continue
-            rec = SubscriptionRecord(f, granted, sub.no_local, sub.retain_as_published,
-                                     sub.retain_handling, subid)
-            cs.subs[f] = rec
             if cs.persisted:
-                self.store.put_subscription(cs.client_id, rec)
+                self.store.put_subscription(cs.client_id, SubscriptionRecord(
+                    f, granted, sub.no_local, sub.retain_as_published, sub.retain_handling, subid))
             codes.append(granted)
             # Retained messages on subscribe [MQTT-3.3.1-9..11]; never for shared
             # subscriptions (section 4.8.2: retained messages are not sent to shared ones).
@@ -700,7 +699,6 @@ class BrokerCore:
                 codes.append(0x8F)
                 continue
             if removed:
-                cs.subs.pop(f, None)
                 if cs.persisted:
                     self.store.delete_subscription(cs.client_id, f)
             codes.append(0x00 if removed else 0x11)  # [MQTT-3.11.3-1]
@@ -1104,7 +1102,6 @@ class BrokerCore:
                                         sub.subscription_id)
                 except (MalformedPacket, ValueError):
                     continue
-                cs.subs[sub.topic_filter] = sub
             for d in rec.deliveries:
                 m = messages.get(d.msg_id)
                 if m is None:

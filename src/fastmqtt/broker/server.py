@@ -199,9 +199,9 @@ class Broker:
                 self._idle.set()
 
     def _lost(self, conn: ServerConnection) -> None:
-        if conn.extra.get("lost"):
+        if conn.lost:
             return
-        conn.extra["lost"] = True
+        conn.lost = True
         try:
             was = conn.client is not None
             self.core.connection_lost(conn, time.time())

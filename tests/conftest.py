@@ -5,6 +5,18 @@ import importlib
 import os
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis profiles. Every property test states its own example count, so a
+# profile changes only what a test leaves unset:
+#   ci  (CI=true): no per-example deadline (a shared 2-core runner makes wall
+#       clock timings meaningless), no example database (a fresh clone has none
+#       to replay and nothing would keep it), and a failure prints the
+#       @reproduce_failure blob so it can be replayed from the CI log alone.
+# HYPOTHESIS_PROFILE=name picks one explicitly (e.g. "ci" locally).
+settings.register_profile("ci", deadline=None, database=None, print_blob=True)
+_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _CI else "default"))
 
 pytest_plugins = [
     name

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--durability", choices=("sync", "batch"), help="fsync before acking (sync) or batch commits")
     a("--max-keepalive", type=int, metavar="SECONDS",
       help="largest keep alive allowed (v5 clients get Server Keep Alive)")
+    a("--max-publish-rate", type=float, metavar="N",
+      help="PUBLISH packets per second allowed per client (0 = no limit); over it:"
+           " v5 DISCONNECT 0x96, 3.1.1 closed")
     a("--password-file", metavar="F", help="Mosquitto-style password file")
     a("--acl-file", metavar="F", help="Mosquitto-style ACL file")
     a("--allow-anonymous", action=argparse.BooleanOptionalAction, default=None,
@@ -91,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
                       ("certfile", "certfile"), ("keyfile", "keyfile"), ("cafile", "cafile"),
                       ("metrics_port", "metrics_port"), ("data_dir", "data_dir"),
                       ("durability", "durability"), ("max_keepalive", "max_keepalive"),
+                      ("max_publish_rate", "max_publish_rate"),
                       ("password_file", "password_file"), ("acl_file", "acl_file"),
                       ("allow_anonymous", "allow_anonymous"), ("sys_interval", "sys_interval")):
         value = getattr(args, flag)

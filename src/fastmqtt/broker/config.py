@@ -89,6 +89,8 @@ class BrokerConfig:
     outbound_topic_aliases: bool = True  # assign aliases on messages we send (up to the client's max)
     share_policy: str = "round_robin"  # round_robin | random
     max_client_id_length: int = 65535
+    max_publish_rate: float = 0.0  # inbound PUBLISH per second per connection; 0 = no limit
+    publish_rate_burst: float | None = None  # token bucket size; None = max(1, max_publish_rate)
 
     # --- sessions and queues --------------------------------------------------
     max_session_expiry: int = 7 * DAY  # cap on a v5 client's Session Expiry Interval
@@ -107,6 +109,14 @@ class BrokerConfig:
     # --- $SYS and logs --------------------------------------------------------
     sys_interval: float = 10.0  # 0 = no $SYS topics
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here, not only in config_from_dict, so CLI flags and
+        # in-process configs get the same errors.
+        if self.max_publish_rate < 0:
+            raise ValueError("max_publish_rate must be >= 0 (0 = no limit)")
+        if self.publish_rate_burst is not None and self.publish_rate_burst < 1:
+            raise ValueError("publish_rate_burst must be >= 1")
 
     def listener_configs(self) -> list[ListenerConfig]:
         """The listeners to open: the ``[[listener]]`` tables, or one TCP listener

@@ -185,11 +185,18 @@ class BrokerCore:
         self.check_acl = not _is_allow_all(self.authorizer)
         self.stats = stats if stats is not None else Stats()
         self.history = history
+        if history is not None and self.check_acl and getattr(history, "authorize", False) is None:
+            # $history/<topic> requests read <topic>: only for clients the ACL
+            # lets subscribe to and receive from it (see can_read_history).
+            history.authorize = self.can_read_history
         self.trie = TopicTrie()
         self.trie.set_share_policy(self._share_policy)
         self.retained = RetainedStore()
         self.retained_bytes = 0
         self.clients: dict[str, ClientState] = {}
+        # Client ids restored from the store and not connected since: their user
+        # name is not persisted, so ACL re-checks must not treat them as anonymous.
+        self.username_unknown: set[str] = set()
         self.pending_wills: dict[str, tuple[Message, float]] = {}
         self.next_msg_id = 1
         self._rr: dict[tuple[str, str], int] = {}
@@ -300,6 +307,8 @@ class BrokerCore:
             self.clients[cid] = cs
         cs.conn = conn
         conn.client = cs
+        if self.username_unknown:
+            self.username_unknown.discard(cid)
         cs.version = version
         cs.expiry = expiry
         cs.expires_at = None
@@ -762,6 +771,61 @@ class BrokerCore:
             expires_at = now + props[_EXPIRY] if props and _EXPIRY in props else None
             self._route(Message.from_publish(pub, expires_at, ""), None, now)
 
+    def can_read_history(self, client_id: str, topic: str) -> bool:
+        """The ``authorize`` hook of the history service: may ``client_id`` read
+        the history of ``topic``? Only if the ACL would let it subscribe to
+        ``topic`` and deliver ``topic``'s messages to it, so ``$history/``
+        never reveals what a live subscription could not (a denied request is
+        answered with ``"error": "not authorized"``).
+
+        Args:
+            client_id: the requesting (connected) client.
+            topic: the topic name whose history is asked for.
+
+        Returns:
+            True when allowed.
+        """
+        cs = self.clients.get(client_id)
+        username = cs.username if cs is not None else None
+        auth = self.authorizer
+        return bool(auth.can_subscribe(client_id, username, topic)
+                    and auth.can_receive(client_id, username, topic))
+
+    def drop_stale_subscriptions(self) -> int:
+        """Remove every subscription the authorizer no longer allows (after an
+        ACL reload): from the trie and, for persistent sessions, from the store.
+
+        Deliveries are checked with ``can_receive`` either way, so this is about
+        not keeping (and persisting, and counting) subscriptions the new rules
+        would have refused with SUBACK 0x87. Sessions restored from the store
+        that have not reconnected yet are skipped: their user name is unknown
+        until they do.
+
+        Returns:
+            How many subscriptions were removed.
+        """
+        if not self.check_acl:
+            return 0
+        from .acl import stale_subscriptions
+
+        trie = self.trie
+        unknown = self.username_unknown
+        states = [cs for cs in self.clients.values() if cs.client_id not in unknown]
+        subs = [(cs.client_id, cs.username, sub[0]) for cs in states
+                for sub in trie.subscriptions(cs)]
+        removed = 0
+        for cid, topic_filter in stale_subscriptions(self.authorizer, subs):
+            cs = self.clients.get(cid)
+            if cs is None or not trie.unsubscribe(cs, topic_filter):
+                continue
+            removed += 1
+            if cs.persisted:
+                self.store.delete_subscription(cid, topic_filter)
+            log.info("client %s: subscription %r removed, no longer allowed by the ACL",
+                     cid, topic_filter)
+        self.stats.subscriptions = len(trie)
+        return removed
+
     def _retain(self, msg: Message) -> None:
         """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..7]."""
         topic = msg.topic
@@ -1120,6 +1184,7 @@ class BrokerCore:
             if rec.disconnected_at is None:
                 self.store.put_session(cs.client_id, cs.expiry, cs.version, now)
             self.clients[cs.client_id] = cs
+            self.username_unknown.add(cs.client_id)
         for topic, pub, expires_at in snap.retained:
             m = Message.from_publish(pub, expires_at, "")
             m.retain = True

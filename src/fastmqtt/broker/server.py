@@ -41,6 +41,7 @@ import trio
 
 from .. import __version__
 from ..codec import Connack, encode
+from ..enums import ReasonCode
 from ..session import ProtocolViolation, ServerConnection
 from .config import BrokerConfig, ListenerConfig
 from .core import BrokerCore
@@ -83,14 +84,20 @@ def _open_history(config: BrokerConfig, store):
     return open_history(config, store)
 
 
-def _listener_spec(lc: ListenerConfig):
+def _listener_spec(lc: ListenerConfig, config: BrokerConfig):
     from .listeners import ListenerSpec
 
+    # A WebSocket message must hold the largest MQTT packet the broker accepts
+    # (clients such as MQTT.js send one packet per message); never below the
+    # listener default, since one message may also carry several packets
+    # [MQTT-6.0.0-2]. The MQTT limit itself is enforced by the decoder (0x95).
+    ws_max = max(config.max_packet_size, ListenerSpec.ws_max_message_size)
     return ListenerSpec(type=lc.type, host=lc.host, port=lc.port, certfile=lc.certfile,
                         keyfile=lc.keyfile, cafile=lc.cafile,
                         require_certificate=lc.require_certificate, path=lc.path,
                         max_connections=lc.max_connections, connection_rate=lc.connection_rate,
-                        handshake_timeout=lc.handshake_timeout, name=lc.name)
+                        handshake_timeout=lc.handshake_timeout, ws_max_message_size=ws_max,
+                        name=lc.name)
 
 
 class _Link:
@@ -215,6 +222,9 @@ class Broker:
         stats = self.stats
         current_time = trio.current_time
         wall = time.time
+        # Per-connection publish rate limit: a local of this task, so it costs
+        # nothing (no object, no per-message work beyond one None test) when off.
+        limiter = self._publish_limiter()
         # One cancel scope per connection, its deadline moved after every read
         # (cheaper than a scope per receive): CONNECT timeout, then keep alive.
         while not conn.closing:
@@ -227,7 +237,8 @@ class Broker:
                             conn.close(None, "connection closed by client")
                         return
                     stats.bytes_received += len(data)
-                    events = conn.receive_data(data, current_time())
+                    mono = current_time()
+                    events = conn.receive_data(data, mono)
                     if events:
                         now = wall()
                         for ev in events:
@@ -238,6 +249,10 @@ class Broker:
                                 if not await self._connect(conn, ev):
                                     return
                                 now = wall()
+                            elif (limiter is not None and ev.packet_type == 3
+                                  and not limiter.allow(mono)):
+                                self._rate_exceeded(conn)
+                                return
                             else:
                                 core.handle(conn, ev, now)
                             if conn.closing:
@@ -292,6 +307,31 @@ class Broker:
                     await link.waiters.park()
                 if scope.cancelled_caught:
                     break
+
+    def _publish_limiter(self):
+        """A fresh token bucket for one connection, or None when
+        ``max_publish_rate`` is 0 (off)."""
+        rate = self.config.max_publish_rate
+        if not rate:
+            return None
+        from .security import RateLimiter
+
+        return RateLimiter(rate, self.config.publish_rate_burst)
+
+    def _rate_exceeded(self, conn: ServerConnection) -> None:
+        """A client published faster than ``max_publish_rate``: the PUBLISH is
+        dropped and the connection closed. v5 gets DISCONNECT 0x96 Message rate
+        too high first (section 3.14.2.1; nothing may follow a DISCONNECT and
+        the sender closes the connection [MQTT-3.14.4-1]/[MQTT-3.14.4-2]);
+        3.1.1 has no server DISCONNECT, so the connection is just closed. Not a
+        normal DISCONNECT, so the will is published [MQTT-3.1.2-8]."""
+        self.stats.drop("rate_limited")
+        log.warning("client %s (%s): more than %g PUBLISH/s (burst %g); disconnecting",
+                    conn.client_id, conn.peer, self.config.max_publish_rate,
+                    self.config.publish_rate_burst or max(1.0, self.config.max_publish_rate))
+        conn.will_on_close = True
+        conn.close(ReasonCode.MESSAGE_RATE_TOO_HIGH, "message rate too high",
+                   "message rate too high")
 
     def _violation(self, conn: ServerConnection, ev: ProtocolViolation) -> None:
         if conn.client is None:
@@ -408,6 +448,14 @@ class Broker:
             except Exception:
                 log.exception("housekeeping failed")
 
+    def reloaded(self) -> None:
+        """Run after the password/ACL files were reloaded (SIGHUP): drop the
+        subscriptions the new rules no longer allow (see
+        :meth:`BrokerCore.drop_stale_subscriptions`)."""
+        n = self.core.drop_stale_subscriptions()
+        if n:
+            log.info("ACL reload: %d subscription(s) no longer allowed were removed", n)
+
     async def aclose(self) -> None:
         """Graceful shutdown: v5 clients get DISCONNECT 0x8B, queued bytes are
         flushed (bounded by a short timeout), then the listeners close."""
@@ -469,7 +517,7 @@ async def serve(config: BrokerConfig | None = None, *,
         async with trio.open_nursery() as nursery:
             broker._nursery = nursery
             for lc in config.listener_configs():
-                spec = _listener_spec(lc)
+                spec = _listener_spec(lc, config)
                 host, port = await nursery.start(functools.partial(
                     serve_listener, spec, broker.handle_connection, stats=stats))
                 broker.ports.append(port)
@@ -492,7 +540,9 @@ async def serve(config: BrokerConfig | None = None, *,
                 except ImportError:  # TEMPORARY guard, like the other plug-ins
                     pass
                 else:
-                    await nursery.start(sighup_reloader, authenticator, authorizer)
+                    # After a reload, subscriptions the new ACL refuses are removed.
+                    await nursery.start(sighup_reloader, authenticator, authorizer,
+                                        broker.reloaded)
             task_status.started(broker)
     finally:
         with trio.CancelScope(shield=True):

@@ -55,6 +55,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTu
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy
 
+from collections.abc import Mapping as _Mapping
 from types import MappingProxyType as _MappingProxyType
 
 from .enums import (
@@ -258,6 +259,103 @@ cdef inline object _atomic(object container):
     return container
 
 
+
+# ------------------------------------------------------ decoded property mapping
+
+@cython.final
+@cython.no_gc
+cdef class _Properties:
+    """The read-only properties mapping of a decoded packet.
+
+    Behaves as ``types.MappingProxyType`` over a dict (it is registered as a
+    ``collections.abc.Mapping`` and compares equal to dicts and other
+    mappings), but is not a GC-tracked object: the private dict it wraps holds
+    only PropertyId keys and ints, strs, bytes and tuples of those (untracked),
+    and nothing can be added to it, so it can never be part of a reference
+    cycle. A decoded packet with properties then adds nothing to the cyclic
+    collector's work (a mappingproxy is tracked, and a batch of decoded packets
+    paid for it in every young collection)."""
+
+    cdef dict _d
+
+    def __cinit__(self):
+        self._d = {}
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __reversed__(self):
+        return reversed(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __contains__(self, key):
+        return key in self._d
+
+    def get(self, key, default=None):
+        return self._d.get(key, default)
+
+    def keys(self):
+        return self._d.keys()
+
+    def values(self):
+        return self._d.values()
+
+    def items(self):
+        return self._d.items()
+
+    def copy(self):
+        return self._d.copy()
+
+    def __or__(self, other):
+        if type(other) is _Properties:
+            return self._d | (<_Properties>other)._d
+        return self._d | other
+
+    def __ror__(self, other):
+        return other | self._d
+
+    def __eq__(self, other):
+        if type(other) is _Properties:
+            return self._d == (<_Properties>other)._d
+        if isinstance(other, dict):
+            return self._d == other
+        if isinstance(other, _Mapping):
+            return self._d == dict(other.items())
+        return NotImplemented
+
+    def __ne__(self, other):
+        result = self.__eq__(other)
+        if result is NotImplemented:
+            return result
+        return not result
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"mappingproxy({self._d!r})"
+
+    def __reduce__(self):
+        return (_properties_from_dict, (dict(self._d),))
+
+
+def _properties_from_dict(d):
+    """Unpickle a ``_Properties`` (as a read-only view of ``d``)."""
+    return _normalise_properties(d)
+
+
+cdef inline _Properties _new_properties(dict d):
+    cdef _Properties p = _Properties.__new__(_Properties)
+    p._d = d
+    return p
+
+
+_Mapping.register(_Properties)
+
 # ---------------------------------------------------------- property helpers
 
 cdef object _normalise_properties(object properties):
@@ -266,6 +364,8 @@ cdef object _normalise_properties(object properties):
     anything odd is kept as given so encode can refuse it."""
     if properties is None or properties is EMPTY:
         return EMPTY
+    if type(properties) is _Properties:
+        return properties  # decoded: already normalised and read-only
     try:
         items = list(properties.items())
     except AttributeError:
@@ -297,12 +397,16 @@ cdef inline object _props_arg(object properties):
         return None
     if isinstance(properties, MappingProxyType):
         return dict(properties)
+    if type(properties) is _Properties:
+        return dict((<_Properties>properties)._d)
     return properties
 
 
 cdef inline str _props_repr(object properties):
     if isinstance(properties, MappingProxyType):
         return repr(dict(properties))
+    if type(properties) is _Properties:
+        return repr((<_Properties>properties)._d)
     return repr(properties)
 
 
@@ -1171,11 +1275,10 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
     if has_alias != NULL:
         has_alias[0] = alias
     # The dict holds PropertyId keys (instances of a heap type, so CPython
-    # tracks the dict) and atomic values: it cannot be in a cycle. The view
-    # itself stays tracked: mappingproxy's dealloc unlinks it from the GC list
-    # unconditionally.
+    # tracks the dict) and atomic values: it cannot be in a cycle. The
+    # _Properties view around it is not a GC type either (see its docstring).
     PyObject_GC_UnTrack(props)
-    result = PyDictProxy_New(props)
+    result = _new_properties(props)
     if slot >= 0:
         raw = PyBytes_FromStringAndSize(<const char*>start, <Py_ssize_t>length)
         Py_INCREF(raw)
@@ -2206,11 +2309,15 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     pl.nitems = 0
     if props is EMPTY or props is None:
         return 0
-    if type(props) is not _ProxyType:
+    cdef object mapping
+    if type(props) is _Properties:
+        mapping = (<_Properties>props)._d
+    elif type(props) is not _ProxyType:
         # The constructor turned every mapping into a read-only view; anything
         # else was kept as given for this error.
         _fail(f"{_pname(ptype)} properties must be a mapping, not {type(props).__name__}")
-    cdef object mapping = <object>FASTMQTT_PROXY_MAPPING(props)
+    else:
+        mapping = <object>FASTMQTT_PROXY_MAPPING(props)
     if not PyDict_CheckExact(mapping):
         _fail(f"{_pname(ptype)} properties must be a dict-backed mapping")
     if _plan_fast(mapping, ptype, pl):

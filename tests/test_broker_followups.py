@@ -276,3 +276,28 @@ async def test_websocket_message_up_to_max_packet_size():
                 ack = await next_packet()
                 assert ack.packet_type == 4 and ack.packet_id == 1
             await broker.aclose()
+
+
+# ------------------------------------------------------------ idle memory
+
+
+async def test_idle_connection_keeps_no_lazy_structures():
+    # Per-connection objects most clients never use are created on first use
+    # (idle memory per connection, bench/test_broker.py idle scenario).
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            client = await Raw.open(broker.ports[0])
+            await client.connect("idle")
+            (conn,) = broker.connections
+            assert conn.in_aliases is None and conn.out_aliases is None
+            assert conn.on_output.waiters is None
+            # Topic aliases still work once used [MQTT-3.3.2-12].
+            assert await client.subscribe("al/#", qos=0) == [0]
+            await client.send(
+                Publish("al/x", b"1", 0, properties={PropertyId.TOPIC_ALIAS: 1}),
+                Publish("", b"2", 0, properties={PropertyId.TOPIC_ALIAS: 1}))
+            got = [await client.next() for _ in range(2)]
+            assert [(p.topic, p.payload) for p in got] == [("al/x", b"1"), ("al/x", b"2")]
+            assert conn.in_aliases == {1: "al/x"}
+            await broker.aclose()

@@ -127,9 +127,11 @@ class ServerConnection:
         self.max_qos = max_qos
         self.retain_available = retain_available
         self.topic_alias_maximum = topic_alias_maximum
-        self.in_aliases: dict[int, str] = {}
+        # Alias maps are created on first use (most clients use no aliases;
+        # an empty dict is 64 bytes per idle connection).
+        self.in_aliases: dict[int, str] | None = None
         self.out_alias_maximum = 0  # the client's Topic Alias Maximum
-        self.out_aliases: dict[str, int] = {}
+        self.out_aliases: dict[str, int] | None = None
         self.out_max_packet_size = 268_435_460  # the client's Maximum Packet Size
         self.send_quota = 65535  # the client's Receive Maximum [MQTT-3.3.4-9]
         self.request_problem_info = True
@@ -218,10 +220,13 @@ class ServerConnection:
             return ProtocolViolation(
                 0x94, f"Topic Alias {alias} outside 1..{self.topic_alias_maximum} [MQTT-3.3.2-9]")
         topic = packet.topic
+        aliases = self.in_aliases
         if topic:
-            self.in_aliases[alias] = topic
+            if aliases is None:
+                aliases = self.in_aliases = {}
+            aliases[alias] = topic
         else:
-            topic = self.in_aliases.get(alias)
+            topic = aliases.get(alias) if aliases is not None else None
             if topic is None:
                 return ProtocolViolation(0x82, f"Topic Alias {alias} was never set (section 3.3.2.3.4)")
         rest = {k: v for k, v in props.items() if k != _TOPIC_ALIAS}
@@ -340,11 +345,14 @@ class ServerConnection:
             topic [MQTT-3.3.2-12]. New aliases are handed out until the client's
             Topic Alias Maximum [MQTT-3.3.2-10]; after that topics go in full.
         """
-        alias = self.out_aliases.get(topic)
+        aliases = self.out_aliases
+        if aliases is None:
+            aliases = self.out_aliases = {}
+        alias = aliases.get(topic)
         if alias is not None:
             return alias, True
-        if len(self.out_aliases) < self.out_alias_maximum:
-            alias = len(self.out_aliases) + 1
-            self.out_aliases[topic] = alias
+        if len(aliases) < self.out_alias_maximum:
+            alias = len(aliases) + 1
+            aliases[topic] = alias
             return alias, False
         return 0, False

@@ -1075,7 +1075,8 @@ class BrokerCore:
             self.stats.drop("too_large")
             if version == 5 and alias and not known:
                 # The alias was never sent: forget it so the next message sets it.
-                conn.out_aliases.pop(msg.topic, None)
+                if conn.out_aliases is not None:
+                    conn.out_aliases.pop(msg.topic, None)
             return None
         return tpl
 

@@ -167,7 +167,7 @@ def make_server_ssl_context(spec: ListenerSpec) -> ssl.SSLContext:
 Handler = Callable[[trio.abc.Stream, ListenerSpec], Awaitable[Any]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per connection: no __dict__
 class ConnectionInfo:
     """What the listener knows about a connection, for authentication plug-ins.
 

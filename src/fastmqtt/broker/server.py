@@ -120,8 +120,10 @@ class _Link:
         self.reader_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None  # set when a writer ends, if someone waits
         self.last_done = trio.current_time()  # when a send_all last completed
-        # Readers held back until this receiver's writer makes room (backpressure).
-        self.waiters = trio.lowlevel.ParkingLot()
+        # Readers held back until this receiver's writer makes room
+        # (backpressure); created on first use: most connections never need
+        # it and an empty ParkingLot costs about 240 bytes.
+        self.waiters: trio.lowlevel.ParkingLot | None = None
 
     def __call__(self) -> None:
         if not self.writing:
@@ -257,6 +259,11 @@ class Broker:
                                 core.handle(conn, ev, now)
                             if conn.closing:
                                 return
+                        # Let the packets and the read buffer go before the
+                        # next read: an idle connection would otherwise keep
+                        # its last packet (the CONNECT) alive in this frame.
+                        events = ev = now = None
+                    data = mono = None
                     if core.pressured:
                         await self._backpressure(conn)
                     scope.deadline = conn.next_deadline()
@@ -303,8 +310,11 @@ class Broker:
                     break
                 if current_time() - link.last_done > STUCK_AFTER:
                     break  # not making progress: do not wait for it
+                waiters = link.waiters
+                if waiters is None:
+                    waiters = link.waiters = trio.lowlevel.ParkingLot()
                 with trio.move_on_after(STUCK_AFTER) as scope:
-                    await link.waiters.park()
+                    await waiters.park()
                 if scope.cancelled_caught:
                     break
 
@@ -390,7 +400,7 @@ class Broker:
                         ws.deadline = current_time() + timeout
                         await stream.send_all(data)
                         link.last_done = current_time()
-                        if link.waiters:
+                        if link.waiters is not None and link.waiters:
                             # Let in a few held-back publishers, not all: each
                             # may add about one read's worth of output.
                             link.waiters.unpark(count=WAKE_READERS)

@@ -1669,7 +1669,7 @@ cdef class TopicTrie:
                 ids = []
                 while j < nxs and <uint32_t>(self.xs[j] >> 32) == a:
                     v = self.xs[j] & 0xFFFFFFFFu
-                    if not ids or ids[-1] != v:
+                    if not ids or ids[len(ids) - 1] != v:  # no negative index: wraparound is off in release builds
                         ids.append(<long long>v)
                     j += 1
                 ac = &self.acc[a]

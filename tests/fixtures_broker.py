@@ -174,6 +174,7 @@ class BrokerProcess:
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
+        self._log_ended = False  # set by the reader when the current process's log ends
         self.run_start = 0  # index into the log lines where the current run began
 
     # -- command lines
@@ -221,6 +222,7 @@ class BrokerProcess:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=env, cwd=str(self.workdir),
                                      start_new_session=True, preexec_fn=_die_with_parent)
+        self._log_ended = False
         self._reader = threading.Thread(target=self._read_log, args=(self.proc,), daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout
@@ -254,6 +256,10 @@ class BrokerProcess:
                 self._cond.notify_all()
         proc.stdout.close()
         with self._cond:
+            # Set under the lock before the last wake-up, so a waiter never
+            # misses the end of the log (the thread may still look alive).
+            if proc is self.proc:  # not a previous run's reader finishing late
+                self._log_ended = True
             self._cond.notify_all()
 
     def _wait_lines(self, timeout: float) -> None:
@@ -332,8 +338,7 @@ class BrokerProcess:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return None
-                if self.proc is not None and self.proc.poll() is not None and not (
-                        self._reader and self._reader.is_alive()):
+                if self._log_ended:
                     return None
                 self._cond.wait(left)
 

@@ -110,6 +110,8 @@ def test_port_in_use_fails(broker, tmp_path):
     with pytest.raises(RuntimeError):
         other.start(timeout=15)
     assert other.proc.returncode not in (None, 0)
+    # One clear line, not a traceback.
+    assert "cannot start" in other.log() and "Traceback" not in other.log(), other.log()
 
 
 def test_verbose_logs_debug(broker_factory, raw):

@@ -136,6 +136,22 @@ async def _run(cfg: BrokerConfig) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _os_errors(exc: BaseException) -> list[OSError] | None:
+    """The OSErrors ``exc`` consists of (flattening exception groups), or None
+    when anything else is in it."""
+    if isinstance(exc, OSError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[OSError] = []
+        for sub in exc.exceptions:
+            errors = _os_errors(sub)
+            if errors is None:
+                return None
+            found.extend(errors)
+        return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fastmqtt-broker`` and ``python -m fastmqtt.broker``.
 
@@ -157,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(_run, cfg)
     except KeyboardInterrupt:
         return 0
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except (OSError, BaseExceptionGroup) as exc:
+        # A listener that cannot bind (port in use, no permission) reaches us
+        # inside trio's exception group: report it in one line, not a trace.
+        errors = _os_errors(exc)
+        if errors is None:
+            raise
+        for err in errors:
+            log.error("cannot start: %s", err)
         return 1
     log.info("stopped")
     return 0

@@ -72,6 +72,19 @@ def test_v311_empty_client_id_needs_clean_session_MQTT_3_1_3_8():
     assert ok[0].reason_code == 0
 
 
+@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("topic", ["a/+", "a/#", ""])
+def test_will_topic_must_be_a_valid_topic_name_MQTT_3_3_2_2(version, topic):
+    core = make_core()
+    peer = Peer(core, version)
+    out = peer.connect("w", will=Will(topic, b"gone"))
+    # v5: 0x90 Topic Name invalid; 3.1.1 has no such code: return code 3
+    # (decoded back as 0x88), as enums.CONNACK_V5_TO_V311 maps it.
+    assert out[0].reason_code == (0x90 if version == 5 else 0x88)
+    assert peer.conn.closing
+    assert Peer(core, version).connect("w2", will=Will("ok/t", b"gone"))[0].reason_code == 0
+
+
 def test_v5_connack_advertises_capabilities():
     core = make_core(receive_maximum=77, topic_alias_maximum=4, max_qos=1)
     props = Peer(core, 5).connect("a")[0].properties

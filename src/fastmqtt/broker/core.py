@@ -54,6 +54,7 @@ from typing import Any
 from ..codec import Connack, Publish, PublishTemplate, Suback, Unsuback, encode
 from ..enums import PropertyId, ReasonCode
 from ..errors import MalformedPacket
+from ..topics import validate_topic_name
 from ..trie import RetainedStore, TopicTrie
 from .config import BrokerConfig
 from .interfaces import (AllowAll, DeliveryRecord, NullStore, Snapshot, Stats,
@@ -263,6 +264,15 @@ class BrokerCore:
         if len(cid) > cfg.max_client_id_length:
             self.reject(conn, ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "client id too long")
             return False
+        if pkt.will is not None:
+            try:
+                validate_topic_name(pkt.will.topic)
+            except MalformedPacket as exc:
+                # The will is published as a PUBLISH, so its topic obeys the
+                # topic-name rules [MQTT-3.3.2-2]: refuse it now rather than
+                # fail when the will fires.
+                self.reject(conn, ReasonCode.TOPIC_NAME_INVALID, f"will topic: {exc}")
+                return False
         conn.client_id = cid
         conn.username = pkt.username
 

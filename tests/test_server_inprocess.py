@@ -12,51 +12,11 @@ import paho.mqtt.client as mqtt
 import pytest
 import trio
 
-from fastmqtt.broker.config import BrokerConfig
 from fastmqtt.broker.server import serve
-from fastmqtt.codec import (Connect, Decoder, Disconnect, Pingreq, Puback, Publish, Subscribe,
-                            Subscription, Will, encode)
+from fastmqtt.codec import (Disconnect, Pingreq, Puback, Publish, Subscribe, Subscription,
+                            Will)
 from fastmqtt.enums import PropertyId
-
-
-def config(**kw):
-    kw.setdefault("host", "127.0.0.1")
-    kw.setdefault("port", 0)
-    kw.setdefault("persistence", False)
-    kw.setdefault("sys_interval", 0)
-    return BrokerConfig(**kw)
-
-
-class Raw:
-    """A minimal trio MQTT client speaking through our codec."""
-
-    def __init__(self, stream, version):
-        self.stream = stream
-        self.version = version
-        self.decoder = Decoder(version)
-        self.pending = []
-
-    @classmethod
-    async def open(cls, port, version=5):
-        return cls(await trio.open_tcp_stream("127.0.0.1", port), version)
-
-    async def send(self, *packets):
-        await self.stream.send_all(b"".join(encode(p, self.version) for p in packets))
-
-    async def next(self):
-        """Next packet, or None at EOF."""
-        while not self.pending:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.pending += self.decoder.feed(data)
-        return self.pending.pop(0)
-
-    async def connect(self, cid, **kw):
-        await self.send(Connect(cid, protocol_level=self.version, **kw))
-        ack = await self.next()
-        assert ack.packet_type == 2 and ack.reason_code == 0
-        return ack
+from inprocess import Raw, config
 
 
 def paho_roundtrip(port, version):

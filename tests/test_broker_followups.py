@@ -6,7 +6,6 @@ maximum packet size."""
 import json
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -135,9 +134,6 @@ async def test_history_request_respects_acl(tmp_path):
 # ------------------------------------------------------------ SIGHUP reload
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                    reason="the broker installs its SIGHUP handler only in the main thread")
 async def test_sighup_acl_reload_removes_stale_subscriptions(tmp_path):
     acl = tmp_path / "acl"
     acl.write_text("user admin\ntopic readwrite #\nuser alice\ntopic readwrite a/#\n"

@@ -179,6 +179,60 @@ async def test_slow_consumer_is_disconnected_others_unaffected():
             await broker.aclose()
 
 
+async def test_fan_in_burst_to_a_reading_subscriber_drops_nothing():
+    # Many publishers whose reads each hold far more than the receiver's soft
+    # limit of unsent bytes (half of max_outgoing_bytes) become readable at
+    # once. The receiver reads: its publishers must wait for its writer in the
+    # middle of a read rather than overflow its buffer, so no QoS 0 message
+    # is dropped (drops are for receivers that stop reading).
+    import socket
+
+    from fastmqtt.codec import Connect, encode
+
+    n_pubs, per_pub = 20, 800
+    cfg = config(max_outgoing_bytes=64 * 1024)
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, cfg)
+            port = broker.ports[0]
+            sub = await Raw.open(port)
+            await sub.connect("fanin-sub")
+            await sub.subscribe("fanin", qos=0)
+            burst = encode(Publish("fanin", b"m" * 64), 5) * per_pub  # about 60 KB
+            pubs = []
+            # Plain blocking sockets, written without giving the broker a turn:
+            # every publisher's CONNECT and burst is waiting when it runs.
+            for i in range(n_pubs):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.sendall(encode(Connect(f"fanin-p{i}"), 5) + burst + encode(Pingreq(), 5))
+                pubs.append(s)
+            received = 0
+
+            async def drain():
+                nonlocal received
+                while received < n_pubs * per_pub:
+                    pkt = await sub.next()
+                    assert isinstance(pkt, Publish), pkt
+                    received += 1
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(drain)
+                # PINGRESP on every publisher: the broker has routed its burst.
+                for s in pubs:
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(s))
+                    reply = b""
+                    while not reply.endswith(b"\xd0\x00"):
+                        chunk = await stream.receive_some(4096)
+                        assert chunk, "publisher disconnected"
+                        reply += chunk
+                    assert reply[:1] == b"\x20"  # CONNACK first, then the PINGRESP
+                assert broker.stats.publish_dropped == {}
+            assert received == n_pubs * per_pub
+            for s in pubs:
+                s.close()
+            await broker.aclose()
+
+
 async def test_v5_topic_alias_and_expiry_through_the_socket():
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

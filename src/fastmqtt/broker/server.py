@@ -259,13 +259,21 @@ class Broker:
                                 core.handle(conn, ev, now)
                             if conn.closing:
                                 return
+                            if core.pressured:
+                                # A receiver fell behind: wait for its writer
+                                # before routing the rest of this read, not
+                                # after it (one read holds hundreds of
+                                # messages; with many publishers the receiver's
+                                # buffer would overflow in between).
+                                await self._backpressure(conn)
+                                if conn.closing:
+                                    return
+                                now = wall()
                         # Let the packets and the read buffer go before the
                         # next read: an idle connection would otherwise keep
                         # its last packet (the CONNECT) alive in this frame.
                         events = ev = now = None
                     data = mono = None
-                    if core.pressured:
-                        await self._backpressure(conn)
                     scope.deadline = conn.next_deadline()
             link.reader_scope = None
             if conn.closing:
@@ -283,8 +291,11 @@ class Broker:
                 return
 
     async def _backpressure(self, publisher: ServerConnection) -> None:
-        """Before reading more from ``publisher``, let the writers of receivers
-        whose unsent bytes passed half of ``max_outgoing_bytes`` catch up.
+        """Before routing the next packet from ``publisher``, let the writers of
+        receivers whose unsent bytes passed half of ``max_outgoing_bytes``
+        catch up (called between packets of one read, so a receiver fed by
+        many publishers overshoots that mark by about one message each, not
+        by one read each).
 
         Without this, many busy readers starve a receiver's writer of turns on
         the event loop and its buffer overflows although the receiver reads

@@ -536,6 +536,33 @@ def test_policy_callable_may_change_the_trie(trie):
     assert len(t) == 0
 
 
+@pytest.mark.parametrize("extra", [0, 40], ids=["few-subscriptions", "many-subscriptions"])
+def test_unsubscribe_finds_exactly_the_filter_given(trie, extra):
+    # The compiled trie finds a few-subscription client's filter among its own
+    # subscriptions (matching each node's path upward) and walks from the root
+    # for a client with many; both must tell apart filters that share their
+    # last level, differ only by an empty level, or by a $share prefix.
+    t = trie.TopicTrie()
+    for i in range(extra):
+        t.subscribe("c", f"pad/{i}")
+    similar = ["a/x", "b/x", "x", "a//x", "/x", "a/+/x", "$share/g/a/x", "$share/h/a/x",
+               "$share/g/x", "a/x/#", "+/x"]
+    for f in similar:
+        t.subscribe("c", f, qos=1)
+    assert t.unsubscribe("c", "q/x") is False
+    assert t.unsubscribe("c", "a/a/x") is False
+    assert t.unsubscribe("c", "$share/q/a/x") is False
+    assert t.unsubscribe("c", "a") is False
+    left = list(similar)
+    for f in ["$share/g/a/x", "a//x", "x", "+/x", "a/x", "/x", "$share/g/x", "b/x",
+              "a/x/#", "$share/h/a/x", "a/+/x"]:
+        assert t.unsubscribe("c", f) is True, f
+        assert t.unsubscribe("c", f) is False, f
+        left.remove(f)
+        assert sorted(s[0] for s in t.subscriptions("c") if not s[0].startswith("pad/")) == sorted(left)
+    assert len(t) == extra
+
+
 # -- pruning ------------------------------------------------------------------------------
 
 

@@ -22,13 +22,17 @@ subscriptions.
 *Subscribers.* A subscriber (any hashable) is interned to a small integer
 ``sid`` through an open-addressing table of sids keyed by the object's hash
 (plus a one-entry identity cache, since a SUBSCRIBE carries several filters of
-one client). One 40-byte ``Sub`` record per sid holds the object, the match
-scratch (generation stamp, accumulator slot) and the subscriber's ``Ref`` list
-(node, index of its entry there). Each node holds an ``Entry`` array (sid,
+one client). One 32-byte ``Sub`` record per sid (the array is cache-line aligned, so
+a record is one line) holds the object, the match scratch (generation stamp,
+accumulator slot) and the subscriber's ``Ref`` list (node, index of its entry
+there; its capacity class shares a word with the stamp). Each node holds an ``Entry`` array (sid,
 subscription identifier, options and the index of the matching Ref in one
 word). Entry and Ref point at each other, so removing a subscription is O(1)
-once found, and finding one scans whichever of the node's entries or the
-subscriber's refs is shorter. That is 24 bytes per subscription plus array
+once found. unsubscribe() finds the filter among a client's few Refs by
+checking each Ref's node path upward (their nodes load together), instead of
+a walk from the root that costs a dependent cache miss per level; a client
+with many subscriptions walks, then scans whichever of the node's entries or
+its refs is shorter. That is 24 bytes per subscription plus array
 slack (arrays grow ~1.25x and fill their allocator size class).
 
 *Cache misses* are what a million subscriptions cost, so the code overlaps
@@ -66,7 +70,7 @@ from cpython.object cimport (PyObject_Hash, PyObject_RichCompareBool, Py_EQ, PyT
                              traverseproc, visitproc, inquiry)
 from libc.string cimport memcmp, memcpy, memmove, memset, memchr
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport qsort
+from libc.stdlib cimport qsort, free
 
 from fastmqtt.errors import MalformedPacket as _MalformedPacket
 import random as _random
@@ -143,6 +147,7 @@ cdef extern from *:
         uint8_t flags
         char key[1]
     size_t FMQ_NODE_HEAD
+    int posix_memalign(void** p, size_t align, size_t size) nogil
     void fmq_prefetch(const void*) noexcept nogil
     PyObject* fmq_delivery(PyObject* obj, PyObject* qos, PyObject* rap, PyObject* ids,
                            int steal_ids) except NULL
@@ -170,8 +175,10 @@ cdef int PROTOCOL_ERROR = 0x82
 cdef Py_ssize_t MAX_UTF8 = 65535
 cdef uint32_t MAX_SUBSCRIPTION_ID = 268435455
 cdef uint32_t LINEAR_MAX = 8
+cdef uint32_t REF_SCAN = 16      # unsubscribe: scan the subscriber's Refs up to this many
 cdef uint32_t MAX_REFS = 1 << 24   # refpos lives in 24 bits of Entry.meta
 cdef uint32_t NO_SID = 0xFFFFFFFFu
+cdef uint32_t STAMP_MASK = 0xFFFFFFu   # Sub.stamp: generation bits (the rest: refs class)
 cdef uint32_t GROUP_SALT = 0x9E3779B9u
 cdef uint64_t PTR_MASK = 0x0000FFFFFFFFFFFFu
 
@@ -200,8 +207,8 @@ cdef struct Sub:
     PyObject* obj        # strong reference; NULL when the sid is free
     Ref* refs            # this subscriber's subscriptions
     uint32_t nrefs
-    uint32_t rcap
-    uint32_t stamp       # match generation that last reached this subscriber
+    uint32_t stamp       # low 24 bits: match generation that last reached this
+                         # subscriber; top 8: capacity class of refs (ECAP)
     uint32_t slot        # its accumulator index in that match; next free sid when free
     uint32_t hash        # low 32 bits of hash(obj)
 
@@ -674,6 +681,23 @@ cdef void node_prune(Node* n) noexcept:
         n = p
 
 
+cdef bint node_path_is(Node* n, Levels* lv, Node* root) noexcept:
+    """Whether n (a filter's node, or its shared group node) stands for lv's filter."""
+    cdef int i = <int>lv.n - 1
+    if lv.share != NULL:
+        if not node_is(n, lv.share, lv.share_len, F_GROUP):
+            return False
+        n = n.parent
+    while i >= 0:
+        if n == NULL or n == root or (n.flags & F_GROUP):
+            return False
+        if not node_is(n, lv.buf + lv.off[i], lv.len[i], 0):
+            return False
+        n = n.parent
+        i -= 1
+    return n == root
+
+
 cdef object node_text(Node* n):
     """The filter (or topic) a node stands for, rebuilt from the parents."""
     cdef Node* p = n
@@ -817,7 +841,7 @@ cdef class TopicTrie:
                 if self.subs[i].obj != NULL:
                     Py_DECREF(<object>self.subs[i].obj)
                     PyMem_Free(self.subs[i].refs)
-        PyMem_Free(self.subs)
+        free(self.subs)
         PyMem_Free(self.stab)
         PyMem_Free(self.stk_node)
         PyMem_Free(self.stk_level)
@@ -840,7 +864,7 @@ cdef class TopicTrie:
                     held.append(<object>self.subs[i].obj)
                     Py_DECREF(<object>self.subs[i].obj)
                     PyMem_Free(self.subs[i].refs)
-            PyMem_Free(self.subs)
+            free(self.subs)
             self.subs = NULL
         PyMem_Free(self.stab)
         self.stab = NULL
@@ -917,9 +941,14 @@ cdef class TopicTrie:
         else:
             if self.sid_used == self.sid_cap:
                 newcap = grow(self.sid_cap) + 15
-                p = PyMem_Realloc(self.subs, newcap * sizeof(Sub))
-                if p == NULL:
+                # Cache-line aligned, so a 32-byte record never straddles two
+                # lines (match() touches obj and stamp of one record: one miss).
+                p = NULL
+                if posix_memalign(&p, 64, newcap * sizeof(Sub)) != 0:
                     raise MemoryError()
+                if self.sid_used:
+                    memcpy(p, self.subs, self.sid_used * sizeof(Sub))
+                free(self.subs)
                 self.subs = <Sub*>p
                 self.sid_cap = newcap
             sid = self.sid_used
@@ -958,7 +987,7 @@ cdef class TopicTrie:
             i = j
         PyMem_Free(self.subs[sid].refs)
         self.subs[sid].refs = NULL
-        self.subs[sid].rcap = 0
+        self.subs[sid].stamp = 0    # refs class 0: no array
         self.subs[sid].nrefs = 0
         self.subs[sid].slot = self.free_sid
         self.free_sid = sid
@@ -1028,13 +1057,15 @@ cdef class TopicTrie:
                 raise MemoryError()
             t.entries = e
             t.ecls += 1
-        if rec.nrefs == rec.rcap:
-            cap = <uint32_t>fill_class(grow(rec.rcap), sizeof(Ref))
-            r = <Ref*>PyMem_Realloc(rec.refs, cap * sizeof(Ref))
+        if rec.nrefs == ECAP[rec.stamp >> 24]:
+            # Refs grow through the same capacity classes as entries (a Ref
+            # is an Entry's size), so the class fits the top byte of stamp.
+            cap = (rec.stamp >> 24) + 1
+            r = <Ref*>PyMem_Realloc(rec.refs, ECAP[cap] * sizeof(Ref))
             if r == NULL:
                 raise MemoryError()
             rec.refs = r
-            rec.rcap = cap
+            rec.stamp = (rec.stamp & STAMP_MASK) | (cap << 24)
         e = &t.entries[t.nentries]
         e.sid = sid
         e.subid = subid
@@ -1080,11 +1111,15 @@ cdef class TopicTrie:
             m = &moved.node.entries[moved.pos]
             m.meta = (m.meta & M_OPTS) | (refpos << M_REF_SHIFT)
         rec.nrefs = last
-        if last * 4 < rec.rcap and rec.rcap > 8:
-            moved = <Ref*>PyMem_Realloc(rec.refs, (last * 2) * sizeof(Ref))
+        c = rec.stamp >> 24
+        if last * 4 < ECAP[c] and ECAP[c] > 8:
+            want = last * 2
+            while c > 0 and ECAP[c - 1] >= want:
+                c -= 1
+            moved = <Ref*>PyMem_Realloc(rec.refs, ECAP[c] * sizeof(Ref))
             if moved != NULL:
                 rec.refs = moved
-                rec.rcap = last * 2
+                rec.stamp = (rec.stamp & STAMP_MASK) | (<uint32_t>c << 24)
         last = t.nentries - 1
         if t.flags & F_GROUP:
             # Members keep subscription order, so round robin stays predictable.
@@ -1257,6 +1292,32 @@ cdef class TopicTrie:
         if t != NULL:
             node_prune(t)
 
+    cdef Py_ssize_t ref_of(self, uint32_t sid, Levels* lv) noexcept:
+        """Index of sid's Ref whose node stands for lv's filter, or -1 (checked
+        from the subscriber's own few Refs upward through the parents, so no
+        walk down from the root)."""
+        cdef Sub* rec = &self.subs[sid]
+        cdef Ref* refs = rec.refs
+        cdef uint32_t r, nr = rec.nrefs, last = lv.n - 1
+        cdef const char* key
+        cdef uint32_t klen
+        cdef uint8_t group = F_GROUP if lv.share != NULL else 0
+        cdef Node* n
+        if lv.share != NULL:
+            key = lv.share
+            klen = lv.share_len
+        else:
+            key = lv.buf + lv.off[last]
+            klen = lv.len[last]
+        # Every candidate node's miss at once, then compare.
+        for r in range(nr):
+            fmq_prefetch(refs[r].node)
+        for r in range(nr):
+            n = refs[r].node
+            if node_is(n, key, klen, group) and node_path_is(n, lv, self.root):
+                return r
+        return -1
+
     def unsubscribe(self, subscriber, topic_filter):
         """Remove one subscription.
 
@@ -1275,10 +1336,8 @@ cdef class TopicTrie:
         cdef Py_ssize_t i
         cdef uint32_t sid = NO_SID
         cdef Py_hash_t h = 0
-        cdef uint64_t m0
+        cdef Sub* rec
         cdef bint cached = <PyObject*>subscriber == self.last_obj
-        # As in subscribe: overlap the subscriber lookup with the walk, and
-        # walk again if user __eq__ changed anything.
         if cached:
             sid = self.last_sid
         else:
@@ -1286,23 +1345,31 @@ cdef class TopicTrie:
             self.stab_prefetch_slot(h)
         levels_init(&lv)
         try:
-            parse_filter(&lv, topic_filter)
+            parse_filter(&lv, topic_filter)     # while the table slot loads
             if not cached:
                 self.stab_prefetch_record(h)
-            t = self.find_node(&lv, False)
-            if not cached:
-                m0 = self.mutations
-                sid = self.sid_find(subscriber, h)
-                if sid != NO_SID:
-                    self.last_obj = self.subs[sid].obj
-                    self.last_sid = sid
-                if self.mutations != m0:
-                    t = self.find_node(&lv, False)
-            if sid == NO_SID or t == NULL:
-                return False
-            i = self.entry_find(t, sid)
-            if i < 0:
-                return False
+                sid = self.sid_find(subscriber, h)  # may run user __eq__
+                if sid == NO_SID:
+                    return False
+                self.last_obj = self.subs[sid].obj
+                self.last_sid = sid
+            rec = &self.subs[sid]
+            if rec.nrefs <= REF_SCAN:
+                # A client has a few subscriptions: find this one among them
+                # (their nodes load together) instead of walking from the root
+                # through one dependent cache miss per level.
+                i = self.ref_of(sid, &lv)
+                if i < 0:
+                    return False
+                t = rec.refs[i].node
+                i = rec.refs[i].pos
+            else:
+                t = self.find_node(&lv, False)
+                if t == NULL:
+                    return False
+                i = self.entry_find(t, sid)
+                if i < 0:
+                    return False
             self.entry_remove(t, <uint32_t>i)
             node_prune(t)
         finally:
@@ -1565,9 +1632,9 @@ cdef class TopicTrie:
             levels_free(&lv)
         # New generation; on wrap-around clear every stamp once.
         self.stamp += 1
-        if self.stamp == 0:
+        if self.stamp > STAMP_MASK:
             for k in range(self.sid_used):
-                self.subs[k].stamp = 0
+                self.subs[k].stamp &= ~STAMP_MASK
             self.stamp = 1
         stamp = self.stamp
         info = self.subs
@@ -1604,8 +1671,8 @@ cdef class TopicTrie:
                     continue    # no_local [MQTT-3.8.3-3]
                 qr = e.meta & (M_QOS | M_RAP)
                 si = &info[sid]
-                if si.stamp != stamp:
-                    si.stamp = stamp
+                if (si.stamp & STAMP_MASK) != stamp:
+                    si.stamp = (si.stamp & ~STAMP_MASK) | stamp
                     si.slot = nacc
                     ac = &self.acc[nacc]
                     nacc += 1

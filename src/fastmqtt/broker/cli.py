@@ -7,6 +7,7 @@ import io
 import logging
 import signal
 import sys
+import time
 
 import trio
 
@@ -35,17 +36,56 @@ class _LogHandler(logging.StreamHandler):
         except (AttributeError, OSError, ValueError):  # no real stderr (embedded, tests)
             stream = sys.stderr
         super().__init__(stream)
+        self._urgent: dict[str, bool] = {}  # format string -> flush at once?
+
+    def _is_urgent(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        fmt = record.msg if isinstance(record.msg, str) else str(record.msg)
+        urgent = self._urgent.get(fmt)
+        if urgent is None:  # decided once per format string, not per line
+            urgent = any(u in fmt for u in self._URGENT)
+            if len(self._urgent) < 1000:
+                self._urgent[fmt] = urgent
+        return urgent
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = self.format(record)
             with self.lock:
                 self.stream.write(msg + "\n")
-                if record.levelno >= logging.WARNING or msg.find(" listening on ") > 0 or any(
-                        u in msg for u in self._URGENT):
+                if self._is_urgent(record):
                     self.stream.flush()
         except Exception:
             self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    """The standard format, with the date and time text made once per second
+    instead of once per line (``time.strftime`` is a good part of the cost
+    of a log line, and the broker logs one per connect and disconnect)."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return self.default_msec_format % (self._text, record.msecs)
+
+
+def _lean_records() -> None:
+    """Skip what every log record would otherwise compute and the broker's
+    format never shows: the caller's file and line (a stack walk), thread,
+    process and task names (the "Optimization" table of the logging HOWTO)."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmqtt-broker: bad configuration: {exc}", file=sys.stderr)
         return 2
     handler = _LogHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    _lean_records()
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO,
                         handlers=[handler])
     log.info("fastmqtt-broker %s starting", __version__)

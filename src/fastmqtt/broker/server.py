@@ -109,14 +109,20 @@ class _Link:
     connection costs one parked task (its reader), not two.
     """
 
-    __slots__ = ("broker", "stream", "conn", "writing", "reader_scope", "done", "last_done",
-                 "waiters")
+    __slots__ = ("broker", "stream", "conn", "writing", "holding", "try_send", "reader_scope",
+                 "done", "last_done", "waiters")
 
     def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
         self.broker = broker
         self.stream = stream
         self.conn = conn
         self.writing = False
+        # True while the connection's own reader handles packets: output they
+        # cause (CONNACK, SUBACK, PUBACK, ...) waits for the reader's flush
+        # before its next await, which sends it directly when the socket
+        # takes it all (no writer task; see Broker._flush).
+        self.holding = False
+        self.try_send = getattr(stream, "try_send", None)  # plain TCP only
         self.reader_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None  # set when a writer ends, if someone waits
         self.last_done = trio.current_time()  # when a send_all last completed
@@ -126,7 +132,7 @@ class _Link:
         self.waiters: trio.lowlevel.ParkingLot | None = None
 
     def __call__(self) -> None:
-        if not self.writing:
+        if not self.writing and not self.holding:
             self.writing = True
             # An idle receiver that gets output is not "stuck": progress is
             # measured from here until its first send completes.
@@ -176,22 +182,29 @@ class Broker:
             topic_alias_maximum=cfg.topic_alias_maximum, connect_timeout=cfg.connect_timeout,
             keepalive_grace=cfg.keepalive_grace, max_qos=cfg.max_qos,
             retain_available=cfg.retain_available)
-        conn.peer = _peer_name(stream)
+        peer = getattr(stream, "peer", None)
+        conn.peer = f"{peer[0]}:{peer[1]}" if peer else _peer_name(stream)
         link = _Link(self, stream, conn)
         conn.on_output = link
         self.connections.add(conn)
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        if self._idle.is_set():
+            self._idle = trio.Event()
         try:
             try:
                 await self._reader(stream, conn, link)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                link.holding = False
                 conn.close(None, f"connection lost: {exc or type(exc).__name__}")
             except Exception:
+                link.holding = False
                 log.exception("client %s (%s): internal error", conn.client_id or "?", conn.peer)
                 conn.will_on_close = True
                 conn.close(0x83, "internal error", "implementation specific error")
             finally:
+                link.holding = False
                 conn.close(None, "connection closed")
+                if not link.writing and (conn.outbox or conn.acks):
+                    link()  # what the reader left (a CONNACK refusal, a DISCONNECT)
                 self._lost(conn)
             # Let the writer flush what is queued (a DISCONNECT included), bounded.
             if link.writing:
@@ -243,12 +256,15 @@ class Broker:
                     events = conn.receive_data(data, mono)
                     if events:
                         now = wall()
+                        # Output caused by these packets goes out in one
+                        # direct send below (see _Link.holding).
+                        link.holding = True
                         for ev in events:
                             if ev.__class__ is ProtocolViolation:
                                 self._violation(conn, ev)
                                 return
                             if ev.packet_type == 1:
-                                if not await self._connect(conn, ev):
+                                if not await self._connect(conn, ev, link):
                                     return
                                 now = wall()
                             elif (limiter is not None and ev.packet_type == 3
@@ -265,16 +281,23 @@ class Broker:
                                 # after it (one read holds hundreds of
                                 # messages; with many publishers the receiver's
                                 # buffer would overflow in between).
+                                self._flush(link)
                                 await self._backpressure(conn)
                                 if conn.closing:
                                     return
+                                link.holding = True
                                 now = wall()
+                        self._flush(link)
+                        if conn.closing:
+                            return  # the send failed
                         # Let the packets and the read buffer go before the
                         # next read: an idle connection would otherwise keep
                         # its last packet (the CONNECT) alive in this frame.
                         events = ev = now = None
                     data = mono = None
-                    scope.deadline = conn.next_deadline()
+                    deadline = conn.next_deadline()
+                    if deadline != scope.deadline:  # setting it costs, even unchanged
+                        scope.deadline = deadline
             link.reader_scope = None
             if conn.closing:
                 return  # stopped by the writer (slow consumer, takeover, shutdown)
@@ -367,16 +390,20 @@ class Broker:
         conn.will_on_close = True
         self.core.protocol_error(conn, ev.reason_code, ev.message)
 
-    async def _connect(self, conn: ServerConnection, pkt) -> bool:
+    async def _connect(self, conn: ServerConnection, pkt, link: _Link) -> bool:
         cfg = self.config
         if cfg.max_connections is not None and self.stats.clients_connected >= cfg.max_connections:
             self.core.reject(conn, 0x89 if pkt.protocol_level == 5 else 0x88, "server busy")
             return False
+        # The authenticator may wait (a plug-in asking a server): nothing may
+        # stay held back by this reader meanwhile.
+        link.holding = False
         try:
             rc = await self.authenticator.authenticate(pkt.client_id, pkt.username, pkt.password, pkt)
         except Exception:
             log.exception("authenticator failed for %r", pkt.client_id)
             rc = 0x80
+        link.holding = True
         if rc:
             log.info("%s: client %r refused: 0x%02X", conn.peer, pkt.client_id, rc)
             self.core.reject(conn, rc, "not authorized" if rc == 0x87 else "authentication failed")
@@ -391,6 +418,41 @@ class Broker:
         else:
             log.info("%s: client %r refused (%s)", conn.peer, pkt.client_id, conn.close_reason)
         return ok
+
+    def _flush(self, link: _Link) -> None:
+        """End the reader's hold on its connection's output: send it now, in
+        one non-blocking call, when no writer is running and the socket takes
+        all of it; otherwise (partial send, durable acknowledgements to wait
+        for, a transport without ``try_send``) hand it to a writer task."""
+        link.holding = False
+        if link.writing:
+            return
+        conn = link.conn
+        if not conn.outbox:
+            if conn.acks:
+                link()
+            return
+        try_send = link.try_send
+        if try_send is None or conn.acks:
+            link()
+            return
+        data = conn.take_output()
+        try:
+            sent = try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            conn.close_reason = conn.close_reason or f"connection lost: {exc}"
+            conn.send_failed()
+            return
+        self.stats.bytes_sent += sent
+        if sent < len(data):
+            conn.write(data[sent:])  # starts a writer for the rest, in order
+            return
+        link.last_done = trio.current_time()
+        if link.waiters is not None and link.waiters:
+            link.waiters.unpark(count=WAKE_READERS)
+        cs = conn.client
+        if cs is not None and cs.queue and not conn.closing:
+            self.core.pump(cs, time.time())  # more output starts a writer
 
     async def _writer(self, link: _Link) -> None:
         """Send everything queued on the connection, then end (see :class:`_Link`)."""

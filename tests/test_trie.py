@@ -563,6 +563,23 @@ def test_unsubscribe_finds_exactly_the_filter_given(trie, extra):
     assert len(t) == extra
 
 
+def test_no_local_with_equal_copies_of_the_subscriber(trie):
+    # A broker passes equal, not identical, objects (a client id decoded from
+    # each packet): no_local [MQTT-3.8.3-3] must still recognise the publisher
+    # when its subscriptions were made with different copies.
+    t = trie.TopicTrie()
+
+    def fresh():
+        return "".join(["s", "0"])
+
+    t.subscribe(fresh(), "$share/g1/#")
+    t.subscribe(fresh(), "#", no_local=True)
+    t.subscribe(fresh(), "a", qos=1)
+    assert by_sub(t.match("b", fresh())) == {"s0": (0, False, ())}  # the group only
+    d = t.match("a", fresh())
+    assert sorted(x[1] for x in d) == [0, 1]    # "a" (qos 1) and the group; '#' left out
+
+
 # -- pruning ------------------------------------------------------------------------------
 
 

@@ -197,6 +197,9 @@ class TopicTrie:
             raise MalformedPacket("no_local on a shared subscription [MQTT-3.8.3-4]",
                                   _PROTOCOL_ERROR)
         hash(subscriber)
+        # Node tables key by the object first stored for this subscriber, so
+        # no_local's identity check in match() holds for an equal copy too.
+        subscriber = self._canon.get(subscriber, subscriber)
         node = self._root
         for level in levels:
             child = node.children.get(level)

@@ -73,6 +73,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport qsort, free
 
 from fastmqtt.errors import MalformedPacket as _MalformedPacket
+import os as _os
 import random as _random
 
 cdef extern from "Python.h":
@@ -267,12 +268,26 @@ _init_ecap()
 # ---------------------------------------------------------------------------
 # hashing and levels
 
+def _hash_seed():
+    """The child-table hash key: random per process, or derived from an integer
+    PYTHONHASHSEED (reproducible table layouts for debugging)."""
+    seed = _os.environ.get("PYTHONHASHSEED", "")
+    if seed.isdigit():
+        return (int(seed) * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    return _random.SystemRandom().getrandbits(64)
+
+
+cdef uint64_t HASH_SEED = _hash_seed()
+
+
 cdef inline uint32_t hash_bytes(const char* p, uint32_t n) noexcept nogil:
     # Eight bytes per step (levels are often 36-byte UUIDs), then murmur3's
     # 64-bit finaliser so the low bits (the table index) and the top 16 (the
-    # pointer tag) depend on every byte. Not keyed: a client that crafts
-    # colliding levels only lengthens its own probe chains (load <= 1/2).
-    cdef uint64_t h = 0x9E3779B97F4A7C15u ^ n
+    # pointer tag) depend on every byte. Keyed with a per-process random seed:
+    # levels are client input, and a client that could compute colliding
+    # levels offline would lengthen the probe chains of a node other clients
+    # share (say chat/{ws}/channel), slowing every publish under it.
+    cdef uint64_t h = HASH_SEED ^ n
     cdef uint64_t w
     cdef uint32_t total = n, i
     while n >= 8:

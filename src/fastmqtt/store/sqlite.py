@@ -5,27 +5,58 @@ Theory of operation
 The broker core is synchronous and runs on the trio thread; it must never
 wait for the disk. So every mutator (``put_session``, ``add_delivery``, ...)
 only records its change in the *current batch* (a few dicts) and returns.
-A dedicated writer thread owns the one ``sqlite3`` connection. It loops:
+
+Two files hold the state, both SQLite in WAL mode:
+
+* ``fastmqtt.db``, the *tables*: one row per session, subscription, message,
+  delivery, ... (the layout in ``_SCHEMA``), plus ``compacted_lsn`` in
+  ``meta``: the last log record whose changes the tables contain;
+* ``fastmqtt-log.db``, the *log*: one row per group commit, ``(lsn, rec)``,
+  where ``rec`` is the whole batch (its net effect) as one blob.
+
+A writer thread owns the log connection. It loops:
 
 1. wait until the current batch is non-empty,
 2. swap it for a fresh one (under a ``threading.Lock`` held for a few
    dictionary operations, never across I/O),
-3. apply the whole batch in one transaction (``executemany`` per statement
-   kind) and ``COMMIT``,
-4. publish the sequence number of the last change in that batch as
-   ``committed`` and wake trio tasks blocked in :meth:`SqliteStore.durable`
-   (``TrioToken.run_sync_soon``, which never blocks the writer).
+3. encode the batch as one record (messages as their stored blobs, see
+   :func:`_encode_record`) and ``INSERT`` it into the log: one statement, one
+   implicit transaction, whatever the number of messages in the batch,
+4. publish the sequence number of the last change in that batch and wake trio
+   tasks blocked in :meth:`SqliteStore.durable` (``TrioToken.run_sync_soon``,
+   which never blocks the writer),
+5. hand the batch to the compactor.
 
 While one commit (and its fsync) runs, new changes pile up in the next batch:
 that is group commit, and it is why one fsync can cover hundreds of PUBLISHes
 from many publishers. ``mark()`` is the sequence number of the last recorded
 change; the broker sends PUBACK/PUBREC once ``await durable(mark())`` returns.
 
+Why a log: the sqlite3 module releases and retakes the GIL around every
+statement, and row-at-a-time work for each message and delivery (B-tree
+inserts in four tables, the parameters built in Python) used to cost the trio
+thread as much as the broker's own work. One blob per commit is one statement
+and a few pages, appended.
+
+The compactor thread owns the tables connection. It merges the batches handed
+to it into one net effect (a delivery added in one batch and acknowledged in a
+later one cancels out before it ever reaches the tables), and every
+``COMPACT_PERIOD`` seconds or ``COMPACT_OPS`` changes applies it in one
+transaction that also sets ``compacted_lsn`` to the last record it covers.
+The writer then deletes the log records up to there. That transaction is the
+only link between the two files, so the log may be trimmed late or not at all
+(records at or below ``compacted_lsn`` are skipped) and a compaction cut short
+by a crash simply did not happen: recovery replays the log records after
+``compacted_lsn``, in order, onto the tables. Replaying is idempotent because
+each record holds final values ("row X is now Y", "row X is gone"), never
+increments. The two threads never wait for each other's database locks.
+
 Batches are *net effects*, keyed by primary key, so later changes overwrite
 earlier ones in the same batch. The one order-sensitive change,
 ``delete_session`` (which removes every row of a client), is applied first in
 the transaction and drops that client's earlier entries from the batch, so
-changes made after it still land after it.
+changes made after it still land after it. :func:`_merge` applies the same
+rules across batches.
 
 Coalescing: a delivery added and removed within the same batch never reaches
 the disk, and neither does its message once no delivery refers to it. This is
@@ -40,49 +71,58 @@ delivery (and any left over by a crash) are removed at start-up.
 
 Durability modes
 ----------------
-Commits use ``PRAGMA synchronous=NORMAL`` in WAL mode: COMMIT appends the
-batch to the WAL (the OS page cache has it, so a ``kill -9`` of the broker
-loses nothing) without an fsync. A third thread, the flusher, fsyncs the WAL.
+Log appends use ``PRAGMA synchronous=NORMAL`` in WAL mode: the INSERT appends
+the record to the log's WAL (the OS page cache has it, so a ``kill -9`` of the
+broker loses nothing) without an fsync. A third thread, the flusher, fsyncs
+that WAL.
 
 ``sync`` (default): ``durable()`` returns only once an fsync that *started
-after* the commit has finished: nothing acknowledged is lost, even on power
-failure. The flusher runs fsyncs back to back while the writer commits the
-next batch, so the disk flush and the next commit overlap (as a database's log
-writer and log flusher do) and each fsync covers every commit made during the
+after* the append has finished: nothing acknowledged is lost, even on power
+failure. The flusher runs fsyncs back to back while the writer appends the
+next batch, so the disk flush and the next append overlap (as a database's log
+writer and log flusher do) and each fsync covers every append made during the
 previous one. This is what ``synchronous=FULL`` guarantees, without holding
 the writer inside COMMIT for the fsync.
 
-``batch``: ``durable()`` returns after the commit; the flusher fsyncs the WAL
+``batch``: ``durable()`` returns after the append; the flusher fsyncs the WAL
 at most every ``batch_interval_ms``: a power failure or kernel crash loses at
 most that window, a process crash nothing.
 
-Checkpoints (WAL into the database file) run on their own thread and
-connection, so they never stall a commit either. A failed fsync makes the
-store fail (``durable()`` raises): after one, the kernel may have dropped the
-pages, so nothing later could honestly be called durable.
+The tables are written with ``synchronous=FULL`` (the compactor waits for its
+own fsync; nobody else does), so a record is trimmed from the log only once
+its changes are on disk in the tables. Checkpoints (WAL into the database
+file) of both files run on the compactor thread. A failed fsync of the log
+makes the store fail (``durable()`` raises): after one, the kernel may have
+dropped the pages, so nothing later could honestly be called durable.
 
 Start-up
 --------
 ``open()`` takes an exclusive lock file in the data directory (two brokers on
-one directory would corrupt each other's view), runs ``PRAGMA quick_check``,
+one directory would corrupt each other's view), runs ``PRAGMA quick_check`` on
+both files, replays the log into the tables (one transaction), trims it,
 loads everything, drops what expired while the broker was down and returns a
 :class:`~fastmqtt.broker.interfaces.Snapshot`. A file SQLite cannot read, that
-fails the check, or that has a newer schema is logged and renamed to
-``fastmqtt.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``) and a fresh
-database is created: the broker starts, the evidence is kept, nothing is
-silently overwritten. A single undecodable message row is logged and dropped.
+fails the check, that has a newer schema, or whose log has a record that does
+not decode (checksum) or a gap is logged and renamed, with its partner, to
+``fastmqtt.db.corrupt-<UTC timestamp>`` and ``fastmqtt-log.db.corrupt-<UTC
+timestamp>`` (with their ``-wal``/``-shm``) and a fresh database is created:
+the broker starts, the evidence is kept, nothing is silently overwritten. A
+single undecodable message row is logged and dropped.
 """
 
 from __future__ import annotations
 
 import fcntl
 import heapq
-import json
+import io
 import os
+import pickle
 import sqlite3
 import threading
 import time
+import zlib
 from collections import OrderedDict
+from itertools import chain
 from typing import Any
 
 import trio
@@ -90,18 +130,31 @@ import trio
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import StoreError, build_snapshot, decode_publish, encode_publish, log
 
-__all__ = ["SqliteStore", "DB_NAME", "SCHEMA_VERSION"]
+__all__ = ["SqliteStore", "DB_NAME", "LOG_NAME", "SCHEMA_VERSION"]
 
 DB_NAME = "fastmqtt.db"
+LOG_NAME = "fastmqtt-log.db"
 LOCK_NAME = "fastmqtt.lock"
-SCHEMA_VERSION = 1
+#: 2: the log file and ``compacted_lsn``. A version 1 database (no log) is
+#: upgraded in place; an older broker refuses (moves aside) a version 2 one,
+#: as it would ignore the log.
+SCHEMA_VERSION = 2
+LOG_SCHEMA_VERSION = 1
 #: How long the writer may hold back a batch nobody waits for yet (seconds),
 #: hoping to fold more into one commit. 0: commit as soon as there is work.
 #: Waiting measured no better on the end-to-end benchmark, and a prompt commit
 #: keeps short the window in which state the broker does not wait for (a new
 #: subscription, a session's disconnect time) is not yet on disk.
 FLUSH_DELAY = 0.0
-#: WAL size that triggers a checkpoint, and how often the size is looked at.
+#: The compactor folds the log into the tables this often (seconds) while
+#: there is something to fold, or sooner once this many changes are waiting.
+#: Longer periods cancel more (an acknowledged delivery never reaches the
+#: tables) and make fewer, larger transactions; recovery after a crash replays
+#: at most about this much log.
+COMPACT_PERIOD = 1.0
+COMPACT_OPS = 100_000
+#: WAL size that triggers a checkpoint (looked at after each compaction and
+#: every ``CHECKPOINT_PERIOD`` seconds).
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 CHECKPOINT_PERIOD = 0.25
 #: Released messages remembered for a re-delivery under the same msg_id.
@@ -136,58 +189,70 @@ CREATE TABLE IF NOT EXISTS history(
     expires_at REAL, publish BLOB NOT NULL);
 """
 
+_LOG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS log(lsn INTEGER PRIMARY KEY, rec BLOB NOT NULL);
+"""
+
 _CLIENT_TABLES = ("sessions", "subscriptions", "deliveries", "incoming_qos2", "wills")
 
 # Delivery entry kinds inside a batch.
-_ADD = 0  # new row, not on disk: an add followed by a remove cancels out
-_ADDR = 1  # add over a row that may be on disk (re-add): insert or replace
-_UPD = 2  # update of a row on disk
-_DEL = 3  # delete of a row on disk
+_ADD = 0  # new row, not in the tables: an add followed by a remove cancels out
+_ADDR = 1  # add over a row that may be in the tables (re-add): insert or replace
+_UPD = 2  # update of a row in the tables
+_DEL = 3  # delete of a row in the tables
 
 
-# Set-based statements for the tables every PUBLISH touches. ``executemany``
-# makes one sqlite3_step per row and the sqlite3 module drops and retakes the
-# GIL around each: with the trio thread busy, every retake waits, and a commit
-# of a few hundred rows took milliseconds. Passing the rows as one JSON array
-# (and the message blobs as one concatenated blob sliced with substr) makes the
-# whole table change a single step: one GIL hand-off per statement.
-_BULK_MIN = 4
-_MSG_INS_BULK = (
-    "INSERT OR REPLACE INTO messages(msg_id, publish, expires_at) "
-    "SELECT value->>0, substr(?1, value->>1, value->>2), value->>3 FROM json_each(?2)")
-_DELIV_INS_BULK = (
-    "INSERT OR REPLACE INTO deliveries(client_id, msg_id, seq, qos, packet_id, state) "
-    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM json_each(?)")
-# An update of rows known to exist; written as an upsert so it needs no join
-# plan. (seq is not touched: the row keeps its queue position.)
-_DELIV_UPD_BULK = (
-    "INSERT INTO deliveries(client_id, msg_id, seq, qos, packet_id, state) "
-    "SELECT value->>0, value->>1, 0, value->>2, value->>3, value->>4 FROM json_each(?) WHERE true "
-    "ON CONFLICT(client_id, msg_id) DO UPDATE SET qos=excluded.qos, "
-    "packet_id=excluded.packet_id, state=excluded.state")
-# Per client, so the primary key (client_id, msg_id) is used for every id.
-_DELIV_DEL_BULK = (
-    "DELETE FROM deliveries WHERE client_id=? AND msg_id IN (SELECT value FROM json_each(?))")
-_MSG_DEL_BULK = "DELETE FROM messages WHERE msg_id IN (SELECT value FROM json_each(?))"
-_HIST_INS_BULK = (
-    "INSERT OR REPLACE INTO history(hist_id, topic, ts, expires_at, publish) "
-    "SELECT value->>0, value->>1, value->>2, value->>3, substr(?1, value->>4, value->>5) "
-    "FROM json_each(?2)")
-_HIST_DEL_BULK = "DELETE FROM history WHERE hist_id IN (SELECT value FROM json_each(?))"
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+# Statements for many rows at once. ``executemany`` makes one sqlite3_step per
+# row, and the sqlite3 module drops and retakes the GIL around each: with the
+# trio thread busy, every retake waits. One statement with ``_CHUNK`` rows of
+# placeholders (``VALUES (?,?),(?,?),...``) binds them all in C and steps once:
+# one GIL hand-off per hundred rows, and about half the cost per row of
+# passing them as JSON to json_each (measured). Rows that do not fill a chunk
+# go in statements of 64, 32, ... 1 rows, so a handful of SQL texts cover
+# every size and stay in the statement cache.
+_CHUNK = 128
+_SQL_CACHE: dict[tuple[str, int, int, str], str] = {}
 
 
-def _pack_blobs(rows, blob_index: int):
-    """(one blob, rows with the blob replaced by its 1-based offset and length)."""
-    parts = []
-    meta = []
-    offset = 1
-    for row in rows:
-        blob = row[blob_index]
-        parts.append(blob)
-        meta.append((*row[:blob_index], offset, len(blob), *row[blob_index + 1:]))
-        offset += len(blob)
-    return b"".join(parts), meta
+def _rows_sql(head: str, width: int, n: int, tail: str = "") -> str:
+    key = (head, width, n, tail)
+    sql = _SQL_CACHE.get(key)
+    if sql is None:
+        one = "(" + ",".join("?" * width) + ")"
+        sql = _SQL_CACHE[key] = f"{head} VALUES {','.join([one] * n)} {tail}"
+    return sql
+
+
+def _write_rows(c: sqlite3.Connection, head: str, width: int, rows: list,
+                tail: str = "") -> None:
+    """``head VALUES (row),(row),... tail`` for every row, ``_CHUNK`` a statement."""
+    flat = list(chain.from_iterable(rows))
+    step = width * _CHUNK
+    full = len(rows) // _CHUNK * step
+    if full:
+        c.executemany(_rows_sql(head, width, _CHUNK, tail),
+                      [flat[i:i + step] for i in range(0, full, step)])
+    i = full
+    n = _CHUNK // 2
+    while i < len(flat):
+        if (len(flat) - i) // width >= n:
+            c.execute(_rows_sql(head, width, n, tail), flat[i:i + n * width])
+            i += n * width
+        n //= 2
+
+
+def _delete_ids(c: sqlite3.Connection, head: str, ids: list, *before) -> None:
+    """``head IN (?,?,...)`` for every id, ``_CHUNK`` ids a statement; ``before``
+    are bound ahead of the ids (e.g. the client id)."""
+    i = 0
+    n = _CHUNK
+    while i < len(ids):
+        if len(ids) - i >= n:
+            c.execute(f"{head} IN ({','.join('?' * n)})", (*before, *ids[i:i + n]))
+            i += n
+        else:
+            n //= 2
 
 
 class _Unusable(Exception):
@@ -195,17 +260,24 @@ class _Unusable(Exception):
 
 
 class _Batch:
-    """Net effect of the changes recorded since the last swap."""
+    """Net effect of the changes recorded since the last swap.
 
-    __slots__ = ("ops", "seq", "cascade", "sessions", "subs", "deliv", "qos2", "messages",
-                 "msg_del", "retained", "wills", "hist_put", "hist_del")
+    Mutators fill it with ``Publish`` objects; :func:`_encode_record` turns it
+    into its *stored form*, where ``messages``, ``retained``, ``wills`` and
+    ``hist_put`` hold blobs (:func:`~fastmqtt.store.base.encode_publish`)
+    instead. The compactor and recovery only see the stored form.
+    """
+
+    __slots__ = ("ops", "seq", "lsn", "cascade", "sessions", "subs", "deliv", "qos2",
+                 "messages", "msg_del", "retained", "wills", "hist_put", "hist_del")
 
     def __init__(self) -> None:
         self.ops = 0
         self.seq = 0
+        self.lsn = 0
         self.cascade: set[str] = set()
         self.sessions: dict[str, tuple] = {}
-        self.subs: dict[str, dict[str, SubscriptionRecord | None]] = {}
+        self.subs: dict[str, dict[str, tuple | None]] = {}
         self.deliv: dict[str, dict[int, list]] = {}
         self.qos2: dict[str, dict[int, bool]] = {}
         self.messages: dict[int, tuple[Any, float | None]] = {}
@@ -215,9 +287,257 @@ class _Batch:
         self.hist_put: dict[int, tuple] = {}
         self.hist_del: set[int] = set()
 
+    def empty(self) -> bool:
+        """Nothing to write (everything recorded cancelled out)."""
+        return not (self.cascade or self.sessions or self.messages or self.msg_del
+                    or self.retained or self.wills or self.hist_put or self.hist_del
+                    or any(self.deliv.values()) or any(self.subs.values())
+                    or any(self.qos2.values()))
+
+
+# ----------------------------------------------------------------- log records
+#
+# A record is a 4-byte CRC-32 (little endian) of the rest, then a pickle
+# (protocol 5) of one tuple of plain builtins: ints, floats, str, bytes, None,
+# bools, tuples, lists, dicts and sets, never a class, so it loads with an
+# unpickler that refuses every global (_PlainUnpickler). Pickle rather than
+# JSON: it takes the dicts of the batch as they are (int keys, bytes values)
+# in one C call, several times faster than building JSON, and its format is
+# stable across Python versions (unlike marshal).
+
+_RECORD_VERSION = 1
+_crc32 = zlib.crc32
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # pragma: no cover - only on corruption
+        raise pickle.UnpicklingError(f"log record names {module}.{name}")
+
+
+def _encode_record(b: _Batch, blob) -> bytes:
+    """Encode a batch as a log record; turns ``b`` into its stored form.
+
+    ``blob(kind, key, publish)`` encodes one message (None: cannot be stored,
+    already logged; the entry is left out)."""
+    msgs = {}
+    for mid, (p, exp) in b.messages.items():
+        data = blob("message", mid, p)
+        if data is not None:
+            msgs[mid] = (data, exp)
+    b.messages = msgs
+    if b.retained:
+        ret = {}
+        for t, v in b.retained.items():
+            if v is None:
+                ret[t] = None
+            else:
+                data = blob("retained message", t, v[0])
+                if data is not None:
+                    ret[t] = (data, v[1])
+        b.retained = ret
+    if b.wills:
+        wills = {}
+        for cid, v in b.wills.items():
+            if v is None:
+                wills[cid] = None
+            else:
+                data = blob("will of", cid, v[0])
+                if data is not None:
+                    wills[cid] = (data, v[1])
+        b.wills = wills
+    if b.hist_put:
+        hist = {}
+        for hid, (_, t, ts, exp, p) in b.hist_put.items():
+            data = blob("history entry", hid, p)
+            if data is not None:
+                hist[hid] = (hid, t, ts, exp, data)
+        b.hist_put = hist
+    body = pickle.dumps((_RECORD_VERSION, b.cascade, b.sessions, b.subs, b.deliv, b.qos2,
+                         b.messages, b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del),
+                        5)
+    return _crc32(body).to_bytes(4, "little") + body
+
+
+def _decode_record(rec: bytes) -> _Batch:
+    """Inverse of :func:`_encode_record` (stored form).
+
+    Raises:
+        ValueError: the record is damaged (checksum, structure) or unknown.
+    """
+    rec = bytes(rec)
+    if len(rec) < 5 or int.from_bytes(rec[:4], "little") != _crc32(memoryview(rec)[4:]):
+        raise ValueError("checksum mismatch")
+    try:
+        t = _PlainUnpickler(io.BytesIO(rec[4:])).load()
+        if not isinstance(t, tuple) or not t or t[0] != _RECORD_VERSION:
+            raise ValueError(f"unknown record version {t[0] if isinstance(t, tuple) and t else t!r}")
+        b = _Batch()
+        (_, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages, b.msg_del,
+         b.retained, b.wills, b.hist_put, b.hist_del) = t
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    return b
+
+
+def _merge(into: _Batch, b: _Batch) -> None:
+    """Fold batch ``b`` (recorded after everything in ``into``) into ``into``,
+    keeping ``into`` the net effect of both on the tables. ``b`` must not be
+    used afterwards (its dicts may be taken over)."""
+    into.ops += b.ops
+    into.seq = b.seq
+    into.lsn = b.lsn
+    for cid in b.cascade:
+        # Every row of the client goes first; what b records for it came after.
+        into.cascade.add(cid)
+        for d in (into.sessions, into.subs, into.deliv, into.qos2, into.wills):
+            d.pop(cid, None)
+    if b.sessions:
+        into.sessions.update(b.sessions)
+    for src, dst in ((b.subs, into.subs), (b.qos2, into.qos2)):
+        for cid, d in src.items():
+            t = dst.get(cid)
+            if t is None:
+                dst[cid] = d
+            else:
+                t.update(d)
+    deliv = into.deliv
+    for cid, d in b.deliv.items():
+        t = deliv.get(cid)
+        if t is None:
+            deliv[cid] = d
+            continue
+        for mid, e in d.items():
+            old = t.get(mid)
+            if old is None:
+                t[mid] = e
+                continue
+            kind = e[0]
+            ok = old[0]
+            if kind == _DEL:
+                if ok == _ADD:
+                    del t[mid]  # added and acknowledged before reaching the tables
+                else:
+                    t[mid] = e
+            elif kind == _UPD:
+                if ok == _DEL:  # not expected (an update names a live row)
+                    t[mid] = e
+                else:
+                    old[2] = e[2]
+                    old[3] = e[3]
+                    old[4] = e[4]  # keeps old's kind and queue position
+            else:
+                # An add: it stays cancellable only if the row never reached
+                # the tables (old is an add too); otherwise it replaces a row.
+                e[0] = _ADD if ok == _ADD else _ADDR
+                t[mid] = e
+    msgs = into.messages
+    for mid in b.msg_del:
+        if msgs.pop(mid, None) is None:
+            into.msg_del.add(mid)
+    if b.messages:
+        msgs.update(b.messages)
+        if into.msg_del:
+            into.msg_del.difference_update(b.messages)
+    if b.retained:
+        into.retained.update(b.retained)
+    if b.wills:
+        into.wills.update(b.wills)
+    for h in b.hist_del:
+        if into.hist_put.pop(h, None) is None:
+            into.hist_del.add(h)
+    if b.hist_put:
+        into.hist_put.update(b.hist_put)
+        into.hist_del.difference_update(b.hist_put)
+
+
+def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
+    """Write a stored-form batch into the tables, inside the caller's
+    transaction."""
+    sessions = list(b.sessions.values())
+    sub_put, sub_del = [], []
+    for cid, d in b.subs.items():
+        for f, row in d.items():
+            if row is None:
+                sub_del.append((cid, f))
+            else:
+                sub_put.append(row)
+    d_ins, d_upd = [], []
+    d_del: dict[str, list[int]] = {}
+    for cid, d in b.deliv.items():
+        for mid, e in d.items():
+            kind = e[0]
+            if kind == _DEL:
+                d_del.setdefault(cid, []).append(mid)
+            elif kind == _UPD:
+                d_upd.append((cid, mid, 0, e[2], e[3], e[4]))
+            else:
+                d_ins.append((cid, mid, e[1], e[2], e[3], e[4]))
+    q_put, q_del = [], []
+    for cid, d in b.qos2.items():
+        for pid, put in d.items():
+            (q_put if put else q_del).append((cid, pid))
+    msgs = [(mid, data, exp) for mid, (data, exp) in b.messages.items()]
+    r_put, r_del = [], []
+    for t, v in b.retained.items():
+        if v is None:
+            r_del.append((t,))
+        else:
+            r_put.append((t, v[0], v[1]))
+    w_put, w_del = [], []
+    for cid, v in b.wills.items():
+        if v is None:
+            w_del.append((cid,))
+        else:
+            w_put.append((cid, v[0], v[1]))
+    h_put = list(b.hist_put.values())
+
+    ex = c.executemany
+    if b.cascade:
+        gone = [(cid,) for cid in b.cascade]
+        for table in _CLIENT_TABLES:
+            ex(f"DELETE FROM {table} WHERE client_id=?", gone)
+    if sessions:
+        _write_rows(c, "INSERT OR REPLACE INTO sessions", 4, sessions)
+    if sub_put:
+        _write_rows(c, "INSERT OR REPLACE INTO subscriptions", 7, sub_put)
+    if sub_del:
+        ex("DELETE FROM subscriptions WHERE client_id=? AND topic_filter=?", sub_del)
+    if msgs:
+        _write_rows(c, "INSERT OR REPLACE INTO messages", 3, msgs)
+    if d_ins:
+        _write_rows(c, "INSERT OR REPLACE INTO deliveries", 6, d_ins)
+    if d_upd:
+        # Rows known to exist; an upsert keeps their seq (queue position).
+        _write_rows(c, "INSERT INTO deliveries", 6, d_upd,
+                    "ON CONFLICT(client_id, msg_id) DO UPDATE SET qos=excluded.qos, "
+                    "packet_id=excluded.packet_id, state=excluded.state")
+    for cid, mids in d_del.items():
+        _delete_ids(c, "DELETE FROM deliveries WHERE client_id=? AND msg_id", mids, cid)
+    if b.msg_del:
+        _delete_ids(c, "DELETE FROM messages WHERE msg_id", list(b.msg_del))
+    if q_put:
+        _write_rows(c, "INSERT OR IGNORE INTO incoming_qos2", 2, q_put)
+    if q_del:
+        ex("DELETE FROM incoming_qos2 WHERE client_id=? AND packet_id=?", q_del)
+    if r_put:
+        _write_rows(c, "INSERT OR REPLACE INTO retained", 3, r_put)
+    if r_del:
+        ex("DELETE FROM retained WHERE topic=?", r_del)
+    if w_put:
+        _write_rows(c, "INSERT OR REPLACE INTO wills", 3, w_put)
+    if w_del:
+        ex("DELETE FROM wills WHERE client_id=?", w_del)
+    if h_put:
+        _write_rows(c, "INSERT OR REPLACE INTO history", 5, h_put)
+    if b.hist_del:
+        _delete_ids(c, "DELETE FROM history WHERE hist_id", list(b.hist_del))
+
 
 class SqliteStore:
-    """Crash-safe store in ``<data_dir>/fastmqtt.db`` with group commit.
+    """Crash-safe store in ``<data_dir>/fastmqtt.db`` (tables) and
+    ``fastmqtt-log.db`` (log) with group commit.
 
     Args:
         data_dir: directory for the database (created if missing).
@@ -240,9 +560,8 @@ class SqliteStore:
             raise ValueError(f"durability must be 'sync' or 'batch', not {durability!r}")
         self.data_dir = os.fspath(data_dir)
         self.path = os.path.join(self.data_dir, DB_NAME)
+        self.log_path = os.path.join(self.data_dir, LOG_NAME)
         self.durability = durability
-        # ->> needs SQLite 3.38; older libraries get executemany.
-        self._bulk = sqlite3.sqlite_version_info >= (3, 38, 0)
         self.batch_interval = max(0, batch_interval_ms) / 1000.0
         self.stats = stats
         self._clock = clock
@@ -255,7 +574,8 @@ class SqliteStore:
         self._batch = _Batch()
         self._seq = 0  # last recorded change
         self._committed = 0  # last change durable per the mode
-        self._written = 0  # last change committed to the WAL (maybe not fsynced)
+        self._written = 0  # last change appended to the log (maybe not fsynced)
+        self._lsn = 0  # last log record appended
         self._dseq = 0  # delivery order counter
         self._refs: dict[int, int] = {}  # msg_id -> deliveries referring to it
         self._client_msgs: dict[str, set[int]] = {}  # client_id -> msg_ids delivered
@@ -265,7 +585,8 @@ class SqliteStore:
         # subscriber later) gets the row back instead of a dangling delivery.
         self._released: OrderedDict[int, tuple] = OrderedDict()
         self._warned_unknown = 0
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None  # tables: compactor's
+        self._log: sqlite3.Connection | None = None  # log: writer's
         self._thread: threading.Thread | None = None
         self._closing = False
         self._error: BaseException | None = None
@@ -274,9 +595,19 @@ class SqliteStore:
         self._waiter_count = 0
         self._lockfile: int | None = None
         self._history_rows: list = []
+        # Writer -> compactor hand-off: appended batches, oldest first.
+        self._compact_cv = threading.Condition(threading.Lock())
+        self._compact_queue: list[_Batch] = []
+        self._compact_queued_ops = 0
+        self._compact_now = False  # compact() asked for it
+        self._compact_stop = False
+        self._compacted_lsn = 0  # last record whose changes are in the tables
+        self._trimmed_lsn = 0  # log records up to here are deleted
+        self._rec: bytes | None = None  # the record being appended (kept for a retry)
         self.moved_aside: str | None = None  # where a bad database went, if any
         self.commits = 0
         self.commit_seconds = 0.0
+        self.compactions = 0
         #: waits between attempts at a failing commit (disk full may clear up);
         #: after the last one the store fails and ``durable()`` raises.
         self.retry_delays: tuple[float, ...] = (0.05, 0.15, 0.45, 1.35, 2.0)
@@ -315,7 +646,9 @@ class SqliteStore:
         except BaseException:
             self._release_lockfile()
             raise
-        self._closing = self._fsync_stop = False
+        self._closing = self._fsync_stop = self._compact_stop = self._compact_now = False
+        self._compact_queue = []
+        self._compact_queued_ops = 0
         self._pending.clear()
         self._wake.clear()
         self._stop_wait.clear()
@@ -349,70 +682,88 @@ class SqliteStore:
             self._lockfile = None
 
     def _move_aside(self, reason: str) -> None:
+        """Rename the tables and the log (a pair: the log only makes sense on
+        top of its tables) to ``<name>.corrupt-<stamp>``."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        dest = f"{self.path}.corrupt-{stamp}"
+        tag = f".corrupt-{stamp}"
         n = 1
-        while os.path.exists(dest):
+        while os.path.exists(self.path + tag) or os.path.exists(self.log_path + tag):
             n += 1
-            dest = f"{self.path}.corrupt-{stamp}-{n}"
+            tag = f".corrupt-{stamp}-{n}"
         try:
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(self.path + suffix):
-                    os.replace(self.path + suffix, dest + suffix)
+            for path in (self.path, self.log_path):
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(path + suffix):
+                        os.replace(path + suffix, path + tag + suffix)
         except OSError as e:
             raise StoreError(f"{self.path} is unusable ({reason}) and cannot be moved "
                              f"aside: {e}") from e
+        dest = self.path + tag
         self.moved_aside = dest
-        log.error("persistence: %s is unusable (%s); moved it to %s and starting with an "
-                  "empty store", self.path, reason, dest)
+        log.error("persistence: %s is unusable (%s); moved it (and %s) to %s and starting "
+                  "with an empty store", self.path, reason, LOG_NAME, dest)
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+    def _connect(self, path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                timeout=0.5)
-        # NORMAL in both modes: COMMIT only writes the WAL; the flusher thread
+        # Log: NORMAL, an append only writes the WAL; the flusher thread
         # fsyncs it (see _fsyncer), before durable() returns in sync mode.
-        conn.execute("PRAGMA synchronous=NORMAL")
+        # Tables: FULL, a compaction is on disk before the log is trimmed.
+        conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
         # Checkpoints (copying the WAL into the database, with their own
-        # fsyncs) run on a separate thread and connection, never inside a
-        # commit that a publisher is waiting for.
+        # fsyncs) run on the compactor thread, never inside an append that a
+        # publisher is waiting for.
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute("PRAGMA cache_size=-16000")
         # Checkpoints reset the WAL; this caps the file it leaves behind.
         conn.execute("PRAGMA journal_size_limit=67108864")
         return conn
 
+    def _open_checked(self, path: str, schema: str, version: int, synchronous: str,
+                      what: str) -> sqlite3.Connection:
+        """Connect, check integrity and ownership, switch to WAL, create the
+        schema. Raises _Unusable, StoreError or sqlite3.DatabaseError."""
+        conn = self._connect(path, synchronous)
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise _Unusable(f"{what}: integrity check failed: " +
+                                "; ".join(str(r[0]) for r in check[:5]))
+            has_meta = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+            if has_meta:
+                row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if row is None:
+                    raise _Unusable(f"{what}: no schema_version in meta")
+                if int(row[0]) > version:
+                    raise _Unusable(f"{what}: schema version {row[0]} is newer than {version}")
+            else:
+                others = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+                if others:
+                    raise _Unusable(f"{what}: not a fastmqtt database (no meta table)")
+            # Only now that the file is known to be ours may it change
+            # (switching to WAL rewrites the header of a foreign file).
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise _Unusable(f"{what}: cannot switch to WAL mode (got {mode!r})")
+            conn.executescript(schema)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (version,))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def _load(self, now: float) -> Snapshot:
-        conn = None
+        conn = logc = None
         try:
             try:
-                conn = self._connect()
-                check = conn.execute("PRAGMA quick_check").fetchall()
-                if check != [("ok",)]:
-                    raise _Unusable("integrity check failed: " +
-                                    "; ".join(str(r[0]) for r in check[:5]))
-                has_meta = conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
-                if has_meta:
-                    row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                    if row is None:
-                        raise _Unusable("no schema_version in meta")
-                    if int(row[0]) > SCHEMA_VERSION:
-                        raise _Unusable(f"schema version {row[0]} is newer than {SCHEMA_VERSION}")
-                else:
-                    others = conn.execute(
-                        "SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-                    if others:
-                        raise _Unusable("not a fastmqtt database (no meta table)")
-                # Only now that the file is known to be ours may it change
-                # (switching to WAL rewrites the header of a foreign file).
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise _Unusable(f"cannot switch to WAL mode (got {mode!r})")
-                conn.executescript(_SCHEMA)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES('schema_version', ?)",
-                             (SCHEMA_VERSION,))
+                conn = self._open_checked(self.path, _SCHEMA, SCHEMA_VERSION, "FULL", DB_NAME)
+                logc = self._open_checked(self.log_path, _LOG_SCHEMA, LOG_SCHEMA_VERSION,
+                                          "NORMAL", LOG_NAME)
+                self._replay(conn, logc)
                 snap = self._recover(conn, now)
             except sqlite3.DatabaseError as e:
                 text = str(e).lower()
@@ -424,11 +775,48 @@ class SqliteStore:
                     raise StoreError(f"cannot use {self.path}: {e}") from e
                 raise _Unusable(f"{type(e).__name__}: {e}") from e
         except (_Unusable, StoreError):
-            if conn is not None:
-                conn.close()
+            for c in (conn, logc):
+                if c is not None:
+                    c.close()
             raise
         self._conn = conn
+        self._log = logc
         return snap
+
+    def _replay(self, conn: sqlite3.Connection, logc: sqlite3.Connection) -> None:
+        """Recovery, step one: fold the log records after ``compacted_lsn``
+        into the tables (one transaction, which also advances
+        ``compacted_lsn``), then empty the log. A crash anywhere in here leaves
+        either the old pair or the new one: running it again is the same."""
+        row = conn.execute("SELECT value FROM meta WHERE key='compacted_lsn'").fetchone()
+        compacted = int(row[0]) if row is not None else 0
+        merged = _Batch()
+        last = compacted
+        records = 0
+        for lsn, rec in logc.execute("SELECT lsn, rec FROM log WHERE lsn > ? ORDER BY lsn",
+                                     (compacted,)):
+            if lsn != last + 1:
+                raise _Unusable(f"{LOG_NAME}: log record {last + 1} is missing "
+                                f"(next is {lsn}; the tables end at {compacted})")
+            try:
+                b = _decode_record(rec)
+            except ValueError as e:
+                raise _Unusable(f"{LOG_NAME}: log record {lsn} is damaged: {e}") from e
+            b.lsn = lsn
+            _merge(merged, b)
+            last = lsn
+            records += 1
+        top = logc.execute("SELECT max(lsn) FROM log").fetchone()[0] or 0
+        if records:
+            conn.execute("BEGIN IMMEDIATE")
+            _apply_tables(conn, merged)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES('compacted_lsn', ?)", (last,))
+            conn.execute("COMMIT")
+            log.info("persistence: replayed %d log records (%d..%d) into the tables",
+                     records, compacted + 1, last)
+        if top:
+            logc.execute("DELETE FROM log")  # every record is in the tables now
+        self._lsn = self._compacted_lsn = self._trimmed_lsn = last
 
     def _recover(self, conn: sqlite3.Connection, now: float) -> Snapshot:
         bad_msgs: list[int] = []
@@ -608,12 +996,14 @@ class SqliteStore:
             log.info("persistence: %d commits, %.2f ms each on average", self.commits,
                      1000 * self.commit_seconds / self.commits)
         self._thread = None
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except sqlite3.Error as e:  # pragma: no cover
-                log.warning("persistence: closing database: %s", e)
-            self._conn = None
+        for name in ("_conn", "_log"):
+            conn = getattr(self, name)
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error as e:  # pragma: no cover
+                    log.warning("persistence: closing database: %s", e)
+                setattr(self, name, None)
         self._release_lockfile()
         self._notify()  # anyone still waiting gets "not open"
 
@@ -806,9 +1196,9 @@ class SqliteStore:
     # ============================================================ writer thread
 
     def _writer(self) -> None:
-        checkpointer = threading.Thread(target=self._checkpointer,
-                                        name="fastmqtt-store-checkpoint", daemon=True)
-        checkpointer.start()
+        compactor = threading.Thread(target=self._compactor, name="fastmqtt-store-compact",
+                                     daemon=True)
+        compactor.start()
         fsyncer = threading.Thread(target=self._fsyncer, name="fastmqtt-store-fsync",
                                    daemon=True)
         fsyncer.start()
@@ -838,6 +1228,10 @@ class SqliteStore:
                         self._post_notify()
                         if wrote:
                             self._unsynced.set()
+                    if wrote:
+                        self._to_compactor(batch)
+                if self._trimmed_lsn < self._compacted_lsn:
+                    self._trim_log()
                 if self._closing and not self._batch.ops:
                     break
         except BaseException as e:  # the writer must never die silently
@@ -848,17 +1242,40 @@ class SqliteStore:
             self._fsync_stop = True
             self._unsynced.set()
             fsyncer.join()
+            with self._compact_cv:
+                self._compact_stop = True
+                self._compact_cv.notify()
             self._stop_wait.set()
-            checkpointer.join()
+            compactor.join()
+            if self._error is None and self._trimmed_lsn < self._compacted_lsn:
+                self._trim_log()  # a clean close leaves an empty log
+
+    def _to_compactor(self, batch: _Batch) -> None:
+        with self._compact_cv:
+            self._compact_queue.append(batch)
+            self._compact_queued_ops += batch.ops
+            if self._compact_queued_ops >= COMPACT_OPS:
+                self._compact_cv.notify()
+
+    def _trim_log(self) -> None:
+        """Delete the log records the tables have (writer thread: the log's
+        only writer). Failing is harmless: recovery skips them."""
+        upto = self._compacted_lsn
+        try:
+            self._log.execute("DELETE FROM log WHERE lsn <= ?", (upto,))
+            self._trimmed_lsn = upto
+        except sqlite3.Error as e:
+            log.warning("persistence: cannot trim the log: %s", e)
+            self._trimmed_lsn = upto  # try again after the next compaction
 
     def _fsyncer(self) -> None:
-        """Flusher thread: fsync the WAL, then (``sync``) declare durable what
-        was committed before the fsync began.
+        """Flusher thread: fsync the log's WAL, then (``sync``) declare durable
+        what was appended before the fsync began.
 
-        Commits are made with ``synchronous=NORMAL`` (no fsync inside COMMIT)
-        and this thread does the fsync, so the writer already commits the next
+        Appends are made with ``synchronous=NORMAL`` (no fsync inside COMMIT)
+        and this thread does the fsync, so the writer already appends the next
         batch while the disk flushes the previous one: each fsync covers every
-        commit made while the last one ran. In ``batch`` mode fsyncs are spaced
+        append made while the last one ran. In ``batch`` mode fsyncs are spaced
         at least ``batch_interval`` apart and nobody waits for them.
         """
         fd = None
@@ -888,45 +1305,12 @@ class SqliteStore:
             if fd is not None:
                 os.close(fd)
 
-    def _checkpointer(self) -> None:
-        """Copy the WAL into the database (PASSIVE: alongside the writer) when
-        it has grown past ``CHECKPOINT_BYTES`` or has been idle with unsaved
-        frames for a while, so the WAL stays bounded without ever stalling a
-        commit."""
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=5)
-            conn.execute("PRAGMA synchronous=NORMAL")  # checkpoints fsync WAL and database
-        except sqlite3.Error as e:  # pragma: no cover - the writer's open just worked
-            log.warning("persistence: no checkpoint connection (%s); the WAL will grow", e)
-            return
-        wal = self.path + "-wal"
-        done_at = self.commits
-        try:
-            while not self._stop_wait.wait(CHECKPOINT_PERIOD):
-                if self.commits == done_at:
-                    continue
-                try:
-                    size = os.path.getsize(wal)
-                except OSError:
-                    continue
-                idle = self._committed == self._seq
-                if size < CHECKPOINT_BYTES and not idle:
-                    continue
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    done_at = self.commits
-                except sqlite3.Error as e:
-                    log.warning("persistence: checkpoint failed: %s", e)
-        finally:
-            conn.close()
-
     def _fsync_wal(self, fd, strict: bool = False):
-        """fsync the WAL file (opened once). ``strict``: raise on failure."""
+        """fsync the log's WAL file (opened once). ``strict``: raise on failure."""
         try:
             if fd is None:
                 try:
-                    fd = os.open(self.path + "-wal", os.O_RDONLY)
+                    fd = os.open(self.log_path + "-wal", os.O_RDONLY)
                 except FileNotFoundError:
                     return None  # nothing written yet: nothing to flush
             os.fsync(fd)
@@ -940,17 +1324,13 @@ class SqliteStore:
         return fd
 
     def _commit(self, b: _Batch) -> bool:
-        """Apply one batch in one transaction; retry transient failures."""
+        """Append one batch to the log; retry transient failures."""
         delays = self.retry_delays
         for attempt in range(len(delays) + 1):
             t0 = time.perf_counter()
             try:
                 wrote = self._apply(b)
             except sqlite3.Error as e:
-                try:
-                    self._conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 if attempt == len(delays):
                     raise
                 log.warning("persistence: commit failed (%s); retrying in %.2fs", e,
@@ -976,130 +1356,152 @@ class SqliteStore:
             return None
 
     def _apply(self, b: _Batch) -> bool:
-        """One transaction with the batch's net effect. Runs on the writer thread."""
-        c = self._conn
+        """Append the batch to the log as one record (writer thread). False:
+        everything cancelled out, nothing to write (or fsync)."""
+        c = self._log
         if c is None:
             raise sqlite3.ProgrammingError("database closed")
-        sessions = list(b.sessions.values())
-        sub_put, sub_del = [], []
-        for cid, d in b.subs.items():
-            for f, row in d.items():
-                if row is None:
-                    sub_del.append((cid, f))
-                else:
-                    sub_put.append(row)
-        d_ins, d_upd, d_del = [], [], []
-        for cid, d in b.deliv.items():
-            for mid, e in d.items():
-                kind = e[0]
-                if kind == _DEL:
-                    d_del.append((cid, mid))
-                elif kind == _UPD:
-                    d_upd.append((e[2], e[3], e[4], cid, mid))
-                else:
-                    d_ins.append((cid, mid, e[1], e[2], e[3], e[4]))
-        q_put, q_del = [], []
-        for cid, d in b.qos2.items():
-            for pid, put in d.items():
-                (q_put if put else q_del).append((cid, pid))
-        msgs = []
-        for mid, (p, exp) in b.messages.items():
-            blob = self._blob("message", mid, p)
-            if blob is not None:
-                msgs.append((mid, blob, exp))
-        r_put, r_del = [], []
-        for t, v in b.retained.items():
-            if v is None:
-                r_del.append((t,))
-            else:
-                blob = self._blob("retained message", t, v[0])
-                if blob is not None:
-                    r_put.append((t, blob, v[1]))
-        w_put, w_del = [], []
-        for cid, v in b.wills.items():
-            if v is None:
-                w_del.append((cid,))
-            else:
-                blob = self._blob("will of", cid, v[0])
-                if blob is not None:
-                    w_put.append((cid, blob, v[1]))
-        h_put = []
-        for hid, t, ts, exp, p in b.hist_put.values():
-            blob = self._blob("history entry", hid, p)
-            if blob is not None:
-                h_put.append((hid, t, ts, exp, blob))
-        if not (b.cascade or sessions or sub_put or sub_del or d_ins or d_upd or d_del
-                or q_put or q_del or msgs or b.msg_del or r_put or r_del or w_put or w_del
-                or h_put or b.hist_del):
-            return False  # everything cancelled out: nothing to write, nothing to fsync
+        if not b.lsn:  # a retry keeps its encoding and its lsn
+            if b.empty():
+                return False
+            rec = _encode_record(b, self._blob)
+            b.lsn = self._lsn + 1
+            self._rec = rec
+        # One statement, its own transaction: the whole batch in one step.
+        c.execute("INSERT INTO log(lsn, rec) VALUES(?, ?)", (b.lsn, self._rec))
+        self._lsn = b.lsn
+        self._rec = None
+        return True
 
-        ex = c.executemany
-        bulk = self._bulk
-        c.execute("BEGIN IMMEDIATE")
-        if b.cascade:
-            gone = [(cid,) for cid in b.cascade]
-            for table in _CLIENT_TABLES:
-                ex(f"DELETE FROM {table} WHERE client_id=?", gone)
-        if sessions:
-            ex("INSERT OR REPLACE INTO sessions VALUES(?,?,?,?)", sessions)
-        if sub_put:
-            ex("INSERT OR REPLACE INTO subscriptions VALUES(?,?,?,?,?,?,?)", sub_put)
-        if sub_del:
-            ex("DELETE FROM subscriptions WHERE client_id=? AND topic_filter=?", sub_del)
-        # The hot tables: one statement each, whatever the number of rows.
-        if msgs:
-            if bulk and len(msgs) >= _BULK_MIN:
-                blob, meta = _pack_blobs(msgs, 1)
-                c.execute(_MSG_INS_BULK, (blob, _dumps(meta)))
-            else:
-                ex("INSERT OR REPLACE INTO messages VALUES(?,?,?)", msgs)
-        if d_ins:
-            if bulk and len(d_ins) >= _BULK_MIN:
-                c.execute(_DELIV_INS_BULK, (_dumps(d_ins),))
-            else:
-                ex("INSERT OR REPLACE INTO deliveries VALUES(?,?,?,?,?,?)", d_ins)
-        if d_upd:
-            if bulk and len(d_upd) >= _BULK_MIN:
-                c.execute(_DELIV_UPD_BULK, (_dumps([(cid, mid, q, pid, st)
-                                                    for q, pid, st, cid, mid in d_upd]),))
-            else:
-                ex("UPDATE deliveries SET qos=?, packet_id=?, state=? "
-                   "WHERE client_id=? AND msg_id=?", d_upd)
-        if d_del:
-            if bulk and len(d_del) >= _BULK_MIN:
-                per_client: dict[str, list[int]] = {}
-                for cid, mid in d_del:
-                    per_client.setdefault(cid, []).append(mid)
-                ex(_DELIV_DEL_BULK, [(cid, _dumps(mids)) for cid, mids in per_client.items()])
-            else:
-                ex("DELETE FROM deliveries WHERE client_id=? AND msg_id=?", d_del)
-        if b.msg_del:
-            if bulk and len(b.msg_del) >= _BULK_MIN:
-                c.execute(_MSG_DEL_BULK, (_dumps(list(b.msg_del)),))
-            else:
-                ex("DELETE FROM messages WHERE msg_id=?", [(m,) for m in b.msg_del])
-        if q_put:
-            ex("INSERT OR IGNORE INTO incoming_qos2 VALUES(?,?)", q_put)
-        if q_del:
-            ex("DELETE FROM incoming_qos2 WHERE client_id=? AND packet_id=?", q_del)
-        if r_put:
-            ex("INSERT OR REPLACE INTO retained VALUES(?,?,?)", r_put)
-        if r_del:
-            ex("DELETE FROM retained WHERE topic=?", r_del)
-        if w_put:
-            ex("INSERT OR REPLACE INTO wills VALUES(?,?,?)", w_put)
-        if w_del:
-            ex("DELETE FROM wills WHERE client_id=?", w_del)
-        if h_put:
-            if bulk and len(h_put) >= _BULK_MIN:
-                blob, meta = _pack_blobs(h_put, 4)
-                c.execute(_HIST_INS_BULK, (blob, _dumps(meta)))
-            else:
-                ex("INSERT OR REPLACE INTO history VALUES(?,?,?,?,?)", h_put)
-        if b.hist_del:
-            if bulk and len(b.hist_del) >= _BULK_MIN:
-                c.execute(_HIST_DEL_BULK, (_dumps(list(b.hist_del)),))
-            else:
-                ex("DELETE FROM history WHERE hist_id=?", [(h,) for h in b.hist_del])
-        c.execute("COMMIT")
+    # ========================================================= compactor thread
+
+    def _compactor(self) -> None:
+        """Fold appended batches into the tables (see the module docstring),
+        and checkpoint both WALs when they have grown."""
+        conn = self._conn
+        try:
+            ckpt = sqlite3.connect(self.log_path, isolation_level=None,
+                                   check_same_thread=False, timeout=5)
+        except sqlite3.Error as e:  # pragma: no cover - the writer's open just worked
+            log.warning("persistence: no checkpoint connection (%s); the log WAL will grow", e)
+            ckpt = None
+        dirty = _Batch()
+        first_at = 0.0  # when dirty got its first batch
+        delays = self.retry_delays
+        failures = 0
+        retry_at = 0.0
+        last_ckpt = time.monotonic()
+        try:
+            while True:
+                with self._compact_cv:
+                    if not (self._compact_queue or self._compact_stop or self._compact_now):
+                        timeout = CHECKPOINT_PERIOD
+                        if dirty.lsn:
+                            due_at = max(first_at + COMPACT_PERIOD, retry_at)
+                            timeout = min(timeout, max(0.0, due_at - time.monotonic()))
+                        self._compact_cv.wait(timeout)
+                    queue, self._compact_queue = self._compact_queue, []
+                    self._compact_queued_ops = 0
+                    stop = self._compact_stop
+                    now_asked = self._compact_now
+                    self._compact_now = False  # compact() asks again if not done
+                for b in queue:
+                    if not dirty.lsn:
+                        first_at = time.monotonic()
+                    _merge(dirty, b)
+                t = time.monotonic()
+                due = (stop or now_asked or dirty.ops >= COMPACT_OPS
+                       or (dirty.lsn and t - first_at >= COMPACT_PERIOD))
+                if dirty.lsn and due and (t >= retry_at or stop or now_asked):
+                    try:
+                        self._compact(conn, dirty)
+                    except sqlite3.Error as e:
+                        failures += 1
+                        delay = delays[min(failures, len(delays)) - 1] if delays else 0.0
+                        log.warning("persistence: compaction failed (%s); the log keeps "
+                                    "everything, retrying in %.2fs", e, delay)
+                        retry_at = time.monotonic() + delay
+                        if stop:
+                            break  # the log has it all; recovery replays it
+                    else:
+                        failures = 0
+                        dirty = _Batch()
+                        self._pending.set()  # the writer trims the log
+                if now_asked:
+                    with self._compact_cv:
+                        self._compact_cv.notify_all()
+                if stop:
+                    with self._compact_cv:
+                        if not self._compact_queue:
+                            break
+                    continue
+                if time.monotonic() - last_ckpt >= CHECKPOINT_PERIOD:
+                    last_ckpt = time.monotonic()
+                    self._checkpoint(conn, self.path)
+                    if ckpt is not None:
+                        self._checkpoint(ckpt, self.log_path)
+        except BaseException as e:  # pragma: no cover - a bug: say so, keep the log
+            log.exception("persistence: compactor failed; the log keeps growing: %s", e)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+            with self._compact_cv:
+                self._compact_cv.notify_all()
+
+    def _compact(self, conn: sqlite3.Connection, dirty: _Batch) -> None:
+        t0 = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _apply_tables(conn, dirty)
+            conn.execute("INSERT OR REPLACE INTO meta VALUES('compacted_lsn', ?)", (dirty.lsn,))
+            conn.execute("COMMIT")  # synchronous=FULL: on disk when this returns
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        self._compacted_lsn = dirty.lsn
+        self.compactions += 1
+        log.debug("persistence: compacted up to record %d (%d changes) in %.1f ms",
+                  dirty.lsn, dirty.ops, 1000 * (time.perf_counter() - t0))
+
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection, path: str) -> None:
+        """Copy a WAL into its database (PASSIVE: alongside its writer) once it
+        has grown past ``CHECKPOINT_BYTES``."""
+        try:
+            if os.path.getsize(path + "-wal") < CHECKPOINT_BYTES:
+                return
+        except OSError:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as e:
+            log.warning("persistence: checkpoint of %s failed: %s", path, e)
+
+    def compact(self, timeout: float = 30.0) -> bool:
+        """Fold everything appended to the log so far into the tables now and
+        wait for it. Blocking (not for the trio thread in production; tests and
+        tools). Call after ``durable(mark())`` to include the latest changes.
+
+        Returns:
+            True once the tables hold every appended record; False on timeout
+            or when the store is not open.
+        """
+        if self._thread is None:
+            return False
+        target = self._lsn
+        deadline = time.monotonic() + timeout
+        with self._compact_cv:
+            self._compact_now = True
+            self._compact_cv.notify_all()
+            while self._compacted_lsn < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None:
+                    return False
+                self._compact_cv.wait(min(left, 0.05))
+                if not self._compact_now and self._compacted_lsn < target:
+                    self._compact_now = True
+                    self._compact_cv.notify_all()
         return True

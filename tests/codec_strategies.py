@@ -127,7 +127,14 @@ def properties(packet: int, exclude=()) -> st.SearchStrategy[dict]:
                      if packet in where and p not in exclude)
     return st.fixed_dictionaries(
         {}, optional={PropertyId(p): property_value(PropertyId(p), packet) for p in allowed}
-    )
+    ).filter(_auth_data_has_method)
+
+
+def _auth_data_has_method(props: dict) -> bool:
+    # "It is a Protocol Error to include Authentication Data if there is no
+    # Authentication Method" (3.1.2.11.10, 3.2.2.3.18, 3.15.2.2.3).
+    return (PropertyId.AUTHENTICATION_DATA not in props
+            or PropertyId.AUTHENTICATION_METHOD in props)
 
 
 def _props_or_empty(packet: int, version: int, exclude=()):

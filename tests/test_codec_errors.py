@@ -173,6 +173,16 @@ DECODE_ERRORS = [
     Bad("unsubscribe-no-filter-v5", 5, "a2 03 00 01 00", 0x82, r"MQTT-3\.10\.3-2"),
     Bad("unsubscribe-no-filter-v4", 4, "a2 02 00 01", 0x82, r"MQTT-3\.10\.3-2"),
     Bad("auth-in-v4", 4, "f0 00", 0x82, r"AUTH"),
+    # 3.1.2.11.10 / 3.15.2.2.3: "It is a Protocol Error to include
+    # Authentication Data if there is no Authentication Method".
+    Bad("auth-data-without-method-auth", 5, """
+        f0 06 18            # AUTH, continue authentication
+        04 16 00 01 78      # properties: AUTHENTICATION_DATA "x" only
+    """, 0x82, r"AUTHENTICATION_METHOD"),
+    Bad("auth-data-without-method-connack", 5, """
+        20 07 00 00         # CONNACK, session present 0, success
+        04 16 00 01 78      # properties: AUTHENTICATION_DATA "x" only
+    """, 0x82, r"AUTHENTICATION_METHOD"),
     Bad("puback-reason-0x92", 5, "40 03 00 01 92", 0x82, REASON),
     Bad("pubrel-reason-0x10", 5, "62 03 00 01 10", 0x82, REASON),
     Bad("connack-reason-0x01", 5, "20 03 00 01 00", 0x82, REASON),
@@ -344,6 +354,12 @@ ENCODE_ERRORS = [
     Refused("puback-reason-0x92", 5, lambda c: c.Puback(1, 0x92), 0x82, REASON),
     Refused("disconnect-reason-0x01", 5, lambda c: c.Disconnect(0x01), 0x82, REASON),
     Refused("auth-in-v4", 4, lambda c: c.Auth(), 0x82, r"AUTH"),
+    Refused("auth-data-without-method", 5,
+            lambda c: c.Auth(0x18, {P.AUTHENTICATION_DATA: b"x"}), 0x82,
+            r"AUTHENTICATION_METHOD"),
+    Refused("connect-auth-data-without-method", 5,
+            lambda c: c.Connect("c", properties={0x16: b"x"}), 0x82,
+            r"AUTHENTICATION_METHOD"),
     Refused("auth-in-v3", 3, lambda c: c.Auth(0x18), 0x82, r"AUTH"),
 ]
 

@@ -131,6 +131,8 @@ cdef enum:
 
 cdef enum:
     P_SUBID = 0x0B
+    P_AUTH_METHOD = 0x15
+    P_AUTH_DATA = 0x16
     P_TOPIC_ALIAS = 0x23
     P_USER = 0x26
 
@@ -1263,6 +1265,9 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
             _fail(f"{_pname(ptype)} property {name} included more than once", RC_PROTOCOL)
         seen |= (<uint64_t>1) << pid
         props[<object>_PKEY[pid]] = value
+    if (seen >> P_AUTH_DATA) & 1 and not (seen >> P_AUTH_METHOD) & 1:
+        _fail(f"{_pname(ptype)} has AUTHENTICATION_DATA without AUTHENTICATION_METHOD "
+              "(3.1.2.11.10)", RC_PROTOCOL)
     r.end = outer_end
     r.ptype = saved
     if subids is not None:
@@ -2321,7 +2326,7 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     if not PyDict_CheckExact(mapping):
         _fail(f"{_pname(ptype)} properties must be a dict-backed mapping")
     if _plan_fast(mapping, ptype, pl):
-        return 0
+        return _check_auth_pair(pl, ptype)
     # Something the fast path does not take (a subclass, a large int, an
     # invalid value): the general walk below, which also words the errors.
     pl.n = 0
@@ -2348,6 +2353,23 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
             pl.has_alias = True
     for i in range(pl.n):
         pl.size += _prop_size(pl.ids[i], <object>pl.vals[i], ptype, pl)
+    return _check_auth_pair(pl, ptype)
+
+
+cdef int _check_auth_pair(PropPlan* pl, int ptype) except -1:
+    """Authentication Data only with an Authentication Method (3.1.2.11.10)."""
+    cdef int i
+    cdef bint method = False, data = False
+    if ptype != CONNECT and ptype != CONNACK and ptype != AUTH:
+        return 0
+    for i in range(pl.n):
+        if pl.ids[i] == P_AUTH_METHOD:
+            method = True
+        elif pl.ids[i] == P_AUTH_DATA:
+            data = True
+    if data and not method:
+        _fail(f"{_pname(ptype)} has AUTHENTICATION_DATA without AUTHENTICATION_METHOD "
+              "(3.1.2.11.10)", RC_PROTOCOL)
     return 0
 
 

@@ -553,6 +553,9 @@ def _read_properties(r: _Reader, packet: int) -> Mapping[int, Any]:
             raise _error(f"{what} property {name} included more than once", PROTOCOL_ERROR)
         else:
             props[prop] = value
+    if PropertyId.AUTHENTICATION_DATA in props and PropertyId.AUTHENTICATION_METHOD not in props:
+        raise _error(f"{what} has AUTHENTICATION_DATA without AUTHENTICATION_METHOD "
+                     "(3.1.2.11.10)", PROTOCOL_ERROR)
     r.end = outer_end
     for prop in MULTI_PROPERTIES:
         if prop in props:
@@ -1085,6 +1088,10 @@ def _enc_properties(properties, packet: int) -> bytes:
         if packet not in PROPERTY_PACKETS[prop]:
             raise _error(f"{what} property {prop.name} is not allowed in this packet (2.2.2.2)")
         keyed.append((int(prop), prop, value))
+    if (PropertyId.AUTHENTICATION_DATA in properties
+            and PropertyId.AUTHENTICATION_METHOD not in properties):
+        raise _error(f"{what} has AUTHENTICATION_DATA without AUTHENTICATION_METHOD "
+                     "(3.1.2.11.10)", PROTOCOL_ERROR)
     keyed.sort(key=lambda item: item[0])
     out = bytearray()
     for ident, prop, value in keyed:

@@ -131,9 +131,11 @@ def _regex_matches(topic_filter: str, topic: str) -> bool:
     for level in topic_filter.split("/"):
         if level == "#":
             # '#' also matches the parent: drop the '/' that would precede it.
-            return re.fullmatch("/".join(parts) + ("(/.*)?" if parts else ".*"), topic) is not None
+            # DOTALL: a level may hold a newline, which '.' alone would not match.
+            return re.fullmatch("/".join(parts) + ("(/.*)?" if parts else ".*"), topic,
+                                re.DOTALL) is not None
         parts.append("[^/]*" if level == "+" else re.escape(level))
-    return re.fullmatch("/".join(parts), topic) is not None
+    return re.fullmatch("/".join(parts), topic, re.DOTALL) is not None
 
 
 @st.composite

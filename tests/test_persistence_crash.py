@@ -21,7 +21,7 @@ import time
 import pytest
 
 from fastmqtt.store import SqliteStore
-from fastmqtt.store.sqlite import DB_NAME
+from fastmqtt.store.sqlite import DB_NAME, LOG_NAME
 from fixtures_broker import ack_bytes, publish_bytes
 
 pytestmark = pytest.mark.integration
@@ -29,16 +29,31 @@ pytestmark = pytest.mark.integration
 # --------------------------------------------------------------- store level
 
 CHILD = textwrap.dedent("""
-    import sys, trio
+    import sys, time, trio
     from fastmqtt.codec import Publish
     from fastmqtt.broker.interfaces import DeliveryRecord
     from fastmqtt.store import SqliteStore
+    from fastmqtt.store import sqlite as sqlite_mod
 
-    data_dir, mode = sys.argv[1], sys.argv[2]
+    data_dir, mode, compaction = sys.argv[1], sys.argv[2], sys.argv[3]
+    if compaction == "never":  # everything acknowledged is only in the log
+        sqlite_mod.COMPACT_PERIOD = 1e9
+        sqlite_mod.COMPACT_OPS = 1 << 60
+    elif compaction == "often":  # killed at any point of folding the log in
+        sqlite_mod.COMPACT_PERIOD = 0.002
+    elif compaction == "stuck":  # killed inside a compaction transaction
+        inner = sqlite_mod._apply_tables
+        def stuck(conn, batch):
+            inner(conn, batch)
+            print("compacting", flush=True)
+            time.sleep(60)
+        sqlite_mod.COMPACT_PERIOD = 0.2
 
     async def main():
         store = SqliteStore(data_dir, durability=mode, batch_interval_ms=20)
         store.open()
+        if compaction == "stuck":
+            sqlite_mod._apply_tables = stuck  # after the start-up replay
         store.put_session("sub", 0xFFFFFFFF, 5, 1.0)
         next_id = [1]
 
@@ -62,25 +77,44 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("mode", ["sync", "batch"])
-def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode):
+@pytest.mark.parametrize("mode, compaction", [("sync", "default"), ("batch", "default"),
+                                               ("sync", "never"), ("batch", "often"),
+                                               ("sync", "stuck")])
+def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compaction):
+    """Killed mid-stream; also with nothing folded into the tables yet
+    (``never``: recovery is the log alone), while compactions run back to back
+    (``often``), and inside a compaction transaction (``stuck``: its rows are
+    in the tables' WAL but not committed; the log still has them)."""
     data = str(tmp_path / "data")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    proc = subprocess.Popen([sys.executable, str(script), data, mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), data, mode, compaction],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     acked = set()
+    stuck = False
     try:
         deadline = time.monotonic() + 60
-        while len(acked) < 2000 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
-            acked.add(int(line.split()[1]))
+            if line.startswith("compacting"):
+                stuck = True
+            else:
+                acked.add(int(line.split()[1]))
+            if len(acked) >= 2000 and (stuck or compaction != "stuck"):
+                break
     finally:
         proc.send_signal(signal.SIGKILL)  # mid-stream: commits in flight
         proc.wait(10)
     assert len(acked) >= 2000, proc.stderr.read()
+    assert stuck or compaction != "stuck"
+    if compaction in ("never", "stuck"):
+        import sqlite3
+
+        with sqlite3.connect(os.path.join(data, LOG_NAME)) as db:
+            in_log = db.execute("SELECT count(*) FROM log").fetchone()[0]
+        assert in_log  # recovery below must replay the log
     store = SqliteStore(data)
     snap = store.open()
     store.close()

@@ -21,7 +21,7 @@ from fastmqtt.codec import Publish
 from fastmqtt.enums import PropertyId
 from fastmqtt.store import MemoryStore, SqliteStore, StoreError, open_store
 from fastmqtt.store.base import decode_publish, encode_publish
-from fastmqtt.store.sqlite import DB_NAME
+from fastmqtt.store.sqlite import DB_NAME, LOG_NAME
 
 NOW = 1_800_000_000.0
 NEVER = 0xFFFFFFFF
@@ -36,9 +36,22 @@ def fields(p):
     return (p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, dict(p.properties))
 
 
+def close_without_compacting(store):
+    """Close a SqliteStore the way a crash leaves it: every change appended to
+    the log (the writer drains its batch), none of what the compactor had not
+    folded yet in the tables. Recovery must replay the log."""
+    def refuse(conn, dirty):
+        raise sqlite3.OperationalError("test: no compaction")
+
+    store._compact = refuse
+    store.close()
+
+
 class Reopener:
     """Builds a store and "restarts" it: close, then a fresh open of the same
-    state (a new SqliteStore on the same directory; the same MemoryStore)."""
+    state (a new SqliteStore on the same directory; the same MemoryStore).
+    ``sqlite-log`` restarts as after a crash: the latest changes only in the
+    log, recovered by replaying it onto the tables."""
 
     def __init__(self, kind, path):
         self.kind = kind
@@ -59,11 +72,14 @@ class Reopener:
         return s, snap
 
     def restart(self, now=NOW):
-        self.store.close()
+        if self.kind == "sqlite-log":
+            close_without_compacting(self.store)
+        else:
+            self.store.close()
         return self.first(now)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-log"])
 def reopener(request, tmp_path):
     r = Reopener(request.param, str(tmp_path / "data"))
     yield r
@@ -191,7 +207,7 @@ def test_message_kept_while_any_delivery_refers_to_it(reopener):
     s.remove_delivery("b", 1)
     _, snap = reopener.restart()
     assert snap.messages == {}
-    if reopener.kind == "sqlite":
+    if reopener.kind != "memory":
         with sqlite3.connect(reopener.store.path) as db:
             assert db.execute("SELECT count(*) FROM messages").fetchone() == (0,)
 
@@ -328,10 +344,11 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("ret"), st.sampled_from(["r/1", "r/2"]), st.booleans()),
     st.tuples(st.just("will"), st.sampled_from("abc"), st.booleans()),
     st.tuples(st.just("flush")),
+    st.tuples(st.just("compact")),
 ), max_size=40)
 
 
-def apply_ops(store, ops, flush):
+def apply_ops(store, ops, flush, compact=lambda s: None):
     for op in ops:
         kind = op[0]
         if kind == "session":
@@ -364,6 +381,8 @@ def apply_ops(store, ops, flush):
                 store.delete_will(op[1])
         elif kind == "flush":
             flush(store)
+        elif kind == "compact":
+            compact(store)
 
 
 def normal(snap):
@@ -388,20 +407,30 @@ def wait_committed(store):
     raise AssertionError("writer did not commit")
 
 
+def compact_now(store):
+    wait_committed(store)
+    assert store.compact()
+
+
+@pytest.mark.parametrize("end", ["close", "crash"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(OPS)
-def test_sqlite_store_recovers_what_memory_store_holds(ops):
-    """Any sequence of mutations, cut into batches anywhere, recovers to the
-    same state as the reference memory store (group commit and coalescing
-    never change what survives)."""
+def test_sqlite_store_recovers_what_memory_store_holds(end, ops):
+    """Any sequence of mutations, cut into batches anywhere and folded into
+    the tables anywhere, recovers to the same state as the reference memory
+    store (group commit, coalescing across batches and replaying the log never
+    change what survives)."""
     mem = MemoryStore()
     mem.open(now=NOW)
     apply_ops(mem, ops, lambda s: None)
     with tempfile.TemporaryDirectory() as d:
         sq = SqliteStore(d)
         sq.open(now=NOW)
-        apply_ops(sq, ops, wait_committed)
-        sq.close()
+        apply_ops(sq, ops, wait_committed, compact_now)
+        if end == "crash":
+            close_without_compacting(sq)
+        else:
+            sq.close()
         sq2 = SqliteStore(d)
         got = sq2.open(now=NOW)
         sq2.close()
@@ -665,6 +694,136 @@ def test_unusable_database_is_moved_aside_and_logged(tmp_path, caplog, damage):
     assert [x.client_id for x in snap.sessions] == ["new"] and s2.moved_aside is None
 
 
+def make_logged_state(data_dir, sessions=3):
+    """A store whose state is only in the log (never compacted): one record per
+    session, each with a queued message."""
+    s = SqliteStore(data_dir)
+    s.open(now=NOW)
+    for i in range(1, sessions + 1):
+        s.put_session(f"c{i}", NEVER, 5, None)
+        s.put_message(i, pub(payload=b"m%d" % i), None)
+        s.add_delivery(f"c{i}", DeliveryRecord(i, 1))
+        wait_committed(s)  # one batch, one record each
+    close_without_compacting(s)
+    with sqlite3.connect(os.path.join(data_dir, LOG_NAME)) as db:
+        lsns = [r[0] for r in db.execute("SELECT lsn FROM log ORDER BY lsn")]
+    assert len(lsns) == sessions
+    return lsns
+
+
+def test_log_records_not_compacted_are_replayed_into_the_tables(tmp_path):
+    data = str(tmp_path / "d")
+    lsns = make_logged_state(data)
+    with sqlite3.connect(os.path.join(data, DB_NAME)) as db:
+        assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    try:
+        assert sorted(by_client(snap)) == ["c1", "c2", "c3"]
+        assert {m: p.payload for m, (p, _) in snap.messages.items()} == {
+            1: b"m1", 2: b"m2", 3: b"m3"}
+        # Folded into the tables and the log emptied, in that order.
+        assert rows(s, "deliveries") == 3
+        with sqlite3.connect(s.log_path) as db:
+            assert db.execute("SELECT count(*) FROM log").fetchone() == (0,)
+        with sqlite3.connect(s.path) as db:
+            assert db.execute("SELECT value FROM meta WHERE key='compacted_lsn'"
+                              ).fetchone() == (lsns[-1],)
+        # New records continue the sequence.
+        s.put_session("c9", NEVER, 5, None)
+        wait_committed(s)
+        assert s._lsn == lsns[-1] + 1
+    finally:
+        s.close()
+
+
+def test_interrupted_replay_leaves_the_log_and_runs_again(tmp_path, monkeypatch):
+    """A replay that fails half way (here: an I/O error after part of the rows
+    were written) rolls back; the log is untouched and the next start replays
+    it all again."""
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    data = str(tmp_path / "d")
+    make_logged_state(data)
+    inner = sqlite_mod._apply_tables
+
+    def fail_half_way(conn, batch):
+        inner(conn, batch)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_mod, "_apply_tables", fail_half_way)
+    with pytest.raises(StoreError, match="disk I/O"):
+        SqliteStore(data).open(now=NOW)
+    with sqlite3.connect(os.path.join(data, LOG_NAME)) as db:
+        assert db.execute("SELECT count(*) FROM log").fetchone() == (3,)
+    with sqlite3.connect(os.path.join(data, DB_NAME)) as db:
+        assert db.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+    monkeypatch.setattr(sqlite_mod, "_apply_tables", inner)
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    s.close()
+    assert sorted(by_client(snap)) == ["c1", "c2", "c3"] and s.moved_aside is None
+
+
+def test_compaction_failure_keeps_everything_in_the_log(tmp_path, caplog):
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+    s.retry_delays = (0.0,)
+    fails = []
+    inner = s._compact
+
+    def flaky(conn, dirty):
+        if not fails:
+            fails.append(dirty.lsn)
+            raise sqlite3.OperationalError("database or disk is full")
+        inner(conn, dirty)
+
+    s._compact = flaky
+    s.put_session("c", NEVER, 5, None)
+    wait_committed(s)
+    assert not s.compact(timeout=0.5) or fails  # the first attempt fails
+    assert s.compact()  # the retry folds it in
+    assert fails and rows(s, "sessions") == 1
+    assert "compaction failed" in caplog.text
+    s.close()
+
+
+def corrupt_log_record(log_path):
+    with sqlite3.connect(log_path) as db:
+        db.execute("UPDATE log SET rec = CAST(substr(rec, 1, 20) || x'5a' || substr(rec, 22) "
+                   "AS BLOB) WHERE lsn = (SELECT min(lsn) + 1 FROM log)")
+
+
+def drop_log_record(log_path):
+    with sqlite3.connect(log_path) as db:
+        db.execute("DELETE FROM log WHERE lsn = (SELECT min(lsn) + 1 FROM log)")
+
+
+@pytest.mark.parametrize("damage, reason", [(corrupt_log_record, "is damaged: checksum"),
+                                            (drop_log_record, "is missing")])
+def test_damaged_log_moves_tables_and_log_aside(tmp_path, caplog, damage, reason):
+    data = str(tmp_path / "d")
+    make_logged_state(data)
+    log_path = os.path.join(data, LOG_NAME)
+    damage(log_path)
+    with open(os.path.join(data, DB_NAME), "rb") as f:
+        tables = f.read()
+    caplog.set_level(logging.ERROR, "fastmqtt.store")
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    try:
+        assert snap.sessions == []  # started, empty
+        assert reason in caplog.text and "unusable" in caplog.text
+        tag = s.moved_aside[len(s.path):]
+        assert tag.startswith(".corrupt-")
+        with open(s.moved_aside, "rb") as f:
+            assert f.read() == tables  # kept as it was
+        with sqlite3.connect(log_path + tag) as db:  # the log went with it
+            assert db.execute("SELECT count(*) FROM log").fetchone()[0] >= 2
+    finally:
+        s.close()
+
+
 def test_undecodable_row_is_dropped_rest_recovered(tmp_path, caplog):
     data = str(tmp_path / "d")
     path = make_db_with_session(data)
@@ -788,10 +947,10 @@ def test_released_message_handed_out_again_is_stored_again(reopener):
         s.put_session(c, NEVER, 5, None)
     s.put_message(1, Publish("r", b"retained", 1, True), None)
     s.add_delivery("a", DeliveryRecord(1, 1))
-    if reopener.kind == "sqlite":
+    if reopener.kind != "memory":
         wait_committed(s)
     s.remove_delivery("a", 1)  # last reference gone: the row is dropped
-    if reopener.kind == "sqlite":
+    if reopener.kind != "memory":
         wait_committed(s)
         assert rows(s, "messages") == 0
     s.add_delivery("b", DeliveryRecord(1, 1))  # same id again, no put_message

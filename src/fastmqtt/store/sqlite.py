@@ -733,6 +733,7 @@ class SqliteStore:
                                 "; ".join(str(r[0]) for r in check[:5]))
             has_meta = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
+            row = None
             if has_meta:
                 row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 if row is None:
@@ -750,7 +751,12 @@ class SqliteStore:
             if str(mode).lower() != "wal":
                 raise _Unusable(f"{what}: cannot switch to WAL mode (got {mode!r})")
             conn.executescript(schema)
-            conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)", (version,))
+            if row is None or int(row[0]) != version:
+                # New, or older (version 1 had no log): nothing else to convert.
+                # Written only then: a file that turns out to be unusable
+                # (its log is damaged) is moved aside exactly as it was found.
+                conn.execute("INSERT OR REPLACE INTO meta VALUES('schema_version', ?)",
+                             (version,))
         except BaseException:
             conn.close()
             raise

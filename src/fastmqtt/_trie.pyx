@@ -70,7 +70,7 @@ from cpython.object cimport (PyObject_Hash, PyObject_RichCompareBool, Py_EQ, PyT
                              traverseproc, visitproc, inquiry)
 from libc.string cimport memcmp, memcpy, memmove, memset, memchr
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.stdlib cimport qsort, free
+from libc.stdlib cimport qsort
 
 from fastmqtt.errors import MalformedPacket as _MalformedPacket
 import os as _os
@@ -148,7 +148,6 @@ cdef extern from *:
         uint8_t flags
         char key[1]
     size_t FMQ_NODE_HEAD
-    int posix_memalign(void** p, size_t align, size_t size) nogil
     void fmq_prefetch(const void*) noexcept nogil
     PyObject* fmq_delivery(PyObject* obj, PyObject* qos, PyObject* rap, PyObject* ids,
                            int steal_ids) except NULL
@@ -263,6 +262,24 @@ cdef inline uint64_t fill_class(uint64_t cap, size_t item) noexcept:
 
 
 _init_ecap()
+
+
+# Ref array capacities by class: ~x1.5 (fewer reallocations than entries: a
+# client's refs grow as it subscribes, and each step left a freed block in the
+# allocator's pools), also filled to the size class. Same index byte scheme.
+cdef uint32_t RCAP[128]
+
+
+cdef void _init_rcap() noexcept:
+    cdef uint64_t c = 0
+    cdef int k = 0
+    while k < 128:
+        RCAP[k] = <uint32_t>c if c < 0xFFFFFFFFu else 0xFFFFFFFFu
+        k += 1
+        c = fill_class(c + (c >> 1) + 1, sizeof(Ref))
+
+
+_init_rcap()
 
 
 # ---------------------------------------------------------------------------
@@ -811,6 +828,7 @@ cdef class TopicTrie:
     cdef Node* root
     # subscribers, indexed by sid
     cdef Sub* subs              # object, refs and match scratch: one cache-line visit
+    cdef char* subs_raw         # the allocation subs lies in (subs: its first 64-byte boundary)
     cdef uint32_t sid_cap
     cdef uint32_t sid_used      # high-water mark
     cdef uint32_t free_sid      # head of the free list, NO_SID when empty
@@ -856,7 +874,7 @@ cdef class TopicTrie:
                 if self.subs[i].obj != NULL:
                     Py_DECREF(<object>self.subs[i].obj)
                     PyMem_Free(self.subs[i].refs)
-        free(self.subs)
+        PyMem_Free(self.subs_raw)
         PyMem_Free(self.stab)
         PyMem_Free(self.stk_node)
         PyMem_Free(self.stk_level)
@@ -879,7 +897,8 @@ cdef class TopicTrie:
                     held.append(<object>self.subs[i].obj)
                     Py_DECREF(<object>self.subs[i].obj)
                     PyMem_Free(self.subs[i].refs)
-            free(self.subs)
+            PyMem_Free(self.subs_raw)
+            self.subs_raw = NULL
             self.subs = NULL
         PyMem_Free(self.stab)
         self.stab = NULL
@@ -947,6 +966,7 @@ cdef class TopicTrie:
     cdef uint32_t sid_new(self, object obj, Py_hash_t h) except? 0xFFFFFFFE:
         """Intern obj (known to be absent) and return its new sid."""
         cdef uint32_t sid, newcap, i, mask
+        cdef Py_ssize_t off, newoff
         cdef void* p
         if (self.nsubscribers + 1) * 2 > self.stab_cap:
             self.stab_resize(self.stab_cap * 2 if self.stab_cap else 16)
@@ -958,13 +978,18 @@ cdef class TopicTrie:
                 newcap = grow(self.sid_cap) + 15
                 # Cache-line aligned, so a 32-byte record never straddles two
                 # lines (match() touches obj and stamp of one record: one miss).
-                p = NULL
-                if posix_memalign(&p, 64, newcap * sizeof(Sub)) != 0:
+                # Grown with realloc (large arrays move by remapping, leaving
+                # no freed copies behind), 64 bytes over so the records can
+                # start on a line boundary; moved only if that offset changed.
+                off = <char*>self.subs - self.subs_raw if self.subs != NULL else 0
+                p = PyMem_Realloc(self.subs_raw, newcap * sizeof(Sub) + 64)
+                if p == NULL:
                     raise MemoryError()
-                if self.sid_used:
-                    memcpy(p, self.subs, self.sid_used * sizeof(Sub))
-                free(self.subs)
-                self.subs = <Sub*>p
+                self.subs_raw = <char*>p
+                newoff = (64 - (<uintptr_t>p & 63)) & 63
+                if self.sid_used and newoff != off:
+                    memmove(<char*>p + newoff, <char*>p + off, self.sid_used * sizeof(Sub))
+                self.subs = <Sub*>(<char*>p + newoff)
                 self.sid_cap = newcap
             sid = self.sid_used
             self.sid_used += 1
@@ -1072,11 +1097,10 @@ cdef class TopicTrie:
                 raise MemoryError()
             t.entries = e
             t.ecls += 1
-        if rec.nrefs == ECAP[rec.stamp >> 24]:
-            # Refs grow through the same capacity classes as entries (a Ref
-            # is an Entry's size), so the class fits the top byte of stamp.
+        if rec.nrefs == RCAP[rec.stamp >> 24]:
+            # The capacity class (RCAP) lives in the top byte of stamp.
             cap = (rec.stamp >> 24) + 1
-            r = <Ref*>PyMem_Realloc(rec.refs, ECAP[cap] * sizeof(Ref))
+            r = <Ref*>PyMem_Realloc(rec.refs, RCAP[cap] * sizeof(Ref))
             if r == NULL:
                 raise MemoryError()
             rec.refs = r
@@ -1127,11 +1151,11 @@ cdef class TopicTrie:
             m.meta = (m.meta & M_OPTS) | (refpos << M_REF_SHIFT)
         rec.nrefs = last
         c = rec.stamp >> 24
-        if last * 4 < ECAP[c] and ECAP[c] > 8:
+        if last * 4 < RCAP[c] and RCAP[c] > 8:
             want = last * 2
-            while c > 0 and ECAP[c - 1] >= want:
+            while c > 0 and RCAP[c - 1] >= want:
                 c -= 1
-            moved = <Ref*>PyMem_Realloc(rec.refs, ECAP[c] * sizeof(Ref))
+            moved = <Ref*>PyMem_Realloc(rec.refs, RCAP[c] * sizeof(Ref))
             if moved != NULL:
                 rec.refs = moved
                 rec.stamp = (rec.stamp & STAMP_MASK) | (<uint32_t>c << 24)

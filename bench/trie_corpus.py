@@ -1,5 +1,6 @@
 """Chat-workload corpus for the trie benchmarks, the plain-Python baseline, and a
-fresh-process measurement (``python bench/trie_corpus.py IMPL SIZE``).
+fresh-process measurement (``python bench/trie_corpus.py IMPL SIZE``, IMPL one of
+``c``, ``py``, ``dict`` or ``floor``).
 
 The workload follows /work/shared/CHAT.md: workspaces x channels x users with
 topics ``chat/{ws}/channel/{uuid}``, ``chat/{ws}/dm/{gid}``,
@@ -218,6 +219,42 @@ def measure(impl: str, size: int, publishes: int = 20_000, unsubscribes: int = 1
     }
 
 
+def measure_floor(size: int, publishes: int = 20_000) -> dict:
+    """The match rate of bench/trie_floor.pyx on this corpus: a matcher with no
+    matching work at all (one dict probe for the precomputed answer, then the
+    fresh list of fresh tuples that ``match`` returns). No trie can beat it, so
+    its ratio to the dict trie is the most any trie with this API can reach here.
+    """
+    import tempfile
+
+    import pyximport
+
+    pyximport.install(language_level=3, build_dir=tempfile.mkdtemp(prefix="trie-floor-"),
+                      setup_args={"script_args": ["--quiet"]})
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from trie_floor import Floor
+
+    corpus = Corpus(size, publishes=publishes)
+    trie = make_trie("c")
+    for sub, f, q in corpus.subscriptions:
+        trie.subscribe(sub, f, q)
+    # The real answers (the subscriber objects the trie stores), once per topic.
+    floor = Floor({t: tuple(d[0] for d in trie.match(t)) for t in set(corpus.topics)})
+    topics = corpus.topics
+    gc.collect()
+    gc.disable()
+    deliveries = 0
+    match = floor.match
+    t0 = _clock()
+    for topic in topics:
+        deliveries += len(match(topic))
+    t_match = _clock() - t0
+    gc.enable()
+    return {"impl": "floor", "size": len(corpus.subscriptions),
+            "match_per_s": len(topics) / t_match,
+            "matches_per_publish": deliveries / len(topics)}
+
+
 def measure_in_subprocess(impl: str, size: int, timeout: float = 900) -> dict:
     """Run :func:`measure` in a fresh interpreter and return its result."""
     import subprocess
@@ -230,4 +267,7 @@ def measure_in_subprocess(impl: str, size: int, timeout: float = 900) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))
+    if sys.argv[1] == "floor":
+        print(json.dumps(measure_floor(int(sys.argv[2]))))
+    else:
+        print(json.dumps(measure(sys.argv[1], int(sys.argv[2]))))

@@ -1938,12 +1938,23 @@ cdef class RetainedStore:
 
     cdef Node* root
     cdef Py_ssize_t count
+    cdef object _gc_anchor      # unused: an object field makes this a GC type (see _ret_traverse)
 
     def __cinit__(self):
         self.root = node_new(NULL, NULL, 0)
 
     def __init__(self) -> None:
         """Create an empty store."""
+
+    cdef int clear_all(self) except -1:
+        """Drop every message (tp_clear, to break cycles). The tree is detached
+        before it is freed: a message's finaliser may use this store again."""
+        cdef Node* old = self.root
+        self.root = node_new(NULL, NULL, 0)
+        self.count = 0
+        if old != NULL:
+            nodes_free(old, True)
+        return 0
 
     def __dealloc__(self):
         if self.root != NULL:
@@ -2182,3 +2193,63 @@ cdef class RetainedStore:
     def __len__(self):
         return self.count
 
+
+
+# Messages live in C nodes Cython's tp_traverse cannot see: a message that
+# refers back to its store would make an uncollectable cycle. Visit them too.
+
+cdef traverseproc _cy_ret_traverse = NULL
+cdef inquiry _cy_ret_clear = NULL
+
+
+cdef int _ret_traverse(PyObject* o, visitproc visit, void* arg) except -1:
+    cdef int r = 0
+    cdef Node** stack
+    cdef Node** bigger
+    cdef Node* n
+    cdef Node* c
+    cdef uint32_t sp, cap = 64, i, slots
+    if _cy_ret_traverse != NULL:
+        r = _cy_ret_traverse(o, visit, arg)
+        if r:
+            return r
+    if (<RetainedStore>o).root == NULL:
+        return 0
+    stack = <Node**>PyMem_Malloc(cap * sizeof(Node*))
+    if stack == NULL:
+        return 0        # out of memory: this round sees no messages
+    stack[0] = (<RetainedStore>o).root
+    sp = 1
+    while sp and not r:
+        sp -= 1
+        n = stack[sp]
+        if n.entries != NULL and (<RetVal*>n.entries).msg != NULL:
+            r = visit((<RetVal*>n.entries).msg, arg)
+        slots = node_slots(n)
+        if sp + slots >= cap:
+            cap = (sp + slots) * 2
+            bigger = <Node**>PyMem_Realloc(stack, cap * sizeof(Node*))
+            if bigger == NULL:
+                break
+            stack = bigger
+        for i in range(slots):
+            c = node_child_at(n, i)
+            if c != NULL:
+                stack[sp] = c
+                sp += 1
+    PyMem_Free(stack)
+    return r
+
+
+cdef int _ret_clear(object o) except -1:
+    (<RetainedStore>o).clear_all()
+    if _cy_ret_clear != NULL:
+        return _cy_ret_clear(o)
+    return 0
+
+
+cdef PyTypeObject* _ret_type = <PyTypeObject*>RetainedStore
+_cy_ret_traverse = _ret_type.tp_traverse
+_cy_ret_clear = _ret_type.tp_clear
+_ret_type.tp_traverse = _ret_traverse
+_ret_type.tp_clear = _ret_clear

@@ -39,7 +39,8 @@ from fastmqtt import codec
 
 __all__ = [
     "encode_connect", "encode_subscribe", "encode_publish", "rss_kib",
-    "run_throughput", "run_latency", "run_connect_rate", "run_idle_memory",
+    "run_throughput", "run_latency", "run_connect_rate", "run_idle_memory", "cpu_seconds",
+    "wait_idle",
 ]
 
 CTX = mp.get_context("fork")
@@ -119,6 +120,31 @@ def open_client(host: str, port: int, client_id: str, subscribe: str | None = No
     if types[0] != 0x20:
         raise ConnectionError(f"expected CONNACK, got 0x{types[0]:02x}")
     return s
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid: int, quiet: float = 0.1, timeout: float = 10.0) -> bool:
+    """Wait (bounded) until process ``pid`` uses no CPU for ``quiet`` seconds,
+    e.g. a broker still handling the disconnects of a previous round.
+
+    Returns:
+        True once idle, False at the timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = cpu_seconds(pid)
+        if now == last:
+            return True
+        last = now
+    return False
 
 
 def rss_kib(pid: int) -> int:
@@ -343,20 +369,43 @@ def _paced_publisher(host, port, topic, rate, seconds, payload_size, ready, go, 
 
 
 def _connector(host, port, clients, batch, tag, ready, go, results, hold):
-    """Connect+subscribe ``clients`` clients, ``batch`` at a time pipelined."""
+    """Connect+subscribe ``clients`` clients, ``batch`` at a time pipelined.
+
+    Kept cheap so the broker, not this process, sets the pace: the address is
+    resolved and every CONNECT+SUBSCRIBE encoded before the clock starts, and
+    replies are read with plain blocking ``recv`` (no per-socket timeout, which
+    would cost two ``fcntl`` and a ``poll`` per read; the orchestrator's own
+    timeout still bounds a broker that never answers)."""
+    family, type_, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    hello = [encode_connect(f"{tag}-{i}") + encode_subscribe(f"cr/{tag}/{i}", 0)
+             for i in range(clients)]
     ready.put(("ready", os.getpid()))
     go.wait()
     t0 = time.monotonic()
     socks = []
+    new_socket = socket.socket
     for b0 in range(0, clients, batch):
         group = []
         for i in range(b0, min(clients, b0 + batch)):
-            s = socket.create_connection((host, port))
-            s.sendall(encode_connect(f"{tag}-{i}") + encode_subscribe(f"cr/{tag}/{i}", 0))
+            s = new_socket(family, type_, proto)
+            s.connect(addr)
+            s.sendall(hello[i])
             group.append(s)
         for s in group:
-            types = _recv_exact_packets(s, 2)
-            assert types == [0x20, 0x90], types
+            # CONNACK (4 bytes for 3.1.1, 5+ for v5) then SUBACK: both small,
+            # usually in one segment; read until two whole packets are here.
+            buf = s.recv(256)
+            while True:
+                end = len(buf)
+                if end >= 2 and buf[1] < 0x80 and end >= 2 + buf[1] + 2:
+                    j = 2 + buf[1]
+                    if buf[j + 1] < 0x80 and end >= j + 2 + buf[j + 1]:
+                        break
+                more = s.recv(256)
+                if not more:
+                    raise ConnectionError("broker closed the connection during connect")
+                buf += more
+            assert buf[0] == 0x20 and buf[2 + buf[1]] == 0x90, buf
         socks.extend(group)
     t1 = time.monotonic()
     results.put({"kind": "conn", "clients": clients, "t0": t0, "t1": t1})

@@ -223,10 +223,26 @@ def test_idle_memory(benchmark, fresh_broker, impl):
     record(benchmark, "idle memory", impl, r["kib_per_conn"], r)
 
 
+CONNECT_ROUNDS = 3
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.benchmark(group="broker-connect-rate")
 def test_connect_rate(benchmark, fresh_broker, impl):
+    # A round lasts under a second, so one busy moment elsewhere on the machine
+    # moves it a lot: the figure is the best of a few rounds on the same broker.
+    # Each round starts once the broker has gone idle, i.e. has finished with
+    # the disconnects of the round before (about 1 s of CPU time at most).
     b = fresh_broker(impl)
-    r = once(benchmark, lambda: loadgen.run_connect_rate(b.host, b.port, clients=size("connect_clients"),
-                                                         procs=2))
+
+    def rounds():
+        runs = []
+        for k in range(CONNECT_ROUNDS):
+            loadgen.wait_idle(b.proc.pid)
+            runs.append(loadgen.run_connect_rate(b.host, b.port, clients=size("connect_clients"),
+                                                 procs=2, tag=f"cr{k}x"))
+        best = max(runs, key=lambda r: r["rate"])
+        return {**best, "rates": ", ".join(f"{r['rate']:.0f}" for r in runs)}
+
+    r = once(benchmark, rounds)
     record(benchmark, "connect+subscribe", impl, r["rate"], r)

@@ -212,6 +212,9 @@ class BrokerCore:
         self.max_inflight = cfg.max_inflight_messages
         self.max_queued = cfg.max_queued_messages
         self.max_queued_bytes = cfg.max_queued_bytes
+        # Encoded successful CONNACKs (see connect), valid for this config object.
+        self._connacks: dict[tuple, bytes] = {}
+        self._connack_config = cfg
 
     # ================================================================ connect
 
@@ -347,6 +350,36 @@ class BrokerCore:
             cs.persisted = False
 
         # CONNACK [MQTT-3.2.2-1..3]: session present only when a session resumed.
+        # Its bytes depend on a few values only (unless an id was assigned):
+        # encoded once per combination, not once per connect.
+        key = (version, session_present, server_ka, expiry if expiry != requested else None)
+        if assigned is None and self._connack_config is cfg:
+            data = self._connacks.get(key)
+            if data is not None:
+                conn.write(data)
+            else:
+                data = conn.send(self._connack(cfg, session_present, server_ka, expiry,
+                                               requested, assigned, v5))
+                if len(self._connacks) < 64:
+                    self._connacks[key] = data
+        else:
+            conn.send(self._connack(cfg, session_present, server_ka, expiry, requested,
+                                    assigned, v5))
+
+        st = self.stats
+        st.connections_total += 1
+        st.clients_connected += 1
+        if st.clients_connected > st.clients_maximum:
+            st.clients_maximum = st.clients_connected
+        st.sessions_total = len(self.clients)
+
+        if session_present:
+            self._resume(cs, conn, now)
+        return True
+
+    @staticmethod
+    def _connack(cfg: BrokerConfig, session_present: bool, server_ka: int | None, expiry: int,
+                 requested: int, assigned: str | None, v5: bool):
         cprops = None
         if v5:
             cprops = {
@@ -369,18 +402,7 @@ class BrokerCore:
                 cprops[P.SESSION_EXPIRY_INTERVAL] = expiry
             if assigned:
                 cprops[P.ASSIGNED_CLIENT_IDENTIFIER] = assigned
-        conn.send(Connack(session_present, 0, cprops))
-
-        st = self.stats
-        st.connections_total += 1
-        st.clients_connected += 1
-        if st.clients_connected > st.clients_maximum:
-            st.clients_maximum = st.clients_connected
-        st.sessions_total = len(self.clients)
-
-        if session_present:
-            self._resume(cs, conn, now)
-        return True
+        return Connack(session_present, 0, cprops)
 
     def _resume(self, cs: ClientState, conn, now: float) -> None:
         """Re-send in-flight messages with DUP and PUBRELs in order [MQTT-4.4.0-1]."""

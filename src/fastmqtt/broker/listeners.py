@@ -287,6 +287,21 @@ class TcpStream(trio.abc.Stream):
             except OSError as exc:
                 raise _stream_error(exc) from None
 
+    def try_receive(self, max_bytes: int = 65536) -> bytes | None:
+        """What the socket holds now, without waiting (and without a
+        checkpoint): ``b""`` at end of stream, None when nothing is there.
+
+        Raises:
+            trio.BrokenResourceError: the connection is broken.
+            trio.ClosedResourceError: the stream was closed.
+        """
+        try:
+            return self.socket.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from None
+
     def try_send(self, data: bytes | bytearray | memoryview) -> int:
         """Send what the socket takes now, without waiting.
 

@@ -201,10 +201,13 @@ class Broker:
                 conn.will_on_close = True
                 conn.close(0x83, "internal error", "implementation specific error")
             finally:
-                link.holding = False
+                # The reader is over: a writer is needed only for bytes still
+                # queued (a CONNACK refusal, a DISCONNECT), not to stop it.
+                link.holding = True
                 conn.close(None, "connection closed")
+                link.holding = False
                 if not link.writing and (conn.outbox or conn.acks):
-                    link()  # what the reader left (a CONNACK refusal, a DISCONNECT)
+                    link()
                 self._lost(conn)
             # Let the writer flush what is queued (a DISCONNECT included), bounded.
             if link.writing:
@@ -219,6 +222,11 @@ class Broker:
             self.connections.discard(conn)
             if not self.connections:
                 self._idle.set()
+            # Break the connection <-> link cycle: the connection's objects go
+            # by reference counting now instead of waiting for (and adding
+            # work to) the cyclic garbage collector.
+            conn.on_output = None
+            link.reader_scope = None
 
     def _lost(self, conn: ServerConnection) -> None:
         if conn.lost:
@@ -240,20 +248,28 @@ class Broker:
         # Per-connection publish rate limit: a local of this task, so it costs
         # nothing (no object, no per-message work beyond one None test) when off.
         limiter = self._publish_limiter()
+        # The first read of a new connection needs no trip through the
+        # scheduler (the task has just been scheduled): take what is there.
+        receive = stream.receive_some
+        try_receive = getattr(stream, "try_receive", None)
+        data = try_receive(RECV_SIZE) if try_receive is not None else None
         # One cancel scope per connection, its deadline moved after every read
         # (cheaper than a scope per receive): CONNECT timeout, then keep alive.
         while not conn.closing:
             with trio.CancelScope(deadline=conn.next_deadline()) as scope:
                 link.reader_scope = scope
                 while True:
-                    data = await stream.receive_some(RECV_SIZE)
+                    if data is None:
+                        data = await receive(RECV_SIZE)
                     if not data:
                         if conn.client is not None and not conn.closing:
+                            link.holding = True  # handle_connection flushes
                             conn.close(None, "connection closed by client")
                         return
                     stats.bytes_received += len(data)
                     mono = current_time()
                     events = conn.receive_data(data, mono)
+                    data = None
                     if events:
                         now = wall()
                         # Output caused by these packets goes out in one
@@ -294,7 +310,7 @@ class Broker:
                         # next read: an idle connection would otherwise keep
                         # its last packet (the CONNECT) alive in this frame.
                         events = ev = now = None
-                    data = mono = None
+                    mono = None
                     deadline = conn.next_deadline()
                     if deadline != scope.deadline:  # setting it costs, even unchanged
                         scope.deadline = deadline
@@ -302,6 +318,8 @@ class Broker:
             if conn.closing:
                 return  # stopped by the writer (slow consumer, takeover, shutdown)
             why = conn.timed_out(current_time())
+            if why is not None:
+                link.holding = True  # what the close queues: handle_connection flushes it
             if why == "connect":
                 log.info("%s: no CONNECT within %.0fs, dropped", conn.peer,
                          self.config.connect_timeout)

@@ -1353,8 +1353,15 @@ cdef class TopicTrie:
             fmq_prefetch(refs[r].node)
         for r in range(nr):
             n = refs[r].node
-            if node_is(n, key, klen, group) and node_path_is(n, lv, self.root):
-                return r
+            if node_is(n, key, klen, group):
+                # Likely the one: start what entry_remove() reads first (the
+                # entry, and the node of the Ref that will move into this
+                # one's place) while the parents are checked.
+                fmq_prefetch(&n.entries[refs[r].pos])
+                if r + 1 != nr:
+                    fmq_prefetch(refs[nr - 1].node)
+                if node_path_is(n, lv, self.root):
+                    return r
         return -1
 
     def unsubscribe(self, subscriber, topic_filter):

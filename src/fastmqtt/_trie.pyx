@@ -778,19 +778,26 @@ cdef int qsort_u64(const void* a, const void* b) noexcept nogil:
     return (x > y) - (x < y)
 
 
-cdef void nodes_free(Node* root, bint retained) noexcept:
-    """Free a whole tree with an explicit stack (filters can be 32k levels deep)."""
+ctypedef int (*node_fn)(Node* n, void* arg) noexcept
+
+
+cdef int nodes_walk(Node* root, node_fn fn, void* arg) noexcept:
+    """Call fn on every node of a tree, each after its children are on the
+    explicit stack (filters can be 32k levels deep), so fn may free it. Stops
+    at the first non-zero fn result and returns it; gives up (returns 0) if
+    the stack cannot grow."""
     cdef Node** stack
     cdef Node** bigger
     cdef Node* n
     cdef Node* c
     cdef uint32_t sp, cap = 64, i, slots
+    cdef int r = 0
     stack = <Node**>PyMem_Malloc(cap * sizeof(Node*))
     if stack == NULL:
-        return      # leak rather than crash while out of memory
+        return 0
     stack[0] = root
     sp = 1
-    while sp:
+    while sp and not r:
         sp -= 1
         n = stack[sp]
         slots = node_slots(n)
@@ -805,13 +812,24 @@ cdef void nodes_free(Node* root, bint retained) noexcept:
             if c != NULL:
                 stack[sp] = c
                 sp += 1
-        if retained and n.entries != NULL:
-            Py_XDECREF((<RetVal*>n.entries).msg)
-        PyMem_Free(n.entries)
-        if not (n.flags & F_GROUP):
-            PyMem_Free(n.table)
-        PyMem_Free(n)
+        r = fn(n, arg)
     PyMem_Free(stack)
+    return r
+
+
+cdef int _free_node(Node* n, void* retained) noexcept:
+    if retained != NULL and n.entries != NULL:
+        Py_XDECREF((<RetVal*>n.entries).msg)
+    PyMem_Free(n.entries)
+    if not (n.flags & F_GROUP):
+        PyMem_Free(n.table)
+    PyMem_Free(n)
+    return 0
+
+
+cdef void nodes_free(Node* root, bint retained) noexcept:
+    """Free a whole tree (leaks it rather than crash when out of memory)."""
+    nodes_walk(root, _free_node, <void*>1 if retained else NULL)
 
 
 # ---------------------------------------------------------------------------
@@ -2209,43 +2227,30 @@ cdef traverseproc _cy_ret_traverse = NULL
 cdef inquiry _cy_ret_clear = NULL
 
 
+cdef struct _Visit:
+    visitproc visit
+    void* arg
+
+
+cdef int _visit_message(Node* n, void* v) noexcept:
+    cdef _Visit* vv = <_Visit*>v
+    if n.entries != NULL and (<RetVal*>n.entries).msg != NULL:
+        return vv.visit((<RetVal*>n.entries).msg, vv.arg)
+    return 0
+
+
 cdef int _ret_traverse(PyObject* o, visitproc visit, void* arg) except -1:
-    cdef int r = 0
-    cdef Node** stack
-    cdef Node** bigger
-    cdef Node* n
-    cdef Node* c
-    cdef uint32_t sp, cap = 64, i, slots
+    cdef int r
+    cdef _Visit v
     if _cy_ret_traverse != NULL:
         r = _cy_ret_traverse(o, visit, arg)
         if r:
             return r
     if (<RetainedStore>o).root == NULL:
         return 0
-    stack = <Node**>PyMem_Malloc(cap * sizeof(Node*))
-    if stack == NULL:
-        return 0        # out of memory: this round sees no messages
-    stack[0] = (<RetainedStore>o).root
-    sp = 1
-    while sp and not r:
-        sp -= 1
-        n = stack[sp]
-        if n.entries != NULL and (<RetVal*>n.entries).msg != NULL:
-            r = visit((<RetVal*>n.entries).msg, arg)
-        slots = node_slots(n)
-        if sp + slots >= cap:
-            cap = (sp + slots) * 2
-            bigger = <Node**>PyMem_Realloc(stack, cap * sizeof(Node*))
-            if bigger == NULL:
-                break
-            stack = bigger
-        for i in range(slots):
-            c = node_child_at(n, i)
-            if c != NULL:
-                stack[sp] = c
-                sp += 1
-    PyMem_Free(stack)
-    return r
+    v.visit = visit
+    v.arg = arg
+    return nodes_walk((<RetainedStore>o).root, _visit_message, &v)
 
 
 cdef int _ret_clear(object o) except -1:

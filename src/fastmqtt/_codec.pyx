@@ -727,9 +727,33 @@ cdef class Subscription:
                                self.retain_as_published, self.retain_handling))
 
 
-@cython.final
 @cython.no_gc
-cdef class Subscribe:
+cdef class _IdList:
+    """Shared layout of SUBSCRIBE, SUBACK, UNSUBSCRIBE and UNSUBACK: a packet
+    id, one tuple (each class names it), properties."""
+
+    cdef readonly int packet_id
+    cdef tuple _items
+    cdef readonly object properties
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        cdef _IdList o = <_IdList>other
+        return (self.packet_id == o.packet_id and self._items == o._items
+                and self.properties == o.properties)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(packet_id={self.packet_id!r}, "
+                f"{self._items_name}={self._items!r}, "
+                f"properties={_props_repr(self.properties)})")
+
+    def __reduce__(self):
+        return (type(self), (self.packet_id, self._items, _props_arg(self.properties)))
+
+
+@cython.final
+cdef class Subscribe(_IdList):
     """SUBSCRIBE (3.8).
 
     Args:
@@ -739,33 +763,20 @@ cdef class Subscribe:
     """
 
     packet_type = PacketType.SUBSCRIBE
-    cdef readonly int packet_id
-    cdef readonly tuple subscriptions
-    cdef readonly object properties
+    _items_name = "subscriptions"
 
     def __init__(self, int packet_id, subscriptions, properties=None):
         self.packet_id = packet_id
-        self.subscriptions = tuple(subscriptions)
+        self._items = tuple(subscriptions)
         self.properties = _normalise_properties(properties)
 
-    def __eq__(self, other):
-        if type(other) is not Subscribe:
-            return NotImplemented
-        cdef Subscribe o = <Subscribe>other
-        return (self.packet_id == o.packet_id and self.subscriptions == o.subscriptions
-                and self.properties == o.properties)
-
-    def __repr__(self):
-        return (f"Subscribe(packet_id={self.packet_id!r}, subscriptions={self.subscriptions!r}, "
-                f"properties={_props_repr(self.properties)})")
-
-    def __reduce__(self):
-        return (Subscribe, (self.packet_id, self.subscriptions, _props_arg(self.properties)))
+    @property
+    def subscriptions(self):
+        return self._items
 
 
 @cython.final
-@cython.no_gc
-cdef class Suback:
+cdef class Suback(_IdList):
     """SUBACK (3.9): one reason code per subscription, in order.
 
     Args:
@@ -775,33 +786,20 @@ cdef class Suback:
     """
 
     packet_type = PacketType.SUBACK
-    cdef readonly int packet_id
-    cdef readonly tuple reason_codes
-    cdef readonly object properties
+    _items_name = "reason_codes"
 
     def __init__(self, int packet_id, reason_codes, properties=None):
         self.packet_id = packet_id
-        self.reason_codes = tuple(reason_codes)
+        self._items = tuple(reason_codes)
         self.properties = _normalise_properties(properties)
 
-    def __eq__(self, other):
-        if type(other) is not Suback:
-            return NotImplemented
-        cdef Suback o = <Suback>other
-        return (self.packet_id == o.packet_id and self.reason_codes == o.reason_codes
-                and self.properties == o.properties)
-
-    def __repr__(self):
-        return (f"Suback(packet_id={self.packet_id!r}, reason_codes={self.reason_codes!r}, "
-                f"properties={_props_repr(self.properties)})")
-
-    def __reduce__(self):
-        return (Suback, (self.packet_id, self.reason_codes, _props_arg(self.properties)))
+    @property
+    def reason_codes(self):
+        return self._items
 
 
 @cython.final
-@cython.no_gc
-cdef class Unsubscribe:
+cdef class Unsubscribe(_IdList):
     """UNSUBSCRIBE (3.10).
 
     Args:
@@ -811,33 +809,20 @@ cdef class Unsubscribe:
     """
 
     packet_type = PacketType.UNSUBSCRIBE
-    cdef readonly int packet_id
-    cdef readonly tuple topic_filters
-    cdef readonly object properties
+    _items_name = "topic_filters"
 
     def __init__(self, int packet_id, topic_filters, properties=None):
         self.packet_id = packet_id
-        self.topic_filters = tuple(topic_filters)
+        self._items = tuple(topic_filters)
         self.properties = _normalise_properties(properties)
 
-    def __eq__(self, other):
-        if type(other) is not Unsubscribe:
-            return NotImplemented
-        cdef Unsubscribe o = <Unsubscribe>other
-        return (self.packet_id == o.packet_id and self.topic_filters == o.topic_filters
-                and self.properties == o.properties)
-
-    def __repr__(self):
-        return (f"Unsubscribe(packet_id={self.packet_id!r}, topic_filters={self.topic_filters!r}, "
-                f"properties={_props_repr(self.properties)})")
-
-    def __reduce__(self):
-        return (Unsubscribe, (self.packet_id, self.topic_filters, _props_arg(self.properties)))
+    @property
+    def topic_filters(self):
+        return self._items
 
 
 @cython.final
-@cython.no_gc
-cdef class Unsuback:
+cdef class Unsuback(_IdList):
     """UNSUBACK (3.11): reason codes exist in MQTT 5.0 only.
 
     Args:
@@ -847,28 +832,16 @@ cdef class Unsuback:
     """
 
     packet_type = PacketType.UNSUBACK
-    cdef readonly int packet_id
-    cdef readonly tuple reason_codes
-    cdef readonly object properties
+    _items_name = "reason_codes"
 
     def __init__(self, int packet_id, reason_codes=(), properties=None):
         self.packet_id = packet_id
-        self.reason_codes = tuple(reason_codes)
+        self._items = tuple(reason_codes)
         self.properties = _normalise_properties(properties)
 
-    def __eq__(self, other):
-        if type(other) is not Unsuback:
-            return NotImplemented
-        cdef Unsuback o = <Unsuback>other
-        return (self.packet_id == o.packet_id and self.reason_codes == o.reason_codes
-                and self.properties == o.properties)
-
-    def __repr__(self):
-        return (f"Unsuback(packet_id={self.packet_id!r}, reason_codes={self.reason_codes!r}, "
-                f"properties={_props_repr(self.properties)})")
-
-    def __reduce__(self):
-        return (Unsuback, (self.packet_id, self.reason_codes, _props_arg(self.properties)))
+    @property
+    def reason_codes(self):
+        return self._items
 
 
 @cython.final
@@ -1563,7 +1536,7 @@ cdef Subscribe _decode_subscribe(Reader* r, bint v5):
         _fail("SUBSCRIBE contains no topic filter [MQTT-3.8.3-3]", RC_PROTOCOL)
     cdef Subscribe p = Subscribe.__new__(Subscribe)
     p.packet_id = packet_id
-    p.subscriptions = _atomic(tuple(subs))
+    p._items = _atomic(tuple(subs))
     p.properties = properties
     return p
 
@@ -1581,7 +1554,7 @@ cdef Suback _decode_suback(Reader* r, bint v5):
     r.p = r.end
     cdef Suback p = Suback.__new__(Suback)
     p.packet_id = packet_id
-    p.reason_codes = codes
+    p._items = codes
     p.properties = properties
     return p
 
@@ -1613,7 +1586,7 @@ cdef Unsubscribe _decode_unsubscribe(Reader* r, bint v5):
         _fail("UNSUBSCRIBE contains no topic filter [MQTT-3.10.3-2]", RC_PROTOCOL)
     cdef Unsubscribe p = Unsubscribe.__new__(Unsubscribe)
     p.packet_id = packet_id
-    p.topic_filters = _atomic(tuple(filters))
+    p._items = _atomic(tuple(filters))
     p.properties = properties
     return p
 
@@ -1632,7 +1605,7 @@ cdef Unsuback _decode_unsuback(Reader* r, bint v5):
     r_done(r)
     cdef Unsuback p = Unsuback.__new__(Unsuback)
     p.packet_id = packet_id
-    p.reason_codes = codes
+    p._items = codes
     p.properties = properties
     return p
 
@@ -2797,12 +2770,12 @@ cdef bytes _encode_subscribe(Subscribe p, bint v5):
     if v5:
         _plan_props(p.properties, SUBSCRIBE, &pl)
         rl += _props_part(&pl)
-    if not p.subscriptions:
+    if not p._items:
         _fail("SUBSCRIBE contains no topic filter [MQTT-3.8.3-3]", RC_PROTOCOL)
     cdef Str sv
     cdef Subscription sub
     cdef bint shared
-    for item in p.subscriptions:
+    for item in p._items:
         if type(item) is not Subscription:
             _fail(f"SUBSCRIBE subscriptions must be Subscription, not {type(item).__name__}")
         sub = <Subscription>item
@@ -2824,7 +2797,7 @@ cdef bytes _encode_subscribe(Subscribe p, bint v5):
     w = w_u16(w, p.packet_id)
     if v5:
         w = _write_props(w, &pl)
-    for item in p.subscriptions:
+    for item in p._items:
         sub = <Subscription>item
         w = _w_str(w, sub.topic_filter)  # validated above
         if v5:
@@ -2876,10 +2849,10 @@ cdef bytes _encode_unsubscribe(Unsubscribe p, bint v5):
     if v5:
         _plan_props(p.properties, UNSUBSCRIBE, &pl)
         rl += _props_part(&pl)
-    if not p.topic_filters:
+    if not p._items:
         _fail("UNSUBSCRIBE contains no topic filter [MQTT-3.10.3-2]", RC_PROTOCOL)
     cdef Str sv
-    for tf in p.topic_filters:
+    for tf in p._items:
         _str_view(tf, &sv, "UNSUBSCRIBE topic filter")
         _check_filter(<const unsigned char*>sv.s, sv.n, UNSUBSCRIBE)
         rl += 2 + sv.n
@@ -2888,7 +2861,7 @@ cdef bytes _encode_unsubscribe(Unsubscribe p, bint v5):
     w = w_u16(w, p.packet_id)
     if v5:
         w = _write_props(w, &pl)
-    for tf in p.topic_filters:
+    for tf in p._items:
         w = _w_str(w, tf)  # validated above
     return out
 
@@ -2955,13 +2928,13 @@ def encode(packet, version=5):
         return _encode_subscribe(<Subscribe>packet, v5)
     if t is Suback:
         return _encode_codes_packet(0x90, SUBACK, (<Suback>packet).packet_id,
-                                    (<Suback>packet).reason_codes,
+                                    (<Suback>packet)._items,
                                     (<Suback>packet).properties, v5, True)
     if t is Unsubscribe:
         return _encode_unsubscribe(<Unsubscribe>packet, v5)
     if t is Unsuback:
         return _encode_codes_packet(0xB0, UNSUBACK, (<Unsuback>packet).packet_id,
-                                    (<Unsuback>packet).reason_codes,
+                                    (<Unsuback>packet)._items,
                                     (<Unsuback>packet).properties, v5, v5)
     if t is Pingreq:
         return b"\xc0\x00"

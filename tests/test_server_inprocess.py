@@ -11,6 +11,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 import trio
+import trio.testing
 
 from fastmqtt.broker.server import serve
 from fastmqtt.codec import (Disconnect, Pingreq, Puback, Publish, Subscribe, Subscription,
@@ -230,6 +231,40 @@ async def test_fan_in_burst_to_a_reading_subscriber_drops_nothing():
             assert received == n_pubs * per_pub
             for s in pubs:
                 s.close()
+            await broker.aclose()
+
+
+async def test_closed_connection_is_freed_without_the_cyclic_gc():
+    # A connection's state must not outlive it in a reference cycle: with the
+    # cyclic collector off, nothing of a closed connection may remain.
+    import gc
+
+    from fastmqtt.session import ServerConnection
+
+    def alive():
+        return [o for o in gc.get_objects() if type(o) is ServerConnection]
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            gc.collect()
+            was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                for i in range(3):
+                    c = await Raw.open(broker.ports[0])
+                    await c.connect(f"freed{i}")
+                    await c.subscribe("freed/#")
+                    await c.send(Disconnect(0))
+                    # EOF: the broker closed it, after its handler returned
+                    assert await c.next() is None
+                    await c.stream.aclose()
+                await trio.testing.wait_all_tasks_blocked()
+                assert not broker.connections
+                assert alive() == []
+            finally:
+                if was_enabled:
+                    gc.enable()
             await broker.aclose()
 
 

@@ -109,7 +109,7 @@ class _Link:
     connection costs one parked task (its reader), not two.
     """
 
-    __slots__ = ("broker", "stream", "conn", "writing", "holding", "try_send", "reader_scope",
+    __slots__ = ("broker", "stream", "conn", "writing", "holding", "direct", "reader_scope",
                  "done", "last_done", "waiters")
 
     def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
@@ -122,7 +122,8 @@ class _Link:
         # before its next await, which sends it directly when the socket
         # takes it all (no writer task; see Broker._flush).
         self.holding = False
-        self.try_send = getattr(stream, "try_send", None)  # plain TCP only
+        # try_send/try_receive: listeners.TcpStream (plain TCP) only
+        self.direct = hasattr(stream, "try_send") and hasattr(stream, "try_receive")
         self.reader_scope: trio.CancelScope | None = None
         self.done: trio.Event | None = None  # set when a writer ends, if someone waits
         self.last_done = trio.current_time()  # when a send_all last completed
@@ -250,9 +251,7 @@ class Broker:
         limiter = self._publish_limiter()
         # The first read of a new connection needs no trip through the
         # scheduler (the task has just been scheduled): take what is there.
-        receive = stream.receive_some
-        try_receive = getattr(stream, "try_receive", None)
-        data = try_receive(RECV_SIZE) if try_receive is not None else None
+        data = stream.try_receive(RECV_SIZE) if link.direct else None
         # One cancel scope per connection, its deadline moved after every read
         # (cheaper than a scope per receive): CONNECT timeout, then keep alive.
         while not conn.closing:
@@ -260,7 +259,7 @@ class Broker:
                 link.reader_scope = scope
                 while True:
                     if data is None:
-                        data = await receive(RECV_SIZE)
+                        data = await stream.receive_some(RECV_SIZE)
                     if not data:
                         if conn.client is not None and not conn.closing:
                             link.holding = True  # handle_connection flushes
@@ -450,13 +449,12 @@ class Broker:
             if conn.acks:
                 link()
             return
-        try_send = link.try_send
-        if try_send is None or conn.acks:
+        if not link.direct or conn.acks:
             link()
             return
         data = conn.take_output()
         try:
-            sent = try_send(data)
+            sent = link.stream.try_send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             conn.close_reason = conn.close_reason or f"connection lost: {exc}"
             conn.send_failed()

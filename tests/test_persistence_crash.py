@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 # --------------------------------------------------------------- store level
 
 CHILD = textwrap.dedent("""
-    import sys, time, trio
+    import os, sys, time, trio
     from fastmqtt.codec import Publish
     from fastmqtt.broker.interfaces import DeliveryRecord
     from fastmqtt.store import SqliteStore
@@ -45,7 +45,7 @@ CHILD = textwrap.dedent("""
         inner = sqlite_mod._apply_tables
         def stuck(conn, batch):
             inner(conn, batch)
-            print("compacting", flush=True)
+            os.write(1, b"compacting\\n")  # one write: never inside another line
             time.sleep(60)
         sqlite_mod.COMPACT_PERIOD = 0.2
 
@@ -67,7 +67,8 @@ CHILD = textwrap.dedent("""
                     store.remove_delivery("sub", i)
                 await store.durable(store.mark())
                 if i % 3:
-                    print("acked", i, flush=True)
+                    sys.stdout.write(f"acked {i}\\n")  # one write per line
+                    sys.stdout.flush()
 
         async with trio.open_nursery() as n:
             for k in range(20):
@@ -101,6 +102,7 @@ def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compac
             if line.startswith("compacting"):
                 stuck = True
             else:
+                assert line.startswith("acked "), repr(line)
                 acked.add(int(line.split()[1]))
             if len(acked) >= 2000 and (stuck or compaction != "stuck"):
                 break

@@ -50,6 +50,12 @@ def _codec():
     return _CODEC
 
 
+_ENCODE = None
+_PUBLISH = None
+_PLAIN = bytes((_FLAG_PLAIN,))
+_NO_PACKET_ID = bytes((_FLAG_NO_PACKET_ID,))
+
+
 def encode_publish(publish: Any) -> bytes:
     """Serialise a PUBLISH for storage: a flag byte and its v5 encoding.
 
@@ -62,12 +68,17 @@ def encode_publish(publish: Any) -> bytes:
     Raises:
         fastmqtt.MalformedPacket: the packet cannot be encoded at all.
     """
-    codec = _codec()
+    # Once per stored message on the store's writer thread, which shares the
+    # GIL with the broker: the codec's functions are looked up once.
+    global _ENCODE, _PUBLISH
+    if _ENCODE is None:
+        codec = _codec()
+        _ENCODE, _PUBLISH = codec.encode, codec.Publish
     if publish.qos and not publish.packet_id:
-        again = codec.Publish(publish.topic, publish.payload, publish.qos, publish.retain,
-                              publish.dup, 1, publish.properties)
-        return bytes((_FLAG_NO_PACKET_ID,)) + codec.encode(again, 5)
-    return bytes((_FLAG_PLAIN,)) + codec.encode(publish, 5)
+        publish = _PUBLISH(publish.topic, publish.payload, publish.qos, publish.retain,
+                           publish.dup, 1, publish.properties)
+        return _NO_PACKET_ID + _ENCODE(publish, 5)
+    return _PLAIN + _ENCODE(publish, 5)
 
 
 def decode_publish(blob: bytes) -> Any:

@@ -117,6 +117,7 @@ import heapq
 import io
 import os
 import pickle
+import queue
 import sqlite3
 import threading
 import time
@@ -255,6 +256,35 @@ def _delete_ids(c: sqlite3.Connection, head: str, ids: list, *before) -> None:
             n //= 2
 
 
+class _Signal:
+    """Wake-up flag for one waiting thread. ``threading.Event.set`` runs a
+    Python-level Condition (lock, notify, waiter list) on the setting thread,
+    here the trio thread once per batch; this is one C call (a SimpleQueue
+    put). ``wait`` returns at once if set since the last ``clear``."""
+
+    __slots__ = ("_q", "set")
+
+    def __init__(self) -> None:
+        self._q = queue.SimpleQueue()
+        self.set = lambda put=self._q.put: put(None)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        try:
+            self._q.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        self._q.put(None)  # stays set until clear()
+        return True
+
+    def clear(self) -> None:
+        get = self._q.get_nowait
+        try:
+            while True:
+                get()
+        except queue.Empty:
+            pass
+
+
 class _Unusable(Exception):
     """The database file cannot be used as it is (corrupt, foreign, newer)."""
 
@@ -320,10 +350,14 @@ def _encode_record(b: _Batch, blob) -> bytes:
     ``blob(kind, key, publish)`` encodes one message (None: cannot be stored,
     already logged; the entry is left out)."""
     msgs = {}
+    encode = encode_publish
     for mid, (p, exp) in b.messages.items():
-        data = blob("message", mid, p)
-        if data is not None:
-            msgs[mid] = (data, exp)
+        try:
+            msgs[mid] = (encode(p), exp)
+        except Exception:
+            data = blob("message", mid, p)  # logs why
+            if data is not None:  # pragma: no cover - it failed just now
+                msgs[mid] = (data, exp)
     b.messages = msgs
     if b.retained:
         ret = {}
@@ -466,14 +500,15 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     d_ins, d_upd = [], []
     d_del: dict[str, list[int]] = {}
     for cid, d in b.deliv.items():
-        for mid, e in d.items():
-            kind = e[0]
-            if kind == _DEL:
-                d_del.setdefault(cid, []).append(mid)
-            elif kind == _UPD:
-                d_upd.append((cid, mid, 0, e[2], e[3], e[4]))
-            else:
-                d_ins.append((cid, mid, e[1], e[2], e[3], e[4]))
+        # Comprehensions: the compactor's Python time is GIL time taken from
+        # the broker; adds (by far the most entries) go in one pass.
+        ins = [(cid, mid, e[1], e[2], e[3], e[4]) for mid, e in d.items() if e[0] <= _ADDR]
+        d_ins += ins
+        if len(ins) < len(d):
+            d_upd += [(cid, mid, 0, e[2], e[3], e[4]) for mid, e in d.items() if e[0] == _UPD]
+            dels = [mid for mid, e in d.items() if e[0] == _DEL]
+            if dels:
+                d_del[cid] = dels
     q_put, q_del = [], []
     for cid, d in b.qos2.items():
         for pid, put in d.items():
@@ -567,16 +602,17 @@ class SqliteStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()  # someone waits in durable(): commit now
-        self._pending = threading.Event()  # the current batch is not empty
-        self._unsynced = threading.Event()  # batch mode: commits not yet fsynced
+        self._pending = _Signal()  # the current batch is not empty
+        self._unsynced = _Signal()  # commits not yet fsynced
         self._stop_wait = threading.Event()
         self._fsync_stop = False
         self._batch = _Batch()
         self._seq = 0  # last recorded change
+        self._first = 1  # seq of the first change of the current batch (to come)
         self._committed = 0  # last change durable per the mode
         self._written = 0  # last change appended to the log (maybe not fsynced)
         self._lsn = 0  # last log record appended
-        self._dseq = 0  # delivery order counter
+        self._dseq = 0  # delivery order: _dseq + seq of the add (after recovered ones)
         self._refs: dict[int, int] = {}  # msg_id -> deliveries referring to it
         self._client_msgs: dict[str, set[int]] = {}  # client_id -> msg_ids delivered
         self._msgs: dict[int, tuple] = {}  # msg_id -> (Publish, expires_at) while stored
@@ -944,7 +980,7 @@ class SqliteStore:
                 raise StoreError(f"persistence failed: {self._error}") from self._error
             if self._thread is None:
                 raise StoreError("store is not open")
-            if ticket > self._written:
+            if FLUSH_DELAY and ticket > self._written:
                 self._wake.set()  # a publisher waits: the writer commits now
             # No await between the check above and the push: the wake-up
             # (run on this thread) cannot slip in between.
@@ -1018,13 +1054,12 @@ class SqliteStore:
     # by the first change of a batch: later ones ride along.
 
     def _begin(self) -> _Batch:
+        # Inlined in the hot mutators below. The batch's seq and ops are
+        # worked out at the swap (_take_batch), not counted per change.
         self._seq += 1
-        b = self._batch
-        b.seq = self._seq
-        b.ops += 1
-        if b.ops == 1:
+        if self._seq == self._first:
             self._pending.set()
-        return b
+        return self._batch
 
     def put_session(self, client_id: str, expiry_interval: int, protocol_level: int,
                     disconnected_at: float | None) -> None:
@@ -1055,33 +1090,43 @@ class SqliteStore:
 
     def put_message(self, msg_id: int, publish: Any, expires_at: float | None) -> None:
         with self._lock:
-            b = self._begin()
+            seq = self._seq = self._seq + 1
+            if seq == self._first:
+                self._pending.set()
+            b = self._batch
             b.messages[msg_id] = self._msgs[msg_id] = (publish, expires_at)
-            b.msg_del.discard(msg_id)
-            self._released.pop(msg_id, None)
+            if b.msg_del:
+                b.msg_del.discard(msg_id)
+            if self._released:
+                self._released.pop(msg_id, None)
 
     def add_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
         mid = delivery.msg_id
         with self._lock:
-            b = self._begin()
+            seq = self._seq = self._seq + 1
+            if seq == self._first:
+                self._pending.set()
+            b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is None:
                 ms = self._client_msgs[client_id] = set()
             dl = b.deliv.get(client_id)
             if dl is None:
                 dl = b.deliv[client_id] = {}
-            self._dseq += 1
             if mid in ms:  # re-add: a row may be on disk
                 kind = _ADDR
             else:
                 ms.add(mid)
-                n = self._refs.get(mid, 0)
+                refs = self._refs
+                n = refs.get(mid, 0)
                 if not n and mid not in self._msgs:
                     self._revive(b, mid)
-                self._refs[mid] = n + 1
+                refs[mid] = n + 1
                 old = dl.get(mid)
                 kind = _ADD if old is None or old[0] == _ADD else _ADDR
-            dl[mid] = [kind, self._dseq, delivery.qos, delivery.packet_id, delivery.state]
+            # Queue order: the change's seq, after everything recovered.
+            dl[mid] = [kind, self._dseq + seq, delivery.qos, delivery.packet_id,
+                       delivery.state]
 
     def update_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
         mid = delivery.msg_id
@@ -1103,7 +1148,10 @@ class SqliteStore:
 
     def remove_delivery(self, client_id: str, msg_id: int) -> None:
         with self._lock:
-            b = self._begin()
+            seq = self._seq = self._seq + 1
+            if seq == self._first:
+                self._pending.set()
+            b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is None or msg_id not in ms:
                 return
@@ -1218,11 +1266,15 @@ class SqliteStore:
                     self._wake.wait(FLUSH_DELAY)
                 self._wake.clear()
                 self._pending.clear()
-                fresh = _Batch()  # built outside the lock: the swap is two stores
+                fresh = _Batch()  # built outside the lock: the swap is a few stores
                 with self._lock:
                     batch = self._batch
+                    seq = self._seq
+                    batch.ops = seq - self._first + 1
                     if batch.ops:
+                        batch.seq = seq
                         self._batch = fresh
+                        self._first = seq + 1
                 if batch.ops:
                     wrote = self._commit(batch)
                     self._written = batch.seq
@@ -1238,7 +1290,7 @@ class SqliteStore:
                         self._to_compactor(batch)
                 if self._trimmed_lsn < self._compacted_lsn:
                     self._trim_log()
-                if self._closing and not self._batch.ops:
+                if self._closing and self._seq < self._first:
                     break
         except BaseException as e:  # the writer must never die silently
             log.exception("persistence: writer failed; no further changes are saved")

@@ -442,6 +442,9 @@ def _merge(into: _Batch, b: _Batch) -> None:
         if t is None:
             deliv[cid] = d
             continue
+        if t.keys().isdisjoint(d):
+            t.update(d)  # only new keys (the usual case): no rule applies
+            continue
         for mid, e in d.items():
             old = t.get(mid)
             if old is None:
@@ -637,6 +640,7 @@ class SqliteStore:
         self._compact_queued_ops = 0
         self._compact_now = False  # compact() asked for it
         self._compact_stop = False
+        self._compactor_failed = False
         self._compacted_lsn = 0  # last record whose changes are in the tables
         self._trimmed_lsn = 0  # log records up to here are deleted
         self._rec: bytes | None = None  # the record being appended (kept for a retry)
@@ -683,6 +687,7 @@ class SqliteStore:
             self._release_lockfile()
             raise
         self._closing = self._fsync_stop = self._compact_stop = self._compact_now = False
+        self._compactor_failed = False
         self._compact_queue = []
         self._compact_queued_ops = 0
         self._pending.clear()
@@ -1309,6 +1314,8 @@ class SqliteStore:
                 self._trim_log()  # a clean close leaves an empty log
 
     def _to_compactor(self, batch: _Batch) -> None:
+        if self._compactor_failed:
+            return  # nobody would take it: the log keeps it for the next start
         with self._compact_cv:
             self._compact_queue.append(batch)
             self._compact_queued_ops += batch.ops
@@ -1499,7 +1506,9 @@ class SqliteStore:
                     if ckpt is not None:
                         self._checkpoint(ckpt, self.log_path)
         except BaseException as e:  # pragma: no cover - a bug: say so, keep the log
-            log.exception("persistence: compactor failed; the log keeps growing: %s", e)
+            self._compactor_failed = True
+            log.exception("persistence: compactor failed; the log keeps growing until "
+                          "the next start replays it: %s", e)
         finally:
             if ckpt is not None:
                 ckpt.close()

@@ -268,6 +268,42 @@ async def test_closed_connection_is_freed_without_the_cyclic_gc():
             await broker.aclose()
 
 
+async def test_plain_tcp_stream_try_receive_try_send_and_close():
+    # What the broker's reader relies on in listeners.TcpStream: try_receive
+    # never waits (None = nothing yet, b"" = end of stream), try_send sends
+    # what the socket takes, and close wakes a task waiting on the socket.
+    from fastmqtt.broker.listeners import ListenerSpec, TcpStream, serve_listener
+
+    seen = []
+    done = trio.Event()
+
+    async def handler(stream, spec):
+        assert isinstance(stream, TcpStream) and stream.peer[0] == "127.0.0.1"
+        seen.append(stream.try_receive())  # the client has not written yet
+        data = await stream.receive_some(100)
+        assert stream.try_send(data.upper()) == len(data)
+        assert await stream.receive_some(100) == b""  # client shut down writing
+        seen.append(stream.try_receive())
+        stream.close()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.receive_some(100)
+        done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            _, port = await nursery.start(serve_listener, ListenerSpec(host="127.0.0.1", port=0),
+                                          handler)
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_all(b"hello")
+            assert await client.receive_some(100) == b"HELLO"
+            await client.send_eof()
+            await done.wait()
+            assert seen == [None, b""]
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_v5_topic_alias_and_expiry_through_the_socket():
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:

@@ -168,9 +168,9 @@ async def test_sighup_acl_reload_removes_stale_subscriptions(tmp_path):
 async def test_acl_reload_removes_stale_subscriptions_of_persistent_sessions(tmp_path):
     # The same sweep (what the SIGHUP task runs after the reload) also removes
     # the subscription from the store, so it does not come back after a
-    # restart. A session restored from the store keeps its subscriptions
-    # until it reconnects: its user name is not stored, and checking it as
-    # anonymous would remove what the user may have.
+    # restart. A session restored from the store is judged as the user it
+    # last connected as (the store keeps the user name): alice keeps b/#,
+    # which an anonymous client would lose.
     acl = tmp_path / "acl"
     acl.write_text("user alice\ntopic readwrite a/#\ntopic readwrite b/#\n")
     cfg = config(acl_file=str(acl), persistence=True, store_backend="memory")

@@ -432,3 +432,39 @@ def test_acl_plugin_in_the_broker(broker_factory, raw, tmp_path):
     assert bob.subscribe("app/ws/user/alice", qos=1, packet_id=3).reason_codes == [V5_NOT_AUTHORIZED]
     assert alice.publish("app/ws/channel/general", b"hi", qos=1, packet_id=4).reason_code in (0, 0x10)
     assert alice.recv_type("PUBLISH").payload == b"hi"
+
+
+@pytest.mark.parametrize("restart", ["sigterm", "sigkill"])
+def test_restored_session_keeps_its_username_for_acl(broker_factory, raw, tmp_path, restart):
+    # A persistent session restored after a restart must be checked against its
+    # own user's ACL, not an anonymous client's: alice may read news/#, so a
+    # message acknowledged to the publisher while she is away after the
+    # restart must reach her (dropping it as "not authorized" would lose an
+    # acknowledged QoS 1 message), and news/secret must still not.
+    pw = tmp_path / "pw"
+    passwd.main(["-c", "-b", str(pw), "admin", "admin-pw"])
+    passwd.main(["-b", str(pw), "alice", "alice-pw"])
+    acl = tmp_path / "acl"
+    acl.write_text(ACL)
+    b = broker_factory("fastmqtt", args=["--sys-interval", "0", "--password-file", str(pw),
+                                         "--acl-file", str(acl)])
+    persistent = {"clean": False, "props": {0x11: 3600}}
+    alice = raw(b, 5)
+    assert alice.connect("alice-p", username="alice", password=b"alice-pw",
+                         **persistent).reason_code == 0
+    alice.subscribe("news/#", 1)
+    alice.disconnect()
+    if restart == "sigkill":
+        b.kill()
+        b.start()
+    else:
+        b.restart()
+    admin = login(raw, b, "admin")
+    admin.publish("news/a", b"for alice", qos=1, packet_id=1)   # returns after PUBACK
+    admin.publish("news/secret", b"not for alice", qos=1, packet_id=2)
+    alice = raw(b, 5)
+    ack = alice.connect("alice-p", username="alice", password=b"alice-pw", **persistent)
+    assert ack.session_present is True
+    p = alice.recv_type("PUBLISH")
+    assert (p.topic, p.payload) == ("news/a", b"for alice")
+    alice.expect_silence(0.3)

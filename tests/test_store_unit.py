@@ -169,6 +169,19 @@ def test_sessions_and_subscriptions_round_trip(reopener):
     assert (sessions["c2"].protocol_level, sessions["c2"].disconnected_at) == (5, NOW - 5)
 
 
+def test_session_username_round_trip(reopener):
+    # ACLs judge an offline session's deliveries by its user: the name must
+    # survive a restart, and None (anonymous) stays None.
+    s, _ = reopener.first()
+    s.put_session("c1", 3600, 5, None, "alice")
+    s.put_session("c2", 3600, 4, NOW - 1)
+    s.put_session("c3", 3600, 5, None, "bob")
+    s.put_session("c3", 3600, 5, NOW - 1, "carol")   # replaces
+    _, snap = reopener.restart()
+    assert {c: r.username for c, r in by_client(snap).items()} == {
+        "c1": "alice", "c2": None, "c3": "carol"}
+
+
 def test_deliveries_keep_queue_order_and_state(reopener):
     s, _ = reopener.first()
     s.put_session("c", NEVER, 5, NOW)
@@ -453,6 +466,30 @@ def rows(store, table):
         assert store.compact()
     with sqlite3.connect(store.path) as db:
         return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_schema_2_database_gains_session_usernames(tmp_path):
+    # A database from before sessions kept a user name: the column is added in
+    # place, its sessions come back with username None, new ones keep theirs.
+    d = str(tmp_path / "d")
+    s = SqliteStore(d)
+    s.open(now=NOW)
+    s.put_session("old", 3600, 5, NOW - 1)
+    s.close()
+    with sqlite3.connect(s.path) as db:
+        db.execute("ALTER TABLE sessions DROP COLUMN username")
+        db.execute("UPDATE meta SET value=2 WHERE key='schema_version'")
+    s = SqliteStore(d)
+    snap = s.open(now=NOW)
+    assert [(r.client_id, r.username) for r in snap.sessions] == [("old", None)]
+    s.put_session("new", 3600, 5, None, "alice")
+    s.close()
+    s = SqliteStore(d)
+    snap = s.open(now=NOW)
+    s.close()
+    assert {r.client_id: r.username for r in snap.sessions} == {"old": None, "new": "alice"}
+    with sqlite3.connect(s.path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == 3
 
 
 class GatedApply:

@@ -195,9 +195,6 @@ class BrokerCore:
         self.retained = RetainedStore()
         self.retained_bytes = 0
         self.clients: dict[str, ClientState] = {}
-        # Client ids restored from the store and not connected since: their user
-        # name is not persisted, so ACL re-checks must not treat them as anonymous.
-        self.username_unknown: set[str] = set()
         self.pending_wills: dict[str, tuple[Message, float]] = {}
         self.next_msg_id = 1
         self._rr: dict[tuple[str, str], int] = {}
@@ -320,8 +317,6 @@ class BrokerCore:
             self.clients[cid] = cs
         cs.conn = conn
         conn.client = cs
-        if self.username_unknown:
-            self.username_unknown.discard(cid)
         cs.version = version
         cs.expiry = expiry
         cs.expires_at = None
@@ -343,7 +338,7 @@ class BrokerCore:
 
         store = self.store
         if expiry > 0:
-            store.put_session(cid, expiry, version, None)
+            store.put_session(cid, expiry, version, None, cs.username)
             cs.persisted = True
         elif cs.persisted:
             store.delete_session(cid)
@@ -460,7 +455,7 @@ class BrokerCore:
             self._end_session(cs, now)
             return
         cs.expires_at = now + cs.expiry if cs.expiry != _NEVER else None
-        self.store.put_session(cs.client_id, cs.expiry, cs.version, now)
+        self.store.put_session(cs.client_id, cs.expiry, cs.version, now, cs.username)
         # QoS 1/2 in flight stay for the resend; the writer lost what it had.
 
     def _end_session(self, cs: ClientState, now: float) -> None:
@@ -830,8 +825,7 @@ class BrokerCore:
         Deliveries are checked with ``can_receive`` either way, so this is about
         not keeping (and persisting, and counting) subscriptions the new rules
         would have refused with SUBACK 0x87. Sessions restored from the store
-        that have not reconnected yet are skipped: their user name is unknown
-        until they do.
+        are judged by the user name they last connected with (persisted).
 
         Returns:
             How many subscriptions were removed.
@@ -841,9 +835,7 @@ class BrokerCore:
         from .acl import stale_subscriptions
 
         trie = self.trie
-        unknown = self.username_unknown
-        states = [cs for cs in self.clients.values() if cs.client_id not in unknown]
-        subs = [(cs.client_id, cs.username, sub[0]) for cs in states
+        subs = [(cs.client_id, cs.username, sub[0]) for cs in self.clients.values()
                 for sub in trie.subscriptions(cs)]
         removed = 0
         for cid, topic_filter in stale_subscriptions(self.authorizer, subs):
@@ -1189,6 +1181,7 @@ class BrokerCore:
             cs = ClientState(rec.client_id)
             cs.version = rec.protocol_level
             cs.expiry = rec.expiry_interval
+            cs.username = rec.username   # ACLs judge its deliveries while it is away
             cs.persisted = True
             since = rec.disconnected_at if rec.disconnected_at is not None else now
             cs.expires_at = since + cs.expiry if cs.expiry != _NEVER else None
@@ -1215,9 +1208,8 @@ class BrokerCore:
                     cs.queue_qos0 += og.qos == 0
             cs.incoming_qos2 = set(rec.incoming_qos2)
             if rec.disconnected_at is None:
-                self.store.put_session(cs.client_id, cs.expiry, cs.version, now)
+                self.store.put_session(cs.client_id, cs.expiry, cs.version, now, cs.username)
             self.clients[cs.client_id] = cs
-            self.username_unknown.add(cs.client_id)
         for topic, pub, expires_at in snap.retained:
             m = Message.from_publish(pub, expires_at, "")
             m.retain = True

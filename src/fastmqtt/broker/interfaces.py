@@ -57,6 +57,7 @@ class SessionRecord:
     subscriptions: list[SubscriptionRecord] = field(default_factory=list)
     deliveries: list[DeliveryRecord] = field(default_factory=list)  # in queue order
     incoming_qos2: set[int] = field(default_factory=set)  # packet ids awaiting PUBREL
+    username: str | None = None  # of its last CONNECT: ACLs apply to it while it is away
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Store(Protocol):
     async def aclose(self) -> None: ...
 
     def put_session(self, client_id: str, expiry_interval: int, protocol_level: int,
-                    disconnected_at: float | None) -> None: ...
+                    disconnected_at: float | None, username: str | None = None) -> None: ...
     def delete_session(self, client_id: str) -> None: ...  # and all that hangs on it
     def put_subscription(self, client_id: str, sub: SubscriptionRecord) -> None: ...
     def delete_subscription(self, client_id: str, topic_filter: str) -> None: ...

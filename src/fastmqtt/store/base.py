@@ -126,7 +126,7 @@ def build_snapshot(sessions: dict, subs: dict, deliveries: dict, qos2: dict,
     """Assemble a :class:`Snapshot` from plain dicts, dropping what has expired.
 
     Args:
-        sessions: client_id -> (expiry_interval, protocol_level, disconnected_at)
+        sessions: client_id -> (expiry_interval, protocol_level, disconnected_at, username)
         subs: client_id -> {topic_filter: SubscriptionRecord}
         deliveries: client_id -> list of (seq, DeliveryRecord)
         qos2: client_id -> set of packet ids
@@ -145,10 +145,10 @@ def build_snapshot(sessions: dict, subs: dict, deliveries: dict, qos2: dict,
     """
     snap = Snapshot()
     used: set[int] = set()
-    for client_id, (expiry, level, disc) in sessions.items():
+    for client_id, (expiry, level, disc, username) in sessions.items():
         if session_expired(expiry, disc, now):
             continue
-        rec = SessionRecord(client_id, expiry, level, disc)
+        rec = SessionRecord(client_id, expiry, level, disc, username=username)
         rec.subscriptions = [SubscriptionRecord(**vars(s)) for s in subs.get(client_id, {}).values()]
         for _, d in sorted(deliveries.get(client_id, ()), key=lambda x: x[0]):
             msg = messages.get(d.msg_id)

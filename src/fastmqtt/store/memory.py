@@ -29,7 +29,7 @@ class MemoryStore:
         self._clock = clock
         self._seq = 0
         self._closed = False
-        self.sessions: dict[str, tuple[int, int, float | None]] = {}
+        self.sessions: dict[str, tuple[int, int, float | None, str | None]] = {}
         self.subs: dict[str, dict[str, SubscriptionRecord]] = {}
         self.deliveries: dict[str, dict[int, tuple[int, DeliveryRecord]]] = {}
         self.qos2: dict[str, set[int]] = {}
@@ -72,7 +72,7 @@ class MemoryStore:
     def purge_expired(self, now: float) -> int:
         """Forget expired sessions, queued copies of expired messages and expired
         retained messages. Returns how many sessions were removed."""
-        dead = [c for c, (e, _, d) in self.sessions.items() if session_expired(e, d, now)]
+        dead = [c for c, (e, _, d, _u) in self.sessions.items() if session_expired(e, d, now)]
         for c in dead:
             will = self.wills.get(c)
             self.delete_session(c)
@@ -92,9 +92,9 @@ class MemoryStore:
     # -------------------------------------------------------------- sessions
 
     def put_session(self, client_id: str, expiry_interval: int, protocol_level: int,
-                    disconnected_at: float | None) -> None:
+                    disconnected_at: float | None, username: str | None = None) -> None:
         self._seq += 1
-        self.sessions[client_id] = (expiry_interval, protocol_level, disconnected_at)
+        self.sessions[client_id] = (expiry_interval, protocol_level, disconnected_at, username)
 
     def delete_session(self, client_id: str) -> None:
         self._seq += 1

@@ -138,8 +138,9 @@ LOG_NAME = "fastmqtt-log.db"
 LOCK_NAME = "fastmqtt.lock"
 #: 2: the log file and ``compacted_lsn``. A version 1 database (no log) is
 #: upgraded in place; an older broker refuses (moves aside) a version 2 one,
-#: as it would ignore the log.
-SCHEMA_VERSION = 2
+#: as it would ignore the log. 3: ``sessions.username`` (added in place to a
+#: version 2 database; NULL there, as for an anonymous client).
+SCHEMA_VERSION = 3
 LOG_SCHEMA_VERSION = 1
 #: How long the writer may hold back a batch nobody waits for yet (seconds),
 #: hoping to fold more into one commit. 0: commit as soon as there is work.
@@ -166,7 +167,7 @@ CREATE TABLE IF NOT EXISTS meta(
     key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS sessions(
     client_id TEXT PRIMARY KEY, expiry_interval INTEGER NOT NULL,
-    protocol_level INTEGER NOT NULL, disconnected_at REAL);
+    protocol_level INTEGER NOT NULL, disconnected_at REAL, username TEXT);
 CREATE TABLE IF NOT EXISTS subscriptions(
     client_id TEXT NOT NULL, topic_filter TEXT NOT NULL, qos INTEGER NOT NULL,
     no_local INTEGER NOT NULL, retain_as_published INTEGER NOT NULL,
@@ -492,7 +493,8 @@ def _merge(into: _Batch, b: _Batch) -> None:
 def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     """Write a stored-form batch into the tables, inside the caller's
     transaction."""
-    sessions = list(b.sessions.values())
+    # Records written before sessions kept a username have 4 fields.
+    sessions = [s if len(s) == 5 else (*s, None) for s in b.sessions.values()]
     sub_put, sub_del = [], []
     for cid, d in b.subs.items():
         for f, row in d.items():
@@ -537,7 +539,7 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
         for table in _CLIENT_TABLES:
             ex(f"DELETE FROM {table} WHERE client_id=?", gone)
     if sessions:
-        _write_rows(c, "INSERT OR REPLACE INTO sessions", 4, sessions)
+        _write_rows(c, "INSERT OR REPLACE INTO sessions", 5, sessions)
     if sub_put:
         _write_rows(c, "INSERT OR REPLACE INTO subscriptions", 7, sub_put)
     if sub_del:
@@ -808,6 +810,9 @@ class SqliteStore:
         try:
             try:
                 conn = self._open_checked(self.path, _SCHEMA, SCHEMA_VERSION, "FULL", DB_NAME)
+                if "username" not in {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}:
+                    # Schema 2 -> 3: sessions remember their username.
+                    conn.execute("ALTER TABLE sessions ADD COLUMN username TEXT")
                 logc = self._open_checked(self.log_path, _LOG_SCHEMA, LOG_SCHEMA_VERSION,
                                           "NORMAL", LOG_NAME)
                 self._replay(conn, logc)
@@ -875,7 +880,9 @@ class SqliteStore:
                 log.error("persistence: dropping undecodable %s %r: %s", kind, key, e)
                 return None
 
-        sessions = {c: (e, lvl, d) for c, e, lvl, d in conn.execute("SELECT * FROM sessions")}
+        sessions = {c: (e, lvl, d, u) for c, e, lvl, d, u in conn.execute(
+            "SELECT client_id, expiry_interval, protocol_level, disconnected_at, username"
+            " FROM sessions")}
         subs: dict[str, dict] = {}
         for c, f, q, nl, rap, rh, sid in conn.execute("SELECT * FROM subscriptions"):
             subs.setdefault(c, {})[f] = SubscriptionRecord(f, q, bool(nl), bool(rap), rh, sid)
@@ -1067,10 +1074,11 @@ class SqliteStore:
         return self._batch
 
     def put_session(self, client_id: str, expiry_interval: int, protocol_level: int,
-                    disconnected_at: float | None) -> None:
+                    disconnected_at: float | None, username: str | None = None) -> None:
         with self._lock:
             b = self._begin()
-            b.sessions[client_id] = (client_id, expiry_interval, protocol_level, disconnected_at)
+            b.sessions[client_id] = (client_id, expiry_interval, protocol_level, disconnected_at,
+                                     username)
 
     def delete_session(self, client_id: str) -> None:
         with self._lock:

@@ -1275,9 +1275,10 @@ class SqliteStore:
                 # Commit once there is work; with FLUSH_DELAY, not before
                 # someone waits in durable() or the delay has passed.
                 self._pending.wait()
-                if FLUSH_DELAY and not self._closing:
-                    self._wake.wait(FLUSH_DELAY)
-                self._wake.clear()
+                if FLUSH_DELAY:
+                    if not self._closing:
+                        self._wake.wait(FLUSH_DELAY)
+                    self._wake.clear()
                 self._pending.clear()
                 fresh = _Batch()  # built outside the lock: the swap is a few stores
                 with self._lock:

@@ -21,7 +21,7 @@ from fastmqtt.codec import Publish
 from fastmqtt.enums import PropertyId
 from fastmqtt.store import MemoryStore, SqliteStore, StoreError, open_store
 from fastmqtt.store.base import decode_publish, encode_publish
-from fastmqtt.store.sqlite import DB_NAME, LOG_NAME
+from fastmqtt.store.sqlite import DB_NAME, LOG_NAME, SCHEMA_VERSION
 
 NOW = 1_800_000_000.0
 NEVER = 0xFFFFFFFF
@@ -859,6 +859,22 @@ def test_damaged_log_moves_tables_and_log_aside(tmp_path, caplog, damage, reason
             assert db.execute("SELECT count(*) FROM log").fetchone()[0] >= 2
     finally:
         s.close()
+
+
+def test_version_1_database_without_log_is_upgraded(tmp_path):
+    data = str(tmp_path / "d")
+    path = make_db_with_session(data)
+    os.remove(os.path.join(data, LOG_NAME))
+    with sqlite3.connect(path) as db:  # as version 1 left it: no log, no compacted_lsn
+        db.execute("UPDATE meta SET value=1 WHERE key='schema_version'")
+        db.execute("DELETE FROM meta WHERE key='compacted_lsn'")
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    s.close()
+    assert [x.client_id for x in snap.sessions] == ["c"] and s.moved_aside is None
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'"
+                          ).fetchone() == (SCHEMA_VERSION,)
 
 
 def test_undecodable_row_is_dropped_rest_recovered(tmp_path, caplog):

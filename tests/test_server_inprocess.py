@@ -321,3 +321,50 @@ async def test_v5_topic_alias_and_expiry_through_the_socket():
             assert (a.topic, b.topic) == ("x/y", "x/y")
             assert a.properties[PropertyId.MESSAGE_EXPIRY_INTERVAL] <= 60
             await broker.aclose()
+
+
+async def test_receiver_reset_while_others_route_to_it():
+    # A publisher's reader sends what it routes to other clients directly
+    # (Broker._flush_all). A receiver whose connection was reset must be ended
+    # whichever notices first, its own reader or a publisher's direct send:
+    # its will goes out once, the publisher and the others carry on.
+    import socket as _socket
+    import struct
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config())
+            port = broker.ports[0]
+            watcher = await Raw.open(port)
+            await watcher.connect("watcher")
+            await watcher.subscribe("will/#", "t/#", qos=0)
+            pub = await Raw.open(port)
+            await pub.connect("pub")
+            for round_ in range(5):
+                victim = await Raw.open(port)
+                await victim.connect(f"victim{round_}",
+                                     will=Will(f"will/{round_}", b"gone", 0))
+                await victim.subscribe("t/#", qos=0)
+                sock = victim.stream.socket
+                sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()      # RST: the broker's next send to it fails
+                for i in range(20):
+                    await pub.send(Publish("t/x", b"%d" % i, 1, packet_id=i + 1))
+                acks = 0
+                while acks < 20:
+                    acks += isinstance(await pub.next(), Puback)
+                got, wills = 0, 0
+                while got < 20 or wills < 1:
+                    p = await watcher.next()
+                    assert isinstance(p, Publish)
+                    if p.topic == f"will/{round_}":
+                        wills += 1
+                    else:
+                        got += 1
+                assert broker.core.clients.get(f"victim{round_}") is None or \
+                    broker.core.clients[f"victim{round_}"].conn is None
+            # Exactly one will per victim: nothing more is queued for the watcher.
+            await pub.send(Publish("t/end", b"end", 1, packet_id=99))
+            assert isinstance(await pub.next(), Puback)
+            assert (await watcher.next()).topic == "t/end"
+            await broker.aclose()

@@ -134,6 +134,14 @@ class _Link:
 
     def __call__(self) -> None:
         if not self.writing and not self.holding:
+            touched = self.broker._touched
+            if touched is not None and self.direct:
+                # Output routed by another client's reader: that reader sends
+                # it directly once its packets are handled (Broker._flush_all),
+                # saving a writer task and a trip through the scheduler.
+                self.holding = True
+                touched.append(self)
+                return
             self.writing = True
             # An idle receiver that gets output is not "stuck": progress is
             # measured from here until its first send completes.
@@ -167,6 +175,9 @@ class Broker:
         self.addresses: list[tuple[str, str, int]] = []
         self.connections: set[ServerConnection] = set()
         self._nursery: trio.Nursery | None = None
+        # While a reader handles its packets: the links of other connections
+        # that got output from them (see _Link.__call__); None otherwise.
+        self._touched: list[_Link] | None = None
         self._idle = trio.Event()
         self._idle.set()
         self.closing = False
@@ -249,6 +260,7 @@ class Broker:
         # Per-connection publish rate limit: a local of this task, so it costs
         # nothing (no object, no per-message work beyond one None test) when off.
         limiter = self._publish_limiter()
+        touched: list[_Link] = []
         # The first read of a new connection needs no trip through the
         # scheduler (the task has just been scheduled): take what is there.
         data = stream.try_receive(RECV_SIZE) if link.direct else None
@@ -272,36 +284,47 @@ class Broker:
                     if events:
                         now = wall()
                         # Output caused by these packets goes out in one
-                        # direct send below (see _Link.holding).
+                        # direct send below (see _Link.holding), and so does
+                        # what they route to other clients (_Link.__call__).
                         link.holding = True
-                        for ev in events:
-                            if ev.__class__ is ProtocolViolation:
-                                self._violation(conn, ev)
-                                return
-                            if ev.packet_type == 1:
-                                if not await self._connect(conn, ev, link):
+                        self._touched = touched
+                        try:
+                            for ev in events:
+                                if ev.__class__ is ProtocolViolation:
+                                    self._violation(conn, ev)
                                     return
-                                now = wall()
-                            elif (limiter is not None and ev.packet_type == 3
-                                  and not limiter.allow(mono)):
-                                self._rate_exceeded(conn)
-                                return
-                            else:
-                                core.handle(conn, ev, now)
-                            if conn.closing:
-                                return
-                            if core.pressured:
-                                # A receiver fell behind: wait for its writer
-                                # before routing the rest of this read, not
-                                # after it (one read holds hundreds of
-                                # messages; with many publishers the receiver's
-                                # buffer would overflow in between).
-                                self._flush(link)
-                                await self._backpressure(conn)
+                                if ev.packet_type == 1:
+                                    self._flush_all(touched)
+                                    if not await self._connect(conn, ev, link):
+                                        return
+                                    self._touched = touched
+                                    now = wall()
+                                elif (limiter is not None and ev.packet_type == 3
+                                      and not limiter.allow(mono)):
+                                    self._rate_exceeded(conn)
+                                    return
+                                else:
+                                    core.handle(conn, ev, now)
                                 if conn.closing:
                                     return
-                                link.holding = True
-                                now = wall()
+                                if core.pressured:
+                                    # A receiver fell behind: wait for its writer
+                                    # before routing the rest of this read, not
+                                    # after it (one read holds hundreds of
+                                    # messages; with many publishers the
+                                    # receiver's buffer would overflow in between).
+                                    self._flush_all(touched)
+                                    self._flush(link)
+                                    await self._backpressure(conn)
+                                    if conn.closing:
+                                        return
+                                    link.holding = True
+                                    self._touched = touched
+                                    now = wall()
+                        finally:
+                            # Every exit (a return above, an exception) sends
+                            # or hands to a writer what the others got.
+                            self._flush_all(touched)
                         self._flush(link)
                         if conn.closing:
                             return  # the send failed
@@ -435,6 +458,24 @@ class Broker:
         else:
             log.info("%s: client %r refused (%s)", conn.peer, pkt.client_id, conn.close_reason)
         return ok
+
+    def _flush_all(self, touched: list) -> None:
+        """Stop collecting other connections' output and flush each of them
+        (see _Link.__call__); a failed send ends that connection as its writer
+        would have."""
+        self._touched = None
+        if not touched:
+            return
+        links = touched[:]
+        touched.clear()
+        for other in links:
+            conn = other.conn
+            self._flush(other)
+            if conn.closing and not other.writing:
+                # As at the end of a writer: the connection is over.
+                if conn.failed:
+                    self._lost(conn)
+                other.stop_reader()
 
     def _flush(self, link: _Link) -> None:
         """End the reader's hold on its connection's output: send it now, in

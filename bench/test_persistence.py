@@ -2,7 +2,7 @@
 SQLite store in ``sync`` and ``batch`` durability, next to in-memory storage,
 and as a ratio to the in-memory figure.
 
-Two levels, each measured side by side in the same run:
+Three levels, each measured side by side in the same run:
 
 * **store**: the broker's store calls without a network. 50 trio tasks play
   publishers; each message is ``put_message`` plus two ``add_delivery`` (one
@@ -21,6 +21,10 @@ Two levels, each measured side by side in the same run:
   flight, counting PUBACKs. Every message is queued (and stored) for the
   subscriber; the store's background compactions that fall within the timed
   rounds are included, as they would be under sustained load.
+* **online**: the same broker and publishers, with the persistent subscriber
+  connected and acknowledging as it goes (each message stored for it, then
+  removed on its PUBACK: a chat client that is online), timed until it has
+  every message.
 
 Speed is never asserted; a table of messages/s and ratios is printed at the
 end. With ``CI=true`` the workloads are scaled down.
@@ -47,7 +51,7 @@ import pytest
 import trio
 
 from fastmqtt.broker.interfaces import DeliveryRecord, NullStore
-from fastmqtt.codec import Connect, Decoder, Publish, Subscribe, Subscription, encode
+from fastmqtt.codec import Connect, Decoder, Puback, Publish, Subscribe, Subscription, encode
 from fastmqtt.store import MemoryStore, SqliteStore
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -74,7 +78,8 @@ class _Table:
                  f"{'level':<8} {'storage':<14} {'msgs/s':>12} {'vs in-memory':>13}",
                  "-" * 50]
         for level, impls, base in (("store", STORE_IMPLS, "null"),
-                                   ("broker", BROKER_IMPLS, "memory")):
+                                   ("broker", BROKER_IMPLS, "memory"),
+                                   ("online", BROKER_IMPLS, "memory")):
             ref = self.rates.get((level, base))
             for impl in impls:
                 rate = self.rates.get((level, impl))
@@ -287,5 +292,55 @@ def test_broker_throughput(benchmark, table, impl, tmp_path):
         benchmark.pedantic(broker_run, args=(broker.port, n), rounds=ROUNDS, iterations=1)
         if benchmark.stats is not None:
             table.add("broker", impl, benchmark.stats.stats.median, n)
+    finally:
+        broker.close()
+
+
+def _acking_subscriber(sock, dec, n: int, errors: list) -> None:
+    """Read ``n`` QoS 1 PUBLISHes on a connected persistent session and
+    acknowledge them (one PUBACK per message, sent per read)."""
+    try:
+        got = 0
+        while got < n:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("broker closed the subscriber")
+            acks = [encode(Puback(p.packet_id), 5) for p in dec.feed(data)
+                    if p.packet_type == 3]
+            if acks:
+                sock.sendall(b"".join(acks))
+                got += len(acks)
+    except Exception as e:
+        errors.append(e)
+
+
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.benchmark(group="persistence online"))
+                                  for i in BROKER_IMPLS])
+def test_broker_throughput_online(benchmark, table, impl, tmp_path):
+    # The same publishers, but the persistent subscriber is connected and
+    # acknowledges as it goes (a chat client that is online): each message
+    # is stored for it and removed again once it has its PUBACK. Timed until
+    # the subscriber has every message.
+    broker = BrokerProc(impl, str(tmp_path / "data"))
+    try:
+        sock, dec = _session(broker.port, "bench-sub", False, 3600)
+        _read_packets(sock, dec, 2, 1)
+        sock.sendall(encode(Subscribe(1, [Subscription("bench/persist", 1)]), 5))
+        _read_packets(sock, dec, 9, 1)
+        n = BROKER_MESSAGES
+
+        def run():
+            errors: list = []
+            reader = threading.Thread(target=_acking_subscriber, args=(sock, dec, n, errors))
+            reader.start()
+            broker_run(broker.port, n)
+            reader.join(300)
+            if errors:
+                raise errors[0]
+
+        benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+        if benchmark.stats is not None:
+            table.add("online", impl, benchmark.stats.stats.median, n)
+        sock.close()
     finally:
         broker.close()

@@ -296,10 +296,14 @@ def test_broker_throughput(benchmark, table, impl, tmp_path):
         broker.close()
 
 
-def _acking_subscriber(sock, dec, n: int, errors: list) -> None:
-    """Read ``n`` QoS 1 PUBLISHes on a connected persistent session and
-    acknowledge them (one PUBACK per message, sent per read)."""
+def _acking_subscriber(port: int, n: int, ready, done) -> None:
+    """In its own process (so it never competes with the publisher threads
+    for a GIL): resume the persistent session, read ``n`` QoS 1 PUBLISHes and
+    acknowledge them (one PUBACK each, sent per read), then report."""
     try:
+        sock, dec = _session(port, "bench-sub", False, 3600)
+        _read_packets(sock, dec, 2, 1)
+        ready.put(True)
         got = 0
         while got < n:
             data = sock.recv(65536)
@@ -310,8 +314,10 @@ def _acking_subscriber(sock, dec, n: int, errors: list) -> None:
             if acks:
                 sock.sendall(b"".join(acks))
                 got += len(acks)
+        sock.close()
+        done.put(None)
     except Exception as e:
-        errors.append(e)
+        done.put(repr(e))
 
 
 @pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.benchmark(group="persistence online"))
@@ -321,26 +327,36 @@ def test_broker_throughput_online(benchmark, table, impl, tmp_path):
     # acknowledges as it goes (a chat client that is online): each message
     # is stored for it and removed again once it has its PUBACK. Timed until
     # the subscriber has every message.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
     broker = BrokerProc(impl, str(tmp_path / "data"))
     try:
         sock, dec = _session(broker.port, "bench-sub", False, 3600)
         _read_packets(sock, dec, 2, 1)
         sock.sendall(encode(Subscribe(1, [Subscription("bench/persist", 1)]), 5))
         _read_packets(sock, dec, 9, 1)
+        sock.close()
         n = BROKER_MESSAGES
+        ready, done = ctx.Queue(), ctx.Queue()
 
-        def run():
-            errors: list = []
-            reader = threading.Thread(target=_acking_subscriber, args=(sock, dec, n, errors))
-            reader.start()
+        def setup():
+            # Untimed: the subscriber's process starts and resumes its session.
+            proc = ctx.Process(target=_acking_subscriber, args=(broker.port, n, ready, done),
+                               daemon=True)
+            proc.start()
+            ready.get(timeout=60)
+            return (proc,), {}
+
+        def run(proc):
             broker_run(broker.port, n)
-            reader.join(300)
-            if errors:
-                raise errors[0]
+            err = done.get(timeout=300)
+            proc.join(30)
+            if err:
+                raise RuntimeError(f"subscriber failed: {err}")
 
-        benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
+        benchmark.pedantic(run, setup=setup, rounds=ROUNDS, iterations=1)
         if benchmark.stats is not None:
             table.add("online", impl, benchmark.stats.stats.median, n)
-        sock.close()
     finally:
         broker.close()

@@ -1913,6 +1913,8 @@ cdef int children_into(Node* n, bint skip_dollar, uint32_t level, list work) exc
 
 cdef traverseproc _cy_trie_traverse = NULL
 cdef inquiry _cy_trie_clear = NULL
+cdef traverseproc _cy_ret_traverse = NULL    # RetainedStore's, set below its class
+cdef inquiry _cy_ret_clear = NULL
 
 
 cdef int _trie_traverse(PyObject* o, visitproc visit, void* arg) except -1:
@@ -1932,18 +1934,25 @@ cdef int _trie_traverse(PyObject* o, visitproc visit, void* arg) except -1:
     return 0
 
 
-cdef int _trie_clear(object o) except -1:
-    (<TopicTrie>o).clear_all()
-    if _cy_trie_clear != NULL:
-        return _cy_trie_clear(o)
+cdef int _gc_clear(object o) except -1:
+    """tp_clear of both types: drop what the C arrays/nodes hold, then what
+    Cython's own slot clears."""
+    cdef inquiry base
+    if type(o) is TopicTrie:
+        (<TopicTrie>o).clear_all()
+        base = _cy_trie_clear
+    else:
+        (<RetainedStore>o).clear_all()
+        base = _cy_ret_clear
+    if base != NULL:
+        return base(o)
     return 0
 
 
-cdef PyTypeObject* _trie_type = <PyTypeObject*>TopicTrie
-_cy_trie_traverse = _trie_type.tp_traverse
-_cy_trie_clear = _trie_type.tp_clear
-_trie_type.tp_traverse = _trie_traverse
-_trie_type.tp_clear = _trie_clear
+_cy_trie_traverse = (<PyTypeObject*>TopicTrie).tp_traverse
+_cy_trie_clear = (<PyTypeObject*>TopicTrie).tp_clear
+(<PyTypeObject*>TopicTrie).tp_traverse = _trie_traverse
+(<PyTypeObject*>TopicTrie).tp_clear = _gc_clear
 
 
 # ---------------------------------------------------------------------------
@@ -2223,8 +2232,6 @@ cdef class RetainedStore:
 # Messages live in C nodes Cython's tp_traverse cannot see: a message that
 # refers back to its store would make an uncollectable cycle. Visit them too.
 
-cdef traverseproc _cy_ret_traverse = NULL
-cdef inquiry _cy_ret_clear = NULL
 
 
 cdef struct _Visit:
@@ -2253,15 +2260,7 @@ cdef int _ret_traverse(PyObject* o, visitproc visit, void* arg) except -1:
     return nodes_walk((<RetainedStore>o).root, _visit_message, &v)
 
 
-cdef int _ret_clear(object o) except -1:
-    (<RetainedStore>o).clear_all()
-    if _cy_ret_clear != NULL:
-        return _cy_ret_clear(o)
-    return 0
-
-
-cdef PyTypeObject* _ret_type = <PyTypeObject*>RetainedStore
-_cy_ret_traverse = _ret_type.tp_traverse
-_cy_ret_clear = _ret_type.tp_clear
-_ret_type.tp_traverse = _ret_traverse
-_ret_type.tp_clear = _ret_clear
+_cy_ret_traverse = (<PyTypeObject*>RetainedStore).tp_traverse
+_cy_ret_clear = (<PyTypeObject*>RetainedStore).tp_clear
+(<PyTypeObject*>RetainedStore).tp_traverse = _ret_traverse
+(<PyTypeObject*>RetainedStore).tp_clear = _gc_clear

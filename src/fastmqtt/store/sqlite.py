@@ -345,6 +345,20 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"log record names {module}.{name}")
 
 
+def _stored_form(changes: dict, kind: str, blob) -> dict:
+    """``{key: None (deleted) | (publish, time)}`` with each publish encoded;
+    an entry that cannot be encoded is left out (``blob`` logged why)."""
+    out = {}
+    for key, v in changes.items():
+        if v is None:
+            out[key] = None
+        else:
+            data = blob(kind, key, v[0])
+            if data is not None:
+                out[key] = (data, v[1])
+    return out
+
+
 def _encode_record(b: _Batch, blob) -> bytes:
     """Encode a batch as a log record; turns ``b`` into its stored form.
 
@@ -361,25 +375,9 @@ def _encode_record(b: _Batch, blob) -> bytes:
                 msgs[mid] = (data, exp)
     b.messages = msgs
     if b.retained:
-        ret = {}
-        for t, v in b.retained.items():
-            if v is None:
-                ret[t] = None
-            else:
-                data = blob("retained message", t, v[0])
-                if data is not None:
-                    ret[t] = (data, v[1])
-        b.retained = ret
+        b.retained = _stored_form(b.retained, "retained message", blob)
     if b.wills:
-        wills = {}
-        for cid, v in b.wills.items():
-            if v is None:
-                wills[cid] = None
-            else:
-                data = blob("will of", cid, v[0])
-                if data is not None:
-                    wills[cid] = (data, v[1])
-        b.wills = wills
+        b.wills = _stored_form(b.wills, "will of", blob)
     if b.hist_put:
         hist = {}
         for hid, (_, t, ts, exp, p) in b.hist_put.items():

@@ -222,6 +222,16 @@ def _session(port: int, client_id: str, clean: bool, expiry: int | None):
     return sock, dec
 
 
+def _make_persistent_subscriber(port: int) -> None:
+    """Session "bench-sub" (expiry 1 h) subscribed to bench/persist at QoS 1,
+    then disconnected."""
+    sock, dec = _session(port, "bench-sub", False, 3600)
+    _read_packets(sock, dec, 2, 1)
+    sock.sendall(encode(Subscribe(1, [Subscription("bench/persist", 1)]), 5))
+    _read_packets(sock, dec, 9, 1)
+    sock.close()
+
+
 def _read_packets(sock, dec, n_type: int, count: int) -> list:
     got = []
     while len(got) < count:
@@ -283,11 +293,7 @@ def test_broker_throughput(benchmark, table, impl, tmp_path):
     broker = BrokerProc(impl, str(tmp_path / "data"))
     try:
         # An offline persistent QoS 1 subscriber: every message must be stored.
-        sock, dec = _session(broker.port, "bench-sub", False, 3600)
-        _read_packets(sock, dec, 2, 1)
-        sock.sendall(encode(Subscribe(1, [Subscription("bench/persist", 1)]), 5))
-        _read_packets(sock, dec, 9, 1)
-        sock.close()
+        _make_persistent_subscriber(broker.port)
         n = BROKER_MESSAGES
         benchmark.pedantic(broker_run, args=(broker.port, n), rounds=ROUNDS, iterations=1)
         if benchmark.stats is not None:
@@ -332,11 +338,7 @@ def test_broker_throughput_online(benchmark, table, impl, tmp_path):
     ctx = multiprocessing.get_context("fork")
     broker = BrokerProc(impl, str(tmp_path / "data"))
     try:
-        sock, dec = _session(broker.port, "bench-sub", False, 3600)
-        _read_packets(sock, dec, 2, 1)
-        sock.sendall(encode(Subscribe(1, [Subscription("bench/persist", 1)]), 5))
-        _read_packets(sock, dec, 9, 1)
-        sock.close()
+        _make_persistent_subscriber(broker.port)
         n = BROKER_MESSAGES
         ready, done = ctx.Queue(), ctx.Queue()
 

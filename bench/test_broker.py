@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import sys
 from pathlib import Path
 
@@ -204,12 +205,25 @@ def test_qos1_window_persistent_fastmqtt(benchmark, fresh_broker, durability):
     benchmark.extra_info.update(r)
 
 
+LATENCY_ROUNDS = 3
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.benchmark(group="broker-latency-5k")
 def test_latency_at_5k(benchmark, fresh_broker, impl):
+    # One p99 comes from the slowest 1 % of a run, so one pause of the
+    # (virtual) machine moves it a lot: the figure is the median over a few
+    # rounds on the same broker, for both brokers alike.
     b = fresh_broker(impl)
-    r = once(benchmark, lambda: loadgen.run_latency(b.host, b.port, rate=5000,
-                                                    seconds=size("latency_seconds")))
+
+    def rounds():
+        runs = [loadgen.run_latency(b.host, b.port, rate=5000, seconds=size("latency_seconds"),
+                                    tag=f"lat{k}x")
+                for k in range(LATENCY_ROUNDS)]
+        med = {key: statistics.median(r[key] for r in runs) for key in ("p50_us", "p99_us")}
+        return {**runs[-1], **med, "p99_rounds": ", ".join(f"{r['p99_us']:.0f}" for r in runs)}
+
+    r = once(benchmark, rounds)
     record(benchmark, "latency p50 @5k/s", impl, r["p50_us"], r)
     record(benchmark, "latency p99 @5k/s", impl, r["p99_us"], r)
 

@@ -148,3 +148,29 @@ def test_graceful_restart_keeps_everything(broker, raw):
     r.subscribe(topic + "/r", 0)
     assert r.recv_type("PUBLISH").payload == b"retained"
 
+
+
+def test_queued_copy_keeps_retain_flag_and_subscription_id_across_sigkill(broker_factory, raw):
+    # A v5 subscription with a subscription identifier and Retain As
+    # Published: the copy queued for the offline session must, after a crash,
+    # still carry the identifier [MQTT-3.3.4-3] and the RETAIN flag as
+    # published [MQTT-3.3.1-12].
+    b = broker_factory("fastmqtt")
+    cid, topic = unique("drap"), unique("drap")
+    c = raw(b, 5)
+    c.connect(cid, **persistent(5))
+    c.subscribe(topic, options=0x01 | 0x08, props={0x0B: 77})  # QoS 1, retain as published
+    c.disconnect()
+    pub = raw(b, 5)
+    pub.connect(unique("drapp"))
+    pub.publish(topic, b"kept", qos=1, packet_id=1, retain=True)  # returns after PUBACK
+    pub.publish(topic, b"plain", qos=1, packet_id=2)
+    b.kill()
+    b.start()
+    c = reconnect(raw, b, cid, 5)
+    got = []
+    for _ in range(2):
+        p = c.recv_type("PUBLISH")
+        got.append((p.payload, p.retain, p.properties.get(0x0B)))
+        c.send(ack_bytes("PUBACK", p.packet_id))
+    assert got == [(b"kept", True, [77]), (b"plain", False, [77])]

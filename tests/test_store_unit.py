@@ -204,6 +204,25 @@ def test_deliveries_keep_queue_order_and_state(reopener):
     assert snap.next_msg_id == 12
 
 
+def test_delivery_retain_flag_and_subscription_ids_round_trip(reopener):
+    # What a queued or in-flight copy is sent with survives a restart: the
+    # RETAIN flag (Retain As Published) and the subscription identifiers
+    # [MQTT-3.3.4-3]; an update of its state keeps them.
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, NOW)
+    for mid in (1, 2, 3):
+        s.put_message(mid, pub(payload=b"m%d" % mid), None)
+    s.add_delivery("c", DeliveryRecord(1, 1, retain=True, subids=(3, 268435455)))
+    s.add_delivery("c", DeliveryRecord(2, 1, subids=(7,)))
+    s.add_delivery("c", DeliveryRecord(3, 1, retain=True))
+    s.update_delivery("c", DeliveryRecord(1, 1, packet_id=5, state="sent"))
+    _, snap = reopener.restart()
+    assert by_client(snap)["c"].deliveries == [
+        DeliveryRecord(1, 1, 5, "sent", True, (3, 268435455)),
+        DeliveryRecord(2, 1, 0, "queued", False, (7,)),
+        DeliveryRecord(3, 1, 0, "queued", True, ())]
+
+
 def test_message_kept_while_any_delivery_refers_to_it(reopener):
     s, _ = reopener.first()
     for c in ("a", "b"):
@@ -469,19 +488,24 @@ def rows(store, table):
 
 
 def test_schema_2_database_gains_session_usernames(tmp_path):
-    # A database from before sessions kept a user name: the column is added in
-    # place, its sessions come back with username None, new ones keep theirs.
+    # A database from before sessions kept a user name (and deliveries their
+    # RETAIN flag and ids): the columns are added in place, old rows come back
+    # with the defaults, new sessions keep their user name.
     d = str(tmp_path / "d")
     s = SqliteStore(d)
     s.open(now=NOW)
     s.put_session("old", 3600, 5, NOW - 1)
+    s.put_message(1, pub(), None)
+    s.add_delivery("old", DeliveryRecord(1, 1))
     s.close()
     with sqlite3.connect(s.path) as db:
         db.execute("ALTER TABLE sessions DROP COLUMN username")
+        db.execute("ALTER TABLE deliveries DROP COLUMN extra")
         db.execute("UPDATE meta SET value=2 WHERE key='schema_version'")
     s = SqliteStore(d)
     snap = s.open(now=NOW)
     assert [(r.client_id, r.username) for r in snap.sessions] == [("old", None)]
+    assert snap.sessions[0].deliveries == [DeliveryRecord(1, 1, 0, "queued", False, ())]
     s.put_session("new", 3600, 5, None, "alice")
     s.close()
     s = SqliteStore(d)

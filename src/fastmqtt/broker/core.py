@@ -924,7 +924,7 @@ class BrokerCore:
                 data = tpl.with_packet_id(pid)
                 if cs.persisted:
                     self.store.add_delivery(cs.client_id, DeliveryRecord(
-                        self._persist_msg(msg), q, pid, "sent"))
+                        self._persist_msg(msg), q, pid, "sent", retain, subids))
             outbox = conn.outbox
             outbox.append(data)
             conn.out_bytes += len(data)
@@ -979,7 +979,7 @@ class BrokerCore:
         if conn.out_bytes > self.soft_out:
             self.pressured.add(conn)
         if cs.persisted:
-            rec = DeliveryRecord(self._persist_msg(msg), og.qos, pid, "sent")
+            rec = DeliveryRecord(self._persist_msg(msg), og.qos, pid, "sent", og.retain, og.subids)
             if prev == "queued":
                 self.store.update_delivery(cs.client_id, rec)
             else:
@@ -1025,7 +1025,8 @@ class BrokerCore:
         if og.qos == 0:
             cs.queue_qos0 += 1
         if cs.persisted:
-            self.store.add_delivery(cs.client_id, DeliveryRecord(self._persist_msg(og.msg), og.qos, 0, "queued"))
+            self.store.add_delivery(cs.client_id, DeliveryRecord(
+                self._persist_msg(og.msg), og.qos, 0, "queued", og.retain, og.subids))
 
     def pump(self, cs: ClientState, now: float) -> None:
         """Move queued messages into flight while the window and writer allow."""
@@ -1196,7 +1197,7 @@ class BrokerCore:
                 m = messages.get(d.msg_id)
                 if m is None:
                     continue
-                og = Outgoing(m, d.qos, False, (), d.packet_id, d.state)
+                og = Outgoing(m, d.qos, d.retain, tuple(d.subids), d.packet_id, d.state)
                 if d.state in ("sent", "released") and d.packet_id:
                     cs.inflight[d.packet_id] = og
                     cs.next_pid = d.packet_id % 65535 + 1

@@ -46,6 +46,8 @@ class DeliveryRecord:
     qos: int
     packet_id: int = 0
     state: str = "queued"
+    retain: bool = False  # the RETAIN flag it is sent with (Retain As Published)
+    subids: tuple[int, ...] = ()  # subscription identifiers it is sent with [MQTT-3.3.4-3]
 
 
 @dataclass
@@ -96,7 +98,7 @@ class Store(Protocol):
 
     def put_message(self, msg_id: int, publish: Any, expires_at: float | None) -> None: ...
     def add_delivery(self, client_id: str, delivery: DeliveryRecord) -> None: ...
-    def update_delivery(self, client_id: str, delivery: DeliveryRecord) -> None: ...
+    def update_delivery(self, client_id: str, delivery: DeliveryRecord) -> None: ...  # qos, packet id, state (retain, subids stay as added)
     def remove_delivery(self, client_id: str, msg_id: int) -> None: ...  # message row dropped when unreferenced
 
     def put_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...

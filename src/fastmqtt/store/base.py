@@ -157,7 +157,8 @@ def build_snapshot(sessions: dict, subs: dict, deliveries: dict, qos2: dict,
                 continue
             if d.state == "queued" and message_expired(msg[1], now):
                 continue
-            rec.deliveries.append(DeliveryRecord(d.msg_id, d.qos, d.packet_id, d.state))
+            rec.deliveries.append(DeliveryRecord(d.msg_id, d.qos, d.packet_id, d.state,
+                                                 d.retain, d.subids))
             used.add(d.msg_id)
         rec.incoming_qos2 = set(qos2.get(client_id, ()))
         snap.sessions.append(rec)
@@ -166,3 +167,21 @@ def build_snapshot(sessions: dict, subs: dict, deliveries: dict, qos2: dict,
     snap.wills = [(c, p, due) for c, (p, due) in wills.items()]
     snap.next_msg_id = (max(messages) + 1) if messages else 1
     return snap
+
+
+def delivery_extra(retain: bool, subids: tuple) -> str | None:
+    """A delivery's RETAIN flag and subscription identifiers as one column:
+    None for the usual (False, ()), else "R" when retained, then the ids
+    comma-separated ("R", "R3,5", "7")."""
+    if not retain and not subids:
+        return None
+    return ("R" if retain else "") + ",".join(map(str, subids))
+
+
+def parse_delivery_extra(extra: str | None) -> tuple[bool, tuple]:
+    """Inverse of :func:`delivery_extra`."""
+    if not extra:
+        return False, ()
+    retain = extra.startswith("R")
+    ids = extra[1:] if retain else extra
+    return retain, tuple(int(x) for x in ids.split(",")) if ids else ()

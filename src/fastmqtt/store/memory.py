@@ -136,7 +136,12 @@ class MemoryStore:
         dl = self.deliveries.get(client_id, {})
         old = dl.get(delivery.msg_id)
         if old is not None:
-            dl[delivery.msg_id] = (old[0], DeliveryRecord(**vars(delivery)))
+            # As the SQLite store: the state changes, what it is sent with
+            # (retain, subscription ids) stays as added.
+            o = old[1]
+            dl[delivery.msg_id] = (old[0], DeliveryRecord(
+                delivery.msg_id, delivery.qos, delivery.packet_id, delivery.state,
+                o.retain, o.subids))
 
     def remove_delivery(self, client_id: str, msg_id: int) -> None:
         self._seq += 1

@@ -129,7 +129,8 @@ from typing import Any
 import trio
 
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
-from .base import StoreError, build_snapshot, decode_publish, encode_publish, log
+from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
+                   encode_publish, log, parse_delivery_extra)
 
 __all__ = ["SqliteStore", "DB_NAME", "LOG_NAME", "SCHEMA_VERSION"]
 
@@ -138,8 +139,9 @@ LOG_NAME = "fastmqtt-log.db"
 LOCK_NAME = "fastmqtt.lock"
 #: 2: the log file and ``compacted_lsn``. A version 1 database (no log) is
 #: upgraded in place; an older broker refuses (moves aside) a version 2 one,
-#: as it would ignore the log. 3: ``sessions.username`` (added in place to a
-#: version 2 database; NULL there, as for an anonymous client).
+#: as it would ignore the log. 3: ``sessions.username`` and ``deliveries.extra``
+#: (RETAIN flag and subscription ids), added in place to a version 2 database
+#: (NULL there: anonymous, not retained, no ids).
 SCHEMA_VERSION = 3
 LOG_SCHEMA_VERSION = 1
 #: How long the writer may hold back a batch nobody waits for yet (seconds),
@@ -178,7 +180,7 @@ CREATE TABLE IF NOT EXISTS messages(
 CREATE TABLE IF NOT EXISTS deliveries(
     client_id TEXT NOT NULL, msg_id INTEGER NOT NULL, seq INTEGER NOT NULL,
     qos INTEGER NOT NULL, packet_id INTEGER NOT NULL, state TEXT NOT NULL,
-    PRIMARY KEY(client_id, msg_id)) WITHOUT ROWID;
+    extra TEXT, PRIMARY KEY(client_id, msg_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS incoming_qos2(
     client_id TEXT NOT NULL, packet_id INTEGER NOT NULL,
     PRIMARY KEY(client_id, packet_id)) WITHOUT ROWID;
@@ -407,6 +409,10 @@ def _decode_record(rec: bytes) -> _Batch:
         b = _Batch()
         (_, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages, b.msg_del,
          b.retained, b.wills, b.hist_put, b.hist_del) = t
+        for d in b.deliv.values():
+            for e in d.values():
+                if len(e) == 5:
+                    e.append(None)  # written before deliveries kept RETAIN and ids
     except ValueError:
         raise
     except Exception as e:
@@ -505,7 +511,8 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     for cid, d in b.deliv.items():
         # Comprehensions: the compactor's Python time is GIL time taken from
         # the broker; adds (by far the most entries) go in one pass.
-        ins = [(cid, mid, e[1], e[2], e[3], e[4]) for mid, e in d.items() if e[0] <= _ADDR]
+        ins = [(cid, mid, e[1], e[2], e[3], e[4], e[5]) for mid, e in d.items()
+               if e[0] <= _ADDR]
         d_ins += ins
         if len(ins) < len(d):
             d_upd += [(cid, mid, 0, e[2], e[3], e[4]) for mid, e in d.items() if e[0] == _UPD]
@@ -545,10 +552,11 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     if msgs:
         _write_rows(c, "INSERT OR REPLACE INTO messages", 3, msgs)
     if d_ins:
-        _write_rows(c, "INSERT OR REPLACE INTO deliveries", 6, d_ins)
+        _write_rows(c, "INSERT OR REPLACE INTO deliveries", 7, d_ins)
     if d_upd:
         # Rows known to exist; an upsert keeps their seq (queue position).
-        _write_rows(c, "INSERT INTO deliveries", 6, d_upd,
+        _write_rows(c, "INSERT INTO deliveries(client_id, msg_id, seq, qos, packet_id, state)",
+                    6, d_upd,
                     "ON CONFLICT(client_id, msg_id) DO UPDATE SET qos=excluded.qos, "
                     "packet_id=excluded.packet_id, state=excluded.state")
     for cid, mids in d_del.items():
@@ -809,8 +817,11 @@ class SqliteStore:
             try:
                 conn = self._open_checked(self.path, _SCHEMA, SCHEMA_VERSION, "FULL", DB_NAME)
                 if "username" not in {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}:
-                    # Schema 2 -> 3: sessions remember their username.
+                    # Schema 2 -> 3: sessions remember their username...
                     conn.execute("ALTER TABLE sessions ADD COLUMN username TEXT")
+                if "extra" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
+                    # ... and deliveries their RETAIN flag and subscription ids.
+                    conn.execute("ALTER TABLE deliveries ADD COLUMN extra TEXT")
                 logc = self._open_checked(self.log_path, _LOG_SCHEMA, LOG_SCHEMA_VERSION,
                                           "NORMAL", LOG_NAME)
                 self._replay(conn, logc)
@@ -896,10 +907,12 @@ class SqliteStore:
         deliveries: dict[str, list] = {}
         all_deliv = set()
         max_seq = 0
-        for c, mid, seq, q, pid, st in conn.execute("SELECT * FROM deliveries"):
+        for c, mid, seq, q, pid, st, extra in conn.execute(
+                "SELECT client_id, msg_id, seq, qos, packet_id, state, extra FROM deliveries"):
             max_seq = max(max_seq, seq)
             all_deliv.add((c, mid))
-            deliveries.setdefault(c, []).append((seq, DeliveryRecord(mid, q, pid, st)))
+            deliveries.setdefault(c, []).append(
+                (seq, DeliveryRecord(mid, q, pid, st, *parse_delivery_extra(extra))))
         qos2: dict[str, set] = {}
         for c, pid in conn.execute("SELECT * FROM incoming_qos2"):
             qos2.setdefault(c, set()).add(pid)
@@ -1137,7 +1150,8 @@ class SqliteStore:
                 kind = _ADD if old is None or old[0] == _ADD else _ADDR
             # Queue order: the change's seq, after everything recovered.
             dl[mid] = [kind, self._dseq + seq, delivery.qos, delivery.packet_id,
-                       delivery.state]
+                       delivery.state, delivery_extra(delivery.retain, delivery.subids)
+                       if delivery.retain or delivery.subids else None]
 
     def update_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
         mid = delivery.msg_id

@@ -2167,6 +2167,21 @@ cdef inline bint _pair_fast(PyObject* pair, PropItem* it) noexcept:
     return True
 
 
+cdef inline void _plan_add(PropPlan* pl, int pid, PyObject* v) noexcept:
+    """Insert property ``pid`` into the plan, keeping ids ascending (the order
+    they are written in); the caller checked there is room."""
+    cdef int i = pl.n
+    while i > 0 and pl.ids[i - 1] > pid:
+        pl.ids[i] = pl.ids[i - 1]
+        pl.vals[i] = pl.vals[i - 1]
+        i -= 1
+    pl.ids[i] = <unsigned char>pid
+    pl.vals[i] = v
+    pl.n += 1
+    if pid == P_TOPIC_ALIAS:
+        pl.has_alias = True
+
+
 cdef bint _plan_fast(object mapping, int ptype, PropPlan* pl) noexcept:
     """``_plan_props`` for the usual case, with no Python API calls: keys are
     property ids, values exact ints/strs/bytes and USER_PROPERTY a tuple or
@@ -2190,16 +2205,7 @@ cdef bint _plan_fast(object mapping, int ptype, PropPlan* pl) noexcept:
             return False
         if pl.n >= 48:
             return False
-        i = pl.n
-        while i > 0 and pl.ids[i - 1] > pid:
-            pl.ids[i] = pl.ids[i - 1]
-            pl.vals[i] = pl.vals[i - 1]
-            i -= 1
-        pl.ids[i] = <unsigned char>pid
-        pl.vals[i] = v
-        pl.n += 1
-        if pid == P_TOPIC_ALIAS:
-            pl.has_alias = True
+        _plan_add(pl, pid, v)
     for i in range(pl.n):
         pid = pl.ids[i]
         v = pl.vals[i]
@@ -2314,16 +2320,7 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
         pid = _prop_id(<object>k, ptype)
         if pl.n >= 48:  # unreachable: ids are unique and there are 27
             _fail(f"{_pname(ptype)} has too many properties")
-        i = pl.n
-        while i > 0 and pl.ids[i - 1] > pid:
-            pl.ids[i] = pl.ids[i - 1]
-            pl.vals[i] = pl.vals[i - 1]
-            i -= 1
-        pl.ids[i] = <unsigned char>pid
-        pl.vals[i] = v
-        pl.n += 1
-        if pid == P_TOPIC_ALIAS:
-            pl.has_alias = True
+        _plan_add(pl, pid, v)
     for i in range(pl.n):
         pl.size += _prop_size(pl.ids[i], <object>pl.vals[i], ptype, pl)
     return _check_auth_pair(pl, ptype)

@@ -494,6 +494,17 @@ def _merge(into: _Batch, b: _Batch) -> None:
         into.hist_del.difference_update(b.hist_put)
 
 
+def _put_or_delete(c: sqlite3.Connection, table: str, key: str, changes: dict) -> None:
+    """Write stored-form ``{key: None (deleted) | (blob, time)}`` changes to a
+    ``(key, publish, time)`` table."""
+    puts = [(k, v[0], v[1]) for k, v in changes.items() if v is not None]
+    if puts:
+        _write_rows(c, f"INSERT OR REPLACE INTO {table}", 3, puts)
+    dels = [(k,) for k, v in changes.items() if v is None]
+    if dels:
+        c.executemany(f"DELETE FROM {table} WHERE {key}=?", dels)
+
+
 def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     """Write a stored-form batch into the tables, inside the caller's
     transaction."""
@@ -524,18 +535,6 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
         for pid, put in d.items():
             (q_put if put else q_del).append((cid, pid))
     msgs = [(mid, data, exp) for mid, (data, exp) in b.messages.items()]
-    r_put, r_del = [], []
-    for t, v in b.retained.items():
-        if v is None:
-            r_del.append((t,))
-        else:
-            r_put.append((t, v[0], v[1]))
-    w_put, w_del = [], []
-    for cid, v in b.wills.items():
-        if v is None:
-            w_del.append((cid,))
-        else:
-            w_put.append((cid, v[0], v[1]))
     h_put = list(b.hist_put.values())
 
     ex = c.executemany
@@ -567,14 +566,10 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
         _write_rows(c, "INSERT OR IGNORE INTO incoming_qos2", 2, q_put)
     if q_del:
         ex("DELETE FROM incoming_qos2 WHERE client_id=? AND packet_id=?", q_del)
-    if r_put:
-        _write_rows(c, "INSERT OR REPLACE INTO retained", 3, r_put)
-    if r_del:
-        ex("DELETE FROM retained WHERE topic=?", r_del)
-    if w_put:
-        _write_rows(c, "INSERT OR REPLACE INTO wills", 3, w_put)
-    if w_del:
-        ex("DELETE FROM wills WHERE client_id=?", w_del)
+    if b.retained:
+        _put_or_delete(c, "retained", "topic", b.retained)
+    if b.wills:
+        _put_or_delete(c, "wills", "client_id", b.wills)
     if h_put:
         _write_rows(c, "INSERT OR REPLACE INTO history", 5, h_put)
     if b.hist_del:

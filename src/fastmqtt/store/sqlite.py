@@ -6,50 +6,54 @@ The broker core is synchronous and runs on the trio thread; it must never
 wait for the disk. So every mutator (``put_session``, ``add_delivery``, ...)
 only records its change in the *current batch* (a few dicts) and returns.
 
-Two files hold the state, both SQLite in WAL mode:
+The state is in two places:
 
-* ``fastmqtt.db``, the *tables*: one row per session, subscription, message,
-  delivery, ... (the layout in ``_SCHEMA``), plus ``compacted_lsn`` in
-  ``meta``: the last log record whose changes the tables contain;
-* ``fastmqtt-log.db``, the *log*: one row per group commit, ``(lsn, rec)``,
-  where ``rec`` is the whole batch (its net effect) as one blob.
+* ``fastmqtt.db``, the *tables* (SQLite, WAL mode): one row per session,
+  subscription, message, delivery, ... (the layout in ``_SCHEMA``), plus
+  ``compacted_lsn`` in ``meta``: the last log record whose changes the tables
+  contain;
+* the *log*: segment files ``fastmqtt-log.<first lsn in hex>``, records back to
+  back, one per flush: a frame (length, lsn) and the batch (its net effect) as
+  one blob with its CRC-32 (see :func:`_encode_record`).
 
-A writer thread owns the log connection. It loops:
+A *flush* swaps the current batch for a fresh one (under the store's lock),
+encodes it as one record and appends that to the log writer
+(:class:`fastmqtt._wal.LogWriter`), then hands the batch to the compactor. The
+first change of a batch schedules the flush on the trio loop
+(``run_sync_soon``), so every change the loop records until it gets there
+rides along; outside trio a flusher thread does it.
 
-1. wait until the current batch is non-empty,
-2. swap it for a fresh one (under a ``threading.Lock`` held for a few
-   dictionary operations, never across I/O),
-3. encode the batch as one record (messages as their stored blobs, see
-   :func:`_encode_record`) and ``INSERT`` it into the log: one statement, one
-   implicit transaction, whatever the number of messages in the batch,
-4. publish the sequence number of the last change in that batch and wake trio
-   tasks blocked in :meth:`SqliteStore.durable` (``TrioToken.run_sync_soon``,
-   which never blocks the writer),
-5. hand the batch to the compactor.
+The log writer is compiled and runs on its own thread without the GIL: it
+swaps the appended bytes for an empty buffer, ``write``\ s them to the current
+segment, ``fdatasync``\ s per the durability mode and announces how far it
+got on an ``eventfd``. A trio system task waits on that fd and wakes the tasks
+blocked in :meth:`SqliteStore.durable`. While one write (and its fsync) runs,
+new records pile up in the buffer: that is group commit, and it is why one
+fsync can cover hundreds of PUBLISHes from many publishers. ``mark()`` is the
+sequence number of the last recorded change; the broker sends PUBACK/PUBREC
+once ``await durable(mark())`` returns.
 
-While one commit (and its fsync) runs, new changes pile up in the next batch:
-that is group commit, and it is why one fsync can cover hundreds of PUBLISHes
-from many publishers. ``mark()`` is the sequence number of the last recorded
-change; the broker sends PUBACK/PUBREC once ``await durable(mark())`` returns.
-
-Why a log: the sqlite3 module releases and retakes the GIL around every
-statement, and row-at-a-time work for each message and delivery (B-tree
-inserts in four tables, the parameters built in Python) used to cost the trio
-thread as much as the broker's own work. One blob per commit is one statement
-and a few pages, appended.
+Why a log, and why this writer: row-at-a-time work for each message and
+delivery (B-tree inserts in four tables, the parameters built in Python) used
+to cost the trio thread as much as the broker's own work, and a Python writer
+thread had to win the GIL back from the busy trio thread after every system
+call, while the trio thread waited for the GIL the writer held. One record per
+flush, one ``write`` per group of records, and no Python on the writer thread
+leave the trio thread alone.
 
 The compactor thread owns the tables connection. It merges the batches handed
-to it into one net effect (a delivery added in one batch and acknowledged in a
+to it, once the writer has written them (the tables never get ahead of the
+log), into one net effect (a delivery added in one batch and acknowledged in a
 later one cancels out before it ever reaches the tables), and every
 ``COMPACT_PERIOD`` seconds or ``COMPACT_OPS`` changes applies it in one
 transaction that also sets ``compacted_lsn`` to the last record it covers.
-The writer then deletes the log records up to there. That transaction is the
-only link between the two files, so the log may be trimmed late or not at all
-(records at or below ``compacted_lsn`` are skipped) and a compaction cut short
-by a crash simply did not happen: recovery replays the log records after
-``compacted_lsn``, in order, onto the tables. Replaying is idempotent because
-each record holds final values ("row X is now Y", "row X is gone"), never
-increments. The two threads never wait for each other's database locks.
+It then deletes the segments whose records are all at or below that. That
+transaction is the only link between the tables and the log, so a segment may
+be deleted late or not at all (records at or below ``compacted_lsn`` are
+skipped) and a compaction cut short by a crash simply did not happen: recovery
+replays the log records after ``compacted_lsn``, in order, onto the tables.
+Replaying is idempotent because each record holds final values ("row X is now
+Y", "row X is gone"), never increments.
 
 Batches are *net effects*, keyed by primary key, so later changes overwrite
 earlier ones in the same batch. The one order-sensitive change,
@@ -71,41 +75,42 @@ delivery (and any left over by a crash) are removed at start-up.
 
 Durability modes
 ----------------
-Log appends use ``PRAGMA synchronous=NORMAL`` in WAL mode: the INSERT appends
-the record to the log's WAL (the OS page cache has it, so a ``kill -9`` of the
-broker loses nothing) without an fsync. A third thread, the flusher, fsyncs
-that WAL.
+A ``write`` puts the records in the OS page cache: a ``kill -9`` of the broker
+loses nothing written.
 
-``sync`` (default): ``durable()`` returns only once an fsync that *started
-after* the append has finished: nothing acknowledged is lost, even on power
-failure. The flusher runs fsyncs back to back while the writer appends the
-next batch, so the disk flush and the next append overlap (as a database's log
-writer and log flusher do) and each fsync covers every append made during the
-previous one. This is what ``synchronous=FULL`` guarantees, without holding
-the writer inside COMMIT for the fsync.
+``sync`` (default): ``durable()`` returns only once an ``fdatasync`` that
+followed the write has returned: nothing acknowledged is lost, even on power
+failure.
 
-``batch``: ``durable()`` returns after the append; the flusher fsyncs the WAL
-at most every ``batch_interval_ms``: a power failure or kernel crash loses at
+``batch``: ``durable()`` returns after the write; the writer ``fdatasync``\ s
+at most every ``batch_interval``: a power failure or kernel crash loses at
 most that window, a process crash nothing.
 
-The tables are written with ``synchronous=FULL`` (the compactor waits for its
-own fsync; nobody else does), so a record is trimmed from the log only once
-its changes are on disk in the tables. Checkpoints (WAL into the database
-file) of both files run on the compactor thread. A failed fsync of the log
-makes the store fail (``durable()`` raises): after one, the kernel may have
-dropped the pages, so nothing later could honestly be called durable.
+A new segment is begun once the current one holds ``SEGMENT_BYTES``; the old
+one is fsynced and closed first, the data directory fsynced after the new
+file is created. The tables are written with ``synchronous=FULL`` (the
+compactor waits for its own fsync; nobody else does), so a segment is deleted
+only once its changes are on disk in the tables. Checkpoints (WAL into the
+database file) run on the compactor thread. A write that fails is retried a
+few times (a full disk may clear up); after that, or after any failed fsync
+(the kernel may have dropped the pages), the store fails: ``durable()``
+raises, since nothing later could honestly be called durable.
 
 Start-up
 --------
 ``open()`` takes an exclusive lock file in the data directory (two brokers on
 one directory would corrupt each other's view), runs ``PRAGMA quick_check`` on
-both files, replays the log into the tables (one transaction), trims it,
-loads everything, drops what expired while the broker was down and returns a
-:class:`~fastmqtt.broker.interfaces.Snapshot`. A file SQLite cannot read, that
-fails the check, that has a newer schema, or whose log has a record that does
-not decode (checksum) or a gap is logged and renamed, with its partner, to
-``fastmqtt.db.corrupt-<UTC timestamp>`` and ``fastmqtt-log.db.corrupt-<UTC
-timestamp>`` (with their ``-wal``/``-shm``) and a fresh database is created:
+the tables, replays the log into them (one transaction; the SQLite log of
+earlier versions, ``fastmqtt-log.db``, first if there is one), removes the
+segments and begins a fresh one, loads everything, drops what expired while
+the broker was down and returns a
+:class:`~fastmqtt.broker.interfaces.Snapshot`. A last record cut short (a
+crash during an append, which nobody was told was durable) is logged and
+ignored. A file SQLite cannot read, that fails the check, that has a newer
+schema, or whose log has another record that does not decode (checksum) or a
+gap is logged and renamed, with its partner, to
+``fastmqtt.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``), each
+log segment likewise, and a fresh database is created:
 the broker starts, the evidence is kept, nothing is silently overwritten. A
 single undecodable message row is logged and dropped.
 """
@@ -119,6 +124,7 @@ import os
 import pickle
 import queue
 import sqlite3
+import struct
 import threading
 import time
 import zlib
@@ -128,13 +134,21 @@ from typing import Any
 
 import trio
 
+from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
                    encode_publish, log, parse_delivery_extra)
 
-__all__ = ["SqliteStore", "DB_NAME", "LOG_NAME", "SCHEMA_VERSION"]
+__all__ = ["SqliteStore", "DB_NAME", "SEGMENT_PREFIX", "SCHEMA_VERSION"]
 
 DB_NAME = "fastmqtt.db"
+#: The log's segment files: ``fastmqtt-log.<first record's lsn, 16 hex digits>``.
+SEGMENT_PREFIX = "fastmqtt-log."
+#: A segment is closed (and a new one begun) once it holds this much; a
+#: closed segment is deleted once the tables hold all its records.
+SEGMENT_BYTES = 16 * 1024 * 1024
+#: The log of brokers before 0.x segment files (a SQLite database, one row per
+#: record): replayed at start-up if present, then removed.
 LOG_NAME = "fastmqtt-log.db"
 LOCK_NAME = "fastmqtt.lock"
 #: 2: the log file and ``compacted_lsn``. A version 1 database (no log) is
@@ -144,12 +158,6 @@ LOCK_NAME = "fastmqtt.lock"
 #: (NULL there: anonymous, not retained, no ids).
 SCHEMA_VERSION = 3
 LOG_SCHEMA_VERSION = 1
-#: How long the writer may hold back a batch nobody waits for yet (seconds),
-#: hoping to fold more into one commit. 0: commit as soon as there is work.
-#: Waiting measured no better on the end-to-end benchmark, and a prompt commit
-#: keeps short the window in which state the broker does not wait for (a new
-#: subscription, a session's disconnect time) is not yet on disk.
-FLUSH_DELAY = 0.0
 #: The compactor folds the log into the tables this often (seconds) while
 #: there is something to fold, or sooner once this many changes are waiting.
 #: Longer periods cancel more (an acknowledged delivery never reaches the
@@ -197,6 +205,69 @@ _LOG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS log(lsn INTEGER PRIMARY KEY, rec BLOB NOT NULL);
 """
+#: A segment holds records back to back, each framed by this header: the
+#: length of what follows and the record's lsn; then the record itself (its
+#: own CRC-32 first, see _encode_record).
+_FRAME = struct.Struct("<IQ")
+
+
+def _segment_path(data_dir: str, first_lsn: int) -> str:
+    return os.path.join(data_dir, f"{SEGMENT_PREFIX}{first_lsn:016x}")
+
+
+def _list_segments(data_dir: str) -> list[tuple[int, str]]:
+    """``[(first lsn, path)]`` of the log's segment files, oldest first."""
+    out = []
+    for name in os.listdir(data_dir):
+        tail = name[len(SEGMENT_PREFIX):]
+        if name.startswith(SEGMENT_PREFIX) and len(tail) == 16:
+            try:
+                out.append((int(tail, 16), os.path.join(data_dir, name)))
+            except ValueError:
+                continue
+    out.sort()
+    return out
+
+
+def _read_segments(segments: list[tuple[int, str]]):
+    """Yield ``(lsn, record, where)`` from the segment files, in order.
+
+    A record cut short at the very end of the last segment (a crash in the
+    middle of an append: never acknowledged, as ``durable()`` waits for the
+    whole append) ends the log; it is logged and left out. Anywhere else a
+    short or damaged frame is damage: ``_Unusable``.
+    """
+    for i, (first, path) in enumerate(segments):
+        last_segment = i == len(segments) - 1
+        with open(path, "rb") as f:
+            data = f.read()
+        name = os.path.basename(path)
+        off = 0
+        end_of_data = len(data)
+        while off < end_of_data:
+            torn = None
+            if end_of_data - off < _FRAME.size:
+                torn = "a record header"
+            else:
+                n, lsn = _FRAME.unpack_from(data, off)
+                end = off + _FRAME.size + n
+                if end > end_of_data:
+                    torn = f"record {lsn}"
+                else:
+                    rec = data[off + _FRAME.size:end]
+                    if (last_segment and end == end_of_data and
+                            (len(rec) < 5 or int.from_bytes(rec[:4], "little")
+                             != _crc32(memoryview(rec)[4:]))):
+                        torn = f"record {lsn}"
+            if torn is not None:
+                if not last_segment:
+                    raise _Unusable(f"{name}: {torn} is cut short at byte {off}")
+                log.warning("persistence: the log ends with %s cut short (%d bytes at byte %d "
+                            "of %s): an append that a crash interrupted, never acknowledged; "
+                            "ignored", torn, end_of_data - off, off, name)
+                return
+            yield lsn, rec, name
+            off = end
 
 _CLIENT_TABLES = ("sessions", "subscriptions", "deliveries", "incoming_qos2", "wills")
 
@@ -606,17 +677,12 @@ class SqliteStore:
         self.batch_interval = max(0, batch_interval_ms) / 1000.0
         self.stats = stats
         self._clock = clock
-        self._lock = threading.Lock()
-        self._wake = threading.Event()  # someone waits in durable(): commit now
-        self._pending = _Signal()  # the current batch is not empty
-        self._unsynced = _Signal()  # commits not yet fsynced
-        self._stop_wait = threading.Event()
-        self._fsync_stop = False
+        self._lock = threading.Lock()  # the current batch; flushes (append order)
+        self._pending = _Signal()  # outside trio: the flusher thread has work
         self._batch = _Batch()
         self._seq = 0  # last recorded change
         self._first = 1  # seq of the first change of the current batch (to come)
         self._committed = 0  # last change durable per the mode
-        self._written = 0  # last change appended to the log (maybe not fsynced)
         self._lsn = 0  # last log record appended
         self._dseq = 0  # delivery order: _dseq + seq of the add (after recovered ones)
         self._refs: dict[int, int] = {}  # msg_id -> deliveries referring to it
@@ -628,16 +694,22 @@ class SqliteStore:
         self._released: OrderedDict[int, tuple] = OrderedDict()
         self._warned_unknown = 0
         self._conn: sqlite3.Connection | None = None  # tables: compactor's
-        self._log: sqlite3.Connection | None = None  # log: writer's
-        self._thread: threading.Thread | None = None
+        self._wal: LogWriter | None = None
+        self._dirfd: int | None = None
+        self._segments: list[tuple[int, str]] = []  # (first lsn, path), under _compact_cv
+        self._seg_bytes = 0  # in the newest segment
+        self._thread: threading.Thread | None = None  # the log writer's
+        self._threads: list[threading.Thread] = []  # compactor, flusher
+        self._watching: trio.lowlevel.TrioToken | None = None
+        self._flush_scheduled = False
         self._closing = False
         self._error: BaseException | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._token: trio.lowlevel.TrioToken | None = None  # the loop flushes run on
         self._waiters: list[tuple[int, int, trio.Event]] = []  # heap by ticket
         self._waiter_count = 0
         self._lockfile: int | None = None
         self._history_rows: list = []
-        # Writer -> compactor hand-off: appended batches, oldest first.
+        # Flush -> compactor hand-off: appended batches, oldest first.
         self._compact_cv = threading.Condition(threading.Lock())
         self._compact_queue: list[_Batch] = []
         self._compact_queued_ops = 0
@@ -645,14 +717,14 @@ class SqliteStore:
         self._compact_stop = False
         self._compactor_failed = False
         self._compacted_lsn = 0  # last record whose changes are in the tables
-        self._trimmed_lsn = 0  # log records up to here are deleted
-        self._rec: bytes | None = None  # the record being appended (kept for a retry)
         self.moved_aside: str | None = None  # where a bad database went, if any
         self.commits = 0
         self.commit_seconds = 0.0
         self.compactions = 0
-        #: waits between attempts at a failing commit (disk full may clear up);
-        #: after the last one the store fails and ``durable()`` raises.
+        #: waits between attempts at a failing compaction (disk full may clear
+        #: up; the log keeps everything meanwhile). Failing log writes are
+        #: retried by the writer itself (``fastmqtt._wal``), then the store
+        #: fails and ``durable()`` raises.
         self.retry_delays: tuple[float, ...] = (0.05, 0.15, 0.45, 1.35, 2.0)
 
     # ============================================================ lifecycle
@@ -689,22 +761,48 @@ class SqliteStore:
         except BaseException:
             self._release_lockfile()
             raise
-        self._closing = self._fsync_stop = self._compact_stop = self._compact_now = False
+        self._closing = self._compact_stop = self._compact_now = False
         self._compactor_failed = False
         self._compact_queue = []
         self._compact_queued_ops = 0
         self._pending.clear()
-        self._wake.clear()
-        self._stop_wait.clear()
-        self._unsynced.clear()
-        self._thread = threading.Thread(target=self._writer, name="fastmqtt-store-writer",
+        self._error = None
+        try:
+            self._start_log()
+        except OSError as e:
+            self._finish_close()
+            raise StoreError(f"cannot create the log in {self.data_dir!r}: {e}") from e
+        self._thread = threading.Thread(target=self._wal.run, name="fastmqtt-store-writer",
                                         daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._compactor, name="fastmqtt-store-compact", daemon=True),
+            threading.Thread(target=self._flusher, name="fastmqtt-store-flush", daemon=True)]
+        for t in (self._thread, *self._threads):
+            t.start()
         try:
             self._token = trio.lowlevel.current_trio_token()
         except RuntimeError:
-            pass
+            self._token = None
         return snap
+
+    def _start_log(self) -> None:
+        """Remove the replayed segments and begin a fresh one after the last
+        lsn (the tables hold everything now)."""
+        self._dirfd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+        for _, path in _list_segments(self.data_dir):
+            os.unlink(path)
+        first = self._lsn + 1
+        path = _segment_path(self.data_dir, first)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            os.fsync(self._dirfd)
+            self._wal = LogWriter(fd, self._dirfd, self.durability == "sync",
+                                  self.batch_interval)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._segments = [(first, path)]
+        self._seg_bytes = 0
 
     def _take_lockfile(self) -> None:
         if self._lockfile is not None:
@@ -726,12 +824,13 @@ class SqliteStore:
             self._lockfile = None
 
     def _move_aside(self, reason: str) -> None:
-        """Rename the tables and the log (a pair: the log only makes sense on
+        """Rename the tables and the log (a set: the log only makes sense on
         top of its tables) to ``<name>.corrupt-<stamp>``."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        segments = [p for _, p in _list_segments(self.data_dir)]
         tag = f".corrupt-{stamp}"
         n = 1
-        while os.path.exists(self.path + tag) or os.path.exists(self.log_path + tag):
+        while any(os.path.exists(p + tag) for p in (self.path, self.log_path, *segments)):
             n += 1
             tag = f".corrupt-{stamp}-{n}"
         try:
@@ -739,13 +838,15 @@ class SqliteStore:
                 for suffix in ("", "-wal", "-shm"):
                     if os.path.exists(path + suffix):
                         os.replace(path + suffix, path + tag + suffix)
+            for path in segments:
+                os.replace(path, path + tag)
         except OSError as e:
             raise StoreError(f"{self.path} is unusable ({reason}) and cannot be moved "
                              f"aside: {e}") from e
         dest = self.path + tag
         self.moved_aside = dest
-        log.error("persistence: %s is unusable (%s); moved it (and %s) to %s and starting "
-                  "with an empty store", self.path, reason, LOG_NAME, dest)
+        log.error("persistence: %s is unusable (%s); moved it (and its log) to %s and "
+                  "starting with an empty store", self.path, reason, dest)
 
     def _connect(self, path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
@@ -808,6 +909,7 @@ class SqliteStore:
 
     def _load(self, now: float) -> Snapshot:
         conn = logc = None
+        self._lsn = self._compacted_lsn = 0
         try:
             try:
                 conn = self._open_checked(self.path, _SCHEMA, SCHEMA_VERSION, "FULL", DB_NAME)
@@ -817,9 +919,17 @@ class SqliteStore:
                 if "extra" not in {r[1] for r in conn.execute("PRAGMA table_info(deliveries)")}:
                     # ... and deliveries their RETAIN flag and subscription ids.
                     conn.execute("ALTER TABLE deliveries ADD COLUMN extra TEXT")
-                logc = self._open_checked(self.log_path, _LOG_SCHEMA, LOG_SCHEMA_VERSION,
-                                          "NORMAL", LOG_NAME)
+                if os.path.exists(self.log_path):
+                    # The log as SQLite database of earlier versions.
+                    logc = self._open_checked(self.log_path, _LOG_SCHEMA, LOG_SCHEMA_VERSION,
+                                              "NORMAL", LOG_NAME)
                 self._replay(conn, logc)
+                if logc is not None:
+                    logc.close()
+                    logc = None
+                    for suffix in ("", "-wal", "-shm"):
+                        if os.path.exists(self.log_path + suffix):
+                            os.unlink(self.log_path + suffix)
                 snap = self._recover(conn, now)
             except sqlite3.DatabaseError as e:
                 text = str(e).lower()
@@ -836,33 +946,38 @@ class SqliteStore:
                     c.close()
             raise
         self._conn = conn
-        self._log = logc
         return snap
 
-    def _replay(self, conn: sqlite3.Connection, logc: sqlite3.Connection) -> None:
+    def _replay(self, conn: sqlite3.Connection, logc: sqlite3.Connection | None) -> None:
         """Recovery, step one: fold the log records after ``compacted_lsn``
         into the tables (one transaction, which also advances
-        ``compacted_lsn``), then empty the log. A crash anywhere in here leaves
-        either the old pair or the new one: running it again is the same."""
+        ``compacted_lsn``). The segments are removed only afterwards (by
+        :meth:`_start_log`), so a crash anywhere in here leaves either the old
+        set or the new one: running it again is the same."""
         row = conn.execute("SELECT value FROM meta WHERE key='compacted_lsn'").fetchone()
         compacted = int(row[0]) if row is not None else 0
         merged = _Batch()
         last = compacted
         records = 0
-        for lsn, rec in logc.execute("SELECT lsn, rec FROM log WHERE lsn > ? ORDER BY lsn",
-                                     (compacted,)):
+        sources = []
+        if logc is not None:
+            sources.append((lsn, rec, LOG_NAME) for lsn, rec in logc.execute(
+                "SELECT lsn, rec FROM log WHERE lsn > ? ORDER BY lsn", (compacted,)))
+        sources.append(_read_segments(_list_segments(self.data_dir)))
+        for lsn, rec, where in chain.from_iterable(sources):
+            if lsn <= compacted:
+                continue  # the tables have it (its segment was not deleted yet)
             if lsn != last + 1:
-                raise _Unusable(f"{LOG_NAME}: log record {last + 1} is missing "
+                raise _Unusable(f"{where}: log record {last + 1} is missing "
                                 f"(next is {lsn}; the tables end at {compacted})")
             try:
                 b = _decode_record(rec)
             except ValueError as e:
-                raise _Unusable(f"{LOG_NAME}: log record {lsn} is damaged: {e}") from e
+                raise _Unusable(f"{where}: log record {lsn} is damaged: {e}") from e
             b.lsn = lsn
             _merge(merged, b)
             last = lsn
             records += 1
-        top = logc.execute("SELECT max(lsn) FROM log").fetchone()[0] or 0
         if records:
             conn.execute("BEGIN IMMEDIATE")
             _apply_tables(conn, merged)
@@ -870,9 +985,7 @@ class SqliteStore:
             conn.execute("COMMIT")
             log.info("persistence: replayed %d log records (%d..%d) into the tables",
                      records, compacted + 1, last)
-        if top:
-            logc.execute("DELETE FROM log")  # every record is in the tables now
-        self._lsn = self._compacted_lsn = self._trimmed_lsn = last
+        self._lsn = self._compacted_lsn = last
 
     def _recover(self, conn: sqlite3.Connection, now: float) -> Snapshot:
         bad_msgs: list[int] = []
@@ -991,26 +1104,88 @@ class SqliteStore:
         """
         if self._committed >= ticket:
             return
-        if self._token is None:
-            self._token = trio.lowlevel.current_trio_token()
+        token = trio.lowlevel.current_trio_token()
+        if self._token is not token:
+            self._token = token
+        if self._watching is not token and self._wal is not None:
+            self._watching = token
+            trio.lowlevel.spawn_system_task(self._watch, self._wal,
+                                            name="fastmqtt-store-watch")
         while self._committed < ticket:
             if self._error is not None:
                 raise StoreError(f"persistence failed: {self._error}") from self._error
             if self._thread is None:
                 raise StoreError("store is not open")
-            if FLUSH_DELAY and ticket > self._written:
-                self._wake.set()  # a publisher waits: the writer commits now
-            # No await between the check above and the push: the wake-up
-            # (run on this thread) cannot slip in between.
+            if ticket >= self._first and not self._flush_scheduled:
+                self._flush()  # recorded while no flush could be scheduled
             ev = trio.Event()
             self._waiter_count += 1
             heapq.heappush(self._waiters, (ticket, self._waiter_count, ev))
             await ev.wait()
 
+    def wait_durable(self, ticket: int | None = None, timeout: float = 10.0) -> bool:
+        """:meth:`durable` for code outside trio (tools, tests): blocking.
+
+        Args:
+            ticket: from :meth:`mark`; default: every change recorded so far.
+
+        Returns:
+            True once committed; False on timeout, failure or a closed store.
+        """
+        ticket = self._seq if ticket is None else ticket
+        self._flush()
+        deadline = time.monotonic() + timeout
+        sync = self.durability == "sync"
+        while True:
+            wal = self._wal
+            if wal is None:
+                return self._committed >= ticket
+            committed = wal.synced if sync else wal.written
+            if committed > self._committed:
+                self._committed = committed
+            if self._committed >= ticket:
+                return True
+            if wal.error or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+
+    async def _watch(self, wal: LogWriter) -> None:
+        """Trio system task: each time the log writer steps forward (its
+        eventfd), move ``_committed`` along and wake the waiters it covers."""
+        fd = wal.notify_fd
+        sync = self.durability == "sync"
+        try:
+            while self._wal is wal:
+                await trio.lowlevel.wait_readable(fd)
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                self._progress(wal, sync)
+        except trio.Cancelled:
+            raise
+        except BaseException:  # pragma: no cover - a bug; durable() must not hang
+            log.exception("persistence: the commit watcher failed")
+            self._error = self._error or StoreError("commit watcher failed")
+            self._notify()
+        finally:
+            if self._watching is self._token:
+                self._watching = None
+
+    def _progress(self, wal: LogWriter, sync: bool) -> None:
+        committed = wal.synced if sync else wal.written
+        if committed > self._committed:
+            self._committed = committed
+        if wal.error and self._error is None:
+            self._error = OSError(wal.error, os.strerror(wal.error))
+            log.error("persistence: writing the log failed (%s); no further changes are "
+                      "acknowledged", self._error)
+        self._notify()
+
     def _notify(self) -> None:
-        # Runs on the trio thread (run_sync_soon). Wakes only the waiters whose
-        # ticket is now committed (a heap ordered by ticket), so a commit costs
-        # O(woken), not O(waiting), with thousands of connections waiting.
+        # Trio thread. Wakes only the waiters whose ticket is now committed (a
+        # heap ordered by ticket), so a commit costs O(woken), not
+        # O(waiting), with thousands of connections waiting.
         waiters = self._waiters
         if self._error is not None or self._thread is None:
             limit = float("inf")  # failed or closed: everyone must look
@@ -1019,51 +1194,59 @@ class SqliteStore:
         while waiters and waiters[0][0] <= limit:
             heapq.heappop(waiters)[2].set()
 
-    def _post_notify(self) -> None:
-        token = self._token
-        if token is None:
-            return
-        try:
-            token.run_sync_soon(self._notify)
-        except trio.RunFinishedError:
-            self._token = None
-
     async def aclose(self) -> None:
         """Commit what is pending, stop the writer and close the database."""
-        thread = self._stop_writer()
-        if thread is not None:
-            await trio.to_thread.run_sync(thread.join)
+        if self._thread is not None:
+            await trio.to_thread.run_sync(self._shutdown)
         self._finish_close()
 
     def close(self) -> None:
         """Synchronous :meth:`aclose` for code outside trio."""
-        thread = self._stop_writer()
-        if thread is not None:
-            thread.join()
+        if self._thread is not None:
+            self._shutdown()
         self._finish_close()
 
-    def _stop_writer(self):
-        thread = self._thread
-        if thread is not None:
-            self._closing = True
-            self._pending.set()
-            self._wake.set()
-            self._stop_wait.set()
-        return thread
+    def _shutdown(self) -> None:
+        """Append what is pending, let the writer write and fsync it, then let
+        the compactor fold everything into the tables (blocking)."""
+        self._closing = True
+        self._flush()
+        wal = self._wal
+        if wal is not None:
+            wal.stop()
+        self._pending.set()
+        if self._thread is not None:
+            self._thread.join()
+        if wal is not None and wal.error and self._error is None:
+            self._error = OSError(wal.error, os.strerror(wal.error))
+            log.error("persistence: writing the log failed (%s)", self._error)
+        with self._compact_cv:
+            self._compact_stop = True
+            self._compact_cv.notify_all()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        if self._error is None and not self._compactor_failed and \
+                self._compacted_lsn == self._lsn:
+            # A clean close leaves no log: the tables have every record.
+            self._trim_segments(everything=True)
 
     def _finish_close(self) -> None:
         if self._thread is not None and self.commits:
-            log.info("persistence: %d commits, %.2f ms each on average", self.commits,
-                     1000 * self.commit_seconds / self.commits)
+            log.info("persistence: %d log records, %.3f ms each to encode and append on "
+                     "average", self.commits, 1000 * self.commit_seconds / self.commits)
         self._thread = None
-        for name in ("_conn", "_log"):
-            conn = getattr(self, name)
-            if conn is not None:
-                try:
-                    conn.close()
-                except sqlite3.Error as e:  # pragma: no cover
-                    log.warning("persistence: closing database: %s", e)
-                setattr(self, name, None)
+        self._wal = None
+        self._watching = None
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error as e:  # pragma: no cover
+                log.warning("persistence: closing database: %s", e)
+            self._conn = None
+        if self._dirfd is not None:
+            os.close(self._dirfd)
+            self._dirfd = None
         self._release_lockfile()
         self._notify()  # anyone still waiting gets "not open"
 
@@ -1076,7 +1259,7 @@ class SqliteStore:
         # worked out at the swap (_take_batch), not counted per change.
         self._seq += 1
         if self._seq == self._first:
-            self._pending.set()
+            self._schedule()
         return self._batch
 
     def put_session(self, client_id: str, expiry_interval: int, protocol_level: int,
@@ -1111,7 +1294,7 @@ class SqliteStore:
         with self._lock:
             seq = self._seq = self._seq + 1
             if seq == self._first:
-                self._pending.set()
+                self._schedule()
             b = self._batch
             b.messages[msg_id] = self._msgs[msg_id] = (publish, expires_at)
             if b.msg_del:
@@ -1124,7 +1307,7 @@ class SqliteStore:
         with self._lock:
             seq = self._seq = self._seq + 1
             if seq == self._first:
-                self._pending.set()
+                self._schedule()
             b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is None:
@@ -1170,7 +1353,7 @@ class SqliteStore:
         with self._lock:
             seq = self._seq = self._seq + 1
             if seq == self._first:
-                self._pending.set()
+                self._schedule()
             b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is None or msg_id not in ms:
@@ -1267,67 +1450,90 @@ class SqliteStore:
         rows, self._history_rows = self._history_rows, []
         return rows
 
-    # ============================================================ writer thread
+    # ================================================================ flushes
+    # A flush swaps the current batch for a fresh one, encodes it as one log
+    # record and appends that to the log writer (fastmqtt._wal), all under
+    # _lock, so records reach the log in lsn order. It runs on the trio thread
+    # (scheduled with run_sync_soon by the first change of a batch, so every
+    # change made until the loop gets to it rides along), or, for a store used
+    # outside trio, on the flusher thread.
 
-    def _writer(self) -> None:
-        compactor = threading.Thread(target=self._compactor, name="fastmqtt-store-compact",
-                                     daemon=True)
-        compactor.start()
-        fsyncer = threading.Thread(target=self._fsyncer, name="fastmqtt-store-fsync",
-                                   daemon=True)
-        fsyncer.start()
-        sync = self.durability == "sync"
+    def _schedule(self) -> None:
+        # Called by the first change of a batch, with _lock held.
+        token = self._token
+        if token is None:
+            try:
+                token = self._token = trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                pass  # not in trio: the flusher thread does it
+        if token is not None:
+            try:
+                token.run_sync_soon(self._flush)
+                self._flush_scheduled = True
+                return
+            except trio.RunFinishedError:
+                self._token = None
+        self._pending.set()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+            seq = self._seq
+            if seq < self._first:
+                return  # nothing recorded since the last flush
+            b = self._batch
+            self._batch = _Batch()
+            b.ops = seq - self._first + 1
+            b.seq = seq
+            self._first = seq + 1
+            wal = self._wal
+            if wal is None or self._error is not None:
+                return  # closed or failed: nothing is written any more
+            t0 = time.perf_counter()
+            try:
+                if b.empty():
+                    wal.append(b"", seq)  # all cancelled out: only the ticket
+                    return
+                rec = _encode_record(b, self._blob)
+                b.lsn = lsn = self._lsn + 1
+                if self._seg_bytes >= SEGMENT_BYTES:
+                    path = _segment_path(self.data_dir, lsn)
+                    if wal.rotate(os.fsencode(path)):
+                        with self._compact_cv:
+                            self._segments.append((lsn, path))
+                        self._seg_bytes = 0
+                wal.append(_FRAME.pack(len(rec), lsn) + rec, seq)
+            except OSError:
+                return  # the writer failed; the watcher reports it
+            self._lsn = lsn
+            self._seg_bytes += _FRAME.size + len(rec)
+            dt = time.perf_counter() - t0
+            self.commits += 1
+            self.commit_seconds += dt
+            if self.stats is not None:
+                self.stats.store_commits += 1
+                self.stats.store_commit_seconds += dt
+            self._to_compactor(b)
+
+    def _flusher(self) -> None:
+        """Flusher thread, for changes recorded while no trio loop is known
+        (a store used from plain threads, or before the broker's loop runs)."""
+        while True:
+            self._pending.wait()
+            self._pending.clear()
+            if self._closing:
+                return
+            try:
+                self._flush()
+            except Exception:  # pragma: no cover - a bug
+                log.exception("persistence: flush failed")
+
+    def _blob(self, kind: str, key, publish) -> bytes | None:
         try:
-            while True:
-                # Commit once there is work; with FLUSH_DELAY, not before
-                # someone waits in durable() or the delay has passed.
-                self._pending.wait()
-                if FLUSH_DELAY:
-                    if not self._closing:
-                        self._wake.wait(FLUSH_DELAY)
-                    self._wake.clear()
-                self._pending.clear()
-                fresh = _Batch()  # built outside the lock: the swap is a few stores
-                with self._lock:
-                    batch = self._batch
-                    seq = self._seq
-                    batch.ops = seq - self._first + 1
-                    if batch.ops:
-                        batch.seq = seq
-                        self._batch = fresh
-                        self._first = seq + 1
-                if batch.ops:
-                    wrote = self._commit(batch)
-                    self._written = batch.seq
-                    if sync:
-                        # Durable once the flusher's next fsync is done.
-                        self._unsynced.set()
-                    else:
-                        self._committed = batch.seq
-                        self._post_notify()
-                        if wrote:
-                            self._unsynced.set()
-                    if wrote:
-                        self._to_compactor(batch)
-                if self._trimmed_lsn < self._compacted_lsn:
-                    self._trim_log()
-                if self._closing and self._seq < self._first:
-                    break
-        except BaseException as e:  # the writer must never die silently
-            log.exception("persistence: writer failed; no further changes are saved")
-            self._error = e
-            self._post_notify()
-        finally:
-            self._fsync_stop = True
-            self._unsynced.set()
-            fsyncer.join()
-            with self._compact_cv:
-                self._compact_stop = True
-                self._compact_cv.notify()
-            self._stop_wait.set()
-            compactor.join()
-            if self._error is None and self._trimmed_lsn < self._compacted_lsn:
-                self._trim_log()  # a clean close leaves an empty log
+            return encode_publish(publish)
+        except Exception as e:
+            log.error("persistence: cannot store %s %r: %s", kind, key, e)
+            return None
 
     def _to_compactor(self, batch: _Batch) -> None:
         if self._compactor_failed:
@@ -1338,134 +1544,32 @@ class SqliteStore:
             if self._compact_queued_ops >= COMPACT_OPS:
                 self._compact_cv.notify()
 
-    def _trim_log(self) -> None:
-        """Delete the log records the tables have (writer thread: the log's
-        only writer). Failing is harmless: recovery skips them."""
+    def _trim_segments(self, everything: bool = False) -> None:
+        """Delete the segments whose records the tables all have (compactor
+        thread, or the closing thread once the writer has stopped)."""
         upto = self._compacted_lsn
-        try:
-            self._log.execute("DELETE FROM log WHERE lsn <= ?", (upto,))
-            self._trimmed_lsn = upto
-        except sqlite3.Error as e:
-            log.warning("persistence: cannot trim the log: %s", e)
-            self._trimmed_lsn = upto  # try again after the next compaction
-
-    def _fsyncer(self) -> None:
-        """Flusher thread: fsync the log's WAL, then (``sync``) declare durable
-        what was appended before the fsync began.
-
-        Appends are made with ``synchronous=NORMAL`` (no fsync inside COMMIT)
-        and this thread does the fsync, so the writer already appends the next
-        batch while the disk flushes the previous one: each fsync covers every
-        append made while the last one ran. In ``batch`` mode fsyncs are spaced
-        at least ``batch_interval`` apart and nobody waits for them.
-        """
-        fd = None
-        sync = self.durability == "sync"
-        try:
-            while True:
-                self._unsynced.wait()
-                self._unsynced.clear()
-                seq = self._written
-                fd = self._fsync_wal(fd, sync)
-                if sync:
-                    self._committed = seq
-                    self._post_notify()
-                if self._fsync_stop and self._written == seq:
-                    break
-                if not sync:
-                    # Rate limit: this wait returns early only to stop.
-                    self._stop_wait.wait(self.batch_interval)
-        except BaseException as e:
-            # After a failed fsync the kernel may have dropped the dirty pages:
-            # nothing written since can be called durable.
-            log.error("persistence: fsync of the WAL failed (%s); no further changes are "
-                      "acknowledged", e)
-            self._error = e
-            self._post_notify()
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def _fsync_wal(self, fd, strict: bool = False):
-        """fsync the log's WAL file (opened once). ``strict``: raise on failure."""
-        try:
-            if fd is None:
-                try:
-                    fd = os.open(self.log_path + "-wal", os.O_RDONLY)
-                except FileNotFoundError:
-                    return None  # nothing written yet: nothing to flush
-            os.fsync(fd)
-        except OSError as e:
-            if fd is not None:
-                os.close(fd)
-            if strict:
-                raise
-            log.warning("persistence: fsync of the WAL failed: %s", e)
-            fd = None
-        return fd
-
-    def _commit(self, b: _Batch) -> bool:
-        """Append one batch to the log; retry transient failures."""
-        delays = self.retry_delays
-        for attempt in range(len(delays) + 1):
-            t0 = time.perf_counter()
+        with self._compact_cv:
+            segs = self._segments
+            n = len(segs) if everything else 0
+            while n < len(segs) - 1 and segs[n + 1][0] <= upto + 1:
+                n += 1
+            dead, self._segments = segs[:n], segs[n:]
+        for _, path in dead:
             try:
-                wrote = self._apply(b)
-            except sqlite3.Error as e:
-                if attempt == len(delays):
-                    raise
-                log.warning("persistence: commit failed (%s); retrying in %.2fs", e,
-                            delays[attempt])
-                time.sleep(delays[attempt])
-                continue
-            if not wrote:
-                return False
-            dt = time.perf_counter() - t0
-            self.commits += 1
-            self.commit_seconds += dt
-            if self.stats is not None:
-                self.stats.store_commits += 1
-                self.stats.store_commit_seconds += dt
-            return True
-        return False
-
-    def _blob(self, kind: str, key, publish) -> bytes | None:
-        try:
-            return encode_publish(publish)
-        except Exception as e:
-            log.error("persistence: cannot store %s %r: %s", kind, key, e)
-            return None
-
-    def _apply(self, b: _Batch) -> bool:
-        """Append the batch to the log as one record (writer thread). False:
-        everything cancelled out, nothing to write (or fsync)."""
-        c = self._log
-        if c is None:
-            raise sqlite3.ProgrammingError("database closed")
-        if not b.lsn:  # a retry keeps its encoding and its lsn
-            if b.empty():
-                return False
-            rec = _encode_record(b, self._blob)
-            b.lsn = self._lsn + 1
-            self._rec = rec
-        # One statement, its own transaction: the whole batch in one step.
-        c.execute("INSERT INTO log(lsn, rec) VALUES(?, ?)", (b.lsn, self._rec))
-        self._lsn = b.lsn
-        self._rec = None
-        return True
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # harmless: recovery skips what the tables have
+                log.warning("persistence: cannot delete log segment %s: %s", path, e)
 
     # ========================================================= compactor thread
 
     def _compactor(self) -> None:
-        """Fold appended batches into the tables (see the module docstring),
-        and checkpoint both WALs when they have grown."""
+        """Fold written batches into the tables (see the module docstring),
+        delete the segments they cover, and checkpoint the tables' WAL when it
+        has grown."""
         conn = self._conn
-        try:
-            ckpt = sqlite3.connect(self.log_path, isolation_level=None,
-                                   check_same_thread=False, timeout=5)
-        except sqlite3.Error as e:  # pragma: no cover - the writer's open just worked
-            log.warning("persistence: no checkpoint connection (%s); the log WAL will grow", e)
-            ckpt = None
+        wal = self._wal
         dirty = _Batch()
         first_at = 0.0  # when dirty got its first batch
         delays = self.retry_delays
@@ -1475,14 +1579,22 @@ class SqliteStore:
         try:
             while True:
                 with self._compact_cv:
-                    if not (self._compact_queue or self._compact_stop or self._compact_now):
+                    pending = self._compact_queue
+                    if not ((pending and pending[0].seq <= wal.written)
+                            or self._compact_stop or self._compact_now):
                         timeout = CHECKPOINT_PERIOD
                         if dirty.lsn:
                             due_at = max(first_at + COMPACT_PERIOD, retry_at)
                             timeout = min(timeout, max(0.0, due_at - time.monotonic()))
                         self._compact_cv.wait(timeout)
-                    queue, self._compact_queue = self._compact_queue, []
-                    self._compact_queued_ops = 0
+                    # Only what the log has: the tables never get ahead of it.
+                    written = wal.written
+                    pending = self._compact_queue
+                    n = 0
+                    while n < len(pending) and pending[n].seq <= written:
+                        n += 1
+                    queue, self._compact_queue = pending[:n], pending[n:]
+                    self._compact_queued_ops = sum(b.ops for b in self._compact_queue)
                     stop = self._compact_stop
                     now_asked = self._compact_now
                     self._compact_now = False  # compact() asks again if not done
@@ -1507,27 +1619,23 @@ class SqliteStore:
                     else:
                         failures = 0
                         dirty = _Batch()
-                        self._pending.set()  # the writer trims the log
+                        self._trim_segments()
                 if now_asked:
                     with self._compact_cv:
                         self._compact_cv.notify_all()
                 if stop:
                     with self._compact_cv:
-                        if not self._compact_queue:
+                        if not self._compact_queue or wal.error:
                             break
                     continue
                 if time.monotonic() - last_ckpt >= CHECKPOINT_PERIOD:
                     last_ckpt = time.monotonic()
                     self._checkpoint(conn, self.path)
-                    if ckpt is not None:
-                        self._checkpoint(ckpt, self.log_path)
         except BaseException as e:  # pragma: no cover - a bug: say so, keep the log
             self._compactor_failed = True
             log.exception("persistence: compactor failed; the log keeps growing until "
                           "the next start replays it: %s", e)
         finally:
-            if ckpt is not None:
-                ckpt.close()
             with self._compact_cv:
                 self._compact_cv.notify_all()
 
@@ -1564,16 +1672,16 @@ class SqliteStore:
             log.warning("persistence: checkpoint of %s failed: %s", path, e)
 
     def compact(self, timeout: float = 30.0) -> bool:
-        """Fold everything appended to the log so far into the tables now and
-        wait for it. Blocking (not for the trio thread in production; tests and
-        tools). Call after ``durable(mark())`` to include the latest changes.
+        """Fold every change recorded so far into the tables now and wait for
+        it. Blocking (not for the trio thread in production; tests and tools).
 
         Returns:
-            True once the tables hold every appended record; False on timeout
-            or when the store is not open.
+            True once the tables hold every record; False on timeout, when the
+            store failed or is not open.
         """
         if self._thread is None:
             return False
+        self._flush()
         target = self._lsn
         deadline = time.monotonic() + timeout
         with self._compact_cv:
@@ -1581,7 +1689,7 @@ class SqliteStore:
             self._compact_cv.notify_all()
             while self._compacted_lsn < target:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None:
+                if left <= 0 or self._thread is None or self._error is not None:
                     return False
                 self._compact_cv.wait(min(left, 0.05))
                 if not self._compact_now and self._compacted_lsn < target:

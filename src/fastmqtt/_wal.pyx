@@ -1,0 +1,422 @@
+# cython: language_level=3
+"""Log writer of the SQLite store: appends records to a segment file and
+fsyncs it on a thread that never takes the GIL.
+
+Why this is compiled: the store's writer used to be a Python thread. Every
+time it came back from a ``write``/``fsync`` it had to win the GIL back from
+the broker's busy trio thread, and every time it held the GIL the trio
+thread, back from its own socket call, waited for it. Under load those
+hand-offs cost more than the work itself. Here the trio thread copies each
+encoded record into a buffer under a mutex (a ``memcpy``), and the writer
+thread, a Python thread that enters :meth:`LogWriter.run` and leaves the GIL
+behind, swaps that buffer for its own, ``write``\\ s it, ``fdatasync``\\ s it
+(per the mode) and announces progress on an ``eventfd`` that a trio task
+watches. No Python object is touched between ``run``'s start and its end.
+
+Progress is counted in *tickets*: the caller passes with each append the
+ticket (the store's change sequence number) that the appended bytes complete.
+``written`` is the ticket of the last append in the OS (a ``kill -9`` of the
+process cannot lose it), ``synced`` that of the last append on disk.
+
+The caller frames its records; this module only moves bytes. A segment switch
+(:meth:`LogWriter.rotate`) takes effect exactly at the append position where
+it was asked for: bytes appended before go to the old file (fsynced and
+closed), bytes after to the new one.
+
+Memory: the append buffer grows while the disk is slower than the appends
+(the store's callers wait for ``durable`` before acknowledging, which bounds
+it); a buffer over 16 MiB is given back after it has been written.
+"""
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, strdup
+from libc.errno cimport errno, EINTR
+from posix.time cimport timespec, clock_gettime, CLOCK_MONOTONIC, nanosleep
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t c_write "write"(int fd, const void* buf, size_t n)
+    int c_close "close"(int fd)
+    int c_fsync "fsync"(int fd)
+    int c_fdatasync "fdatasync"(int fd)
+
+cdef extern from "<fcntl.h>" nogil:
+    int c_open "open"(const char* path, int flags, int mode)
+    enum:
+        O_WRONLY
+        O_CREAT
+        O_APPEND
+        O_CLOEXEC
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+    ctypedef struct pthread_condattr_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t* m, void* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* m)
+    int pthread_mutex_lock(pthread_mutex_t* m)
+    int pthread_mutex_unlock(pthread_mutex_t* m)
+    int pthread_condattr_init(pthread_condattr_t* a)
+    int pthread_condattr_setclock(pthread_condattr_t* a, int clock)
+    int pthread_condattr_destroy(pthread_condattr_t* a)
+    int pthread_cond_init(pthread_cond_t* c, pthread_condattr_t* a)
+    int pthread_cond_destroy(pthread_cond_t* c)
+    int pthread_cond_wait(pthread_cond_t* c, pthread_mutex_t* m)
+    int pthread_cond_timedwait(pthread_cond_t* c, pthread_mutex_t* m, const timespec* t)
+    int pthread_cond_signal(pthread_cond_t* c)
+
+DEF SHRINK_ABOVE = 16 * 1024 * 1024
+DEF FIRST_CAPACITY = 64 * 1024
+
+#: Waits (seconds) between attempts at a failing write; after the last the
+#: writer stops with the error (a full disk may clear up meanwhile).
+cdef double RETRY_DELAYS[5]
+RETRY_DELAYS[:] = [0.05, 0.15, 0.45, 1.35, 2.0]
+
+
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline void _sleep(double seconds) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = <long>seconds
+    ts.tv_nsec = <long>((seconds - ts.tv_sec) * 1e9)
+    nanosleep(&ts, NULL)
+
+
+cdef class LogWriter:
+    """Appends bytes to a file from a GIL-free thread.
+
+    Args:
+        fd: the open segment file (write, append); the writer closes it.
+        dirfd: the data directory, fsynced after a new segment is created
+            (-1: never); the writer does not close it.
+        sync: fdatasync after every write (``synced`` follows ``written``);
+            otherwise at most every ``interval`` seconds.
+        interval: the fsync period of the batch mode, in seconds.
+    """
+
+    cdef pthread_mutex_t mu
+    cdef pthread_cond_t cv
+    cdef char* buf
+    cdef size_t blen
+    cdef size_t bcap
+    cdef char* wbuf
+    cdef size_t wcap
+    cdef uint64_t appended
+    cdef uint64_t _written
+    cdef uint64_t _synced
+    cdef int fd
+    cdef int dirfd
+    cdef int efd
+    cdef int err
+    cdef int fail_next
+    cdef int fail_sync
+    cdef int _errnum
+    #: Multiplies the waits between write attempts (tests set 0).
+    cdef public double retry_scale
+    cdef char* next_path
+    cdef size_t switch_at
+    cdef bint closing
+    cdef bint paused
+    cdef bint sync
+    cdef bint started
+    cdef double interval
+    cdef readonly uint64_t writes
+    cdef readonly uint64_t fsyncs
+    cdef readonly uint64_t bytes_written
+    cdef readonly uint64_t retries
+
+    def __cinit__(self, int fd, int dirfd=-1, bint sync=True, double interval=0.01):
+        cdef pthread_condattr_t attr
+        pthread_mutex_init(&self.mu, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.cv, &attr)
+        pthread_condattr_destroy(&attr)
+        self.fd = fd
+        self.dirfd = dirfd
+        self.sync = sync
+        self.interval = interval if interval > 0 else 0.0
+        self.retry_scale = 1.0
+        self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.efd < 0:
+            raise OSError(errno, "eventfd failed")
+
+    def __dealloc__(self):
+        if self.fd >= 0 and not self.started:
+            c_close(self.fd)
+        if self.efd >= 0:
+            c_close(self.efd)
+        free(self.buf)
+        free(self.wbuf)
+        free(self.next_path)
+        pthread_cond_destroy(&self.cv)
+        pthread_mutex_destroy(&self.mu)
+
+    # ------------------------------------------------------------ caller side
+
+    @property
+    def notify_fd(self) -> int:
+        """An ``eventfd``, readable after each step forward (or failure)."""
+        return self.efd
+
+    @property
+    def written(self) -> int:
+        """Ticket of the last append handed to the OS."""
+        pthread_mutex_lock(&self.mu)
+        v = self._written
+        pthread_mutex_unlock(&self.mu)
+        return v
+
+    @property
+    def synced(self) -> int:
+        """Ticket of the last append on disk (fdatasync returned)."""
+        pthread_mutex_lock(&self.mu)
+        v = self._synced
+        pthread_mutex_unlock(&self.mu)
+        return v
+
+    @property
+    def error(self) -> int:
+        """errno of the failure that stopped the writer; 0 while it works."""
+        return self.err
+
+    def append(self, const unsigned char[::1] data, uint64_t ticket):
+        """Queue ``data`` (may be empty) for the file; ``ticket`` is what the
+        caller may call written once it is.
+
+        Raises:
+            OSError: the writer has failed (nothing more is written).
+        """
+        cdef size_t n = data.shape[0]
+        cdef size_t need
+        cdef char* grown
+        pthread_mutex_lock(&self.mu)
+        if self.err:
+            pthread_mutex_unlock(&self.mu)
+            raise OSError(self.err, "log writer failed")
+        if n:
+            need = self.blen + n
+            if need > self.bcap:
+                cap = self.bcap * 2 if self.bcap else FIRST_CAPACITY
+                while cap < need:
+                    cap *= 2
+                grown = <char*>realloc(self.buf, cap)
+                if grown == NULL:
+                    pthread_mutex_unlock(&self.mu)
+                    raise MemoryError()
+                self.buf = grown
+                self.bcap = cap
+            memcpy(self.buf + self.blen, &data[0], n)
+            self.blen = need
+        self.appended = ticket
+        pthread_cond_signal(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
+    def rotate(self, bytes path) -> bool:
+        """Continue in a new file at ``path`` (created) from the current
+        append position. False: a switch is still pending; ask again later."""
+        pthread_mutex_lock(&self.mu)
+        if self.next_path != NULL:
+            pthread_mutex_unlock(&self.mu)
+            return False
+        self.next_path = strdup(path)
+        self.switch_at = self.blen
+        pthread_cond_signal(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+        return True
+
+    def stop(self) -> None:
+        """Write what is appended (and fsync it), then leave :meth:`run`."""
+        pthread_mutex_lock(&self.mu)
+        self.closing = True
+        self.paused = False
+        pthread_cond_signal(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
+    def pause(self, bint on=True) -> None:
+        """Hold (or release) the writer before its next write: for tests that
+        need a commit to be late."""
+        pthread_mutex_lock(&self.mu)
+        self.paused = on
+        pthread_cond_signal(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
+    def inject_failure(self, int errnum, int writes=0, int fsyncs=0) -> None:
+        """Make the next ``writes`` write attempts and ``fsyncs`` fdatasync
+        calls fail with ``errnum`` (tests)."""
+        pthread_mutex_lock(&self.mu)
+        self._errnum = errnum
+        self.fail_next = writes
+        self.fail_sync = fsyncs
+        pthread_mutex_unlock(&self.mu)
+
+    # ------------------------------------------------------------ writer side
+
+    def run(self) -> None:
+        """The writer loop; returns after :meth:`stop` (everything written) or
+        a failure (see :attr:`error`). Call on a thread of its own, once."""
+        if self.started:
+            raise RuntimeError("LogWriter.run() called twice")
+        self.started = True
+        with nogil:
+            self._loop()
+            if self.fd >= 0:
+                c_close(self.fd)
+                self.fd = -1
+            self._signal()
+
+    cdef void _signal(self) noexcept nogil:
+        cdef uint64_t one = 1
+        c_write(self.efd, &one, 8)
+
+    cdef int _write_all(self, const char* p, size_t n) noexcept nogil:
+        """Write ``n`` bytes, retrying short writes, EINTR and (after a pause)
+        other errors a few times. 0 or the errno that stayed."""
+        cdef ssize_t r
+        cdef int attempt = 0
+        cdef int e
+        while n:
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                r = -1
+                e = self._errnum
+            else:
+                r = c_write(self.fd, p, n)
+                e = errno
+            if r >= 0:
+                p += r
+                n -= <size_t>r
+                self.bytes_written += <uint64_t>r
+                continue
+            if e == EINTR:
+                continue
+            if attempt >= 5:
+                return e
+            _sleep(RETRY_DELAYS[attempt] * self.retry_scale)
+            attempt += 1
+            self.retries += 1
+        return 0
+
+    cdef int _datasync(self, int fd) noexcept nogil:
+        cdef int r
+        if self.fail_sync > 0:
+            self.fail_sync -= 1
+            return self._errnum
+        while True:
+            r = c_fdatasync(fd)
+            if r == 0:
+                self.fsyncs += 1
+                return 0
+            if errno != EINTR:
+                return errno
+
+    cdef void _loop(self) noexcept nogil:
+        cdef char* tmp
+        cdef size_t tcap, n, sw
+        cdef uint64_t target
+        cdef char* path
+        cdef int rc, nfd
+        cdef bint dirty = False  # written but not fsynced
+        cdef bint closing
+        cdef double last_sync = _now()
+        cdef double deadline
+        cdef timespec ts
+        while True:
+            pthread_mutex_lock(&self.mu)
+            while True:
+                if self.closing:
+                    break
+                if not self.paused and (self.appended != self._written
+                                        or self.next_path != NULL):
+                    break
+                if dirty and not self.sync and not self.paused:
+                    deadline = last_sync + self.interval
+                    if _now() >= deadline:
+                        break
+                    ts.tv_sec = <long>deadline
+                    ts.tv_nsec = <long>((deadline - ts.tv_sec) * 1e9)
+                    pthread_cond_timedwait(&self.cv, &self.mu, &ts)
+                else:
+                    pthread_cond_wait(&self.cv, &self.mu)
+            closing = self.closing
+            n = self.blen
+            tmp = self.buf
+            tcap = self.bcap
+            self.buf = self.wbuf
+            self.bcap = self.wcap
+            self.wbuf = tmp
+            self.wcap = tcap
+            self.blen = 0
+            target = self.appended
+            path = self.next_path
+            self.next_path = NULL
+            sw = self.switch_at
+            pthread_mutex_unlock(&self.mu)
+
+            rc = 0
+            if path != NULL:
+                # The old segment gets what came before the switch, on disk,
+                # before the new one exists.
+                rc = self._write_all(self.wbuf, sw)
+                if rc == 0:
+                    rc = self._datasync(self.fd)
+                if rc == 0:
+                    c_close(self.fd)
+                    self.fd = -1
+                    nfd = c_open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+                    if nfd < 0:
+                        rc = errno
+                    else:
+                        self.fd = nfd
+                        if self.dirfd >= 0:
+                            c_fsync(self.dirfd)
+                free(path)
+                if rc == 0 and n > sw:
+                    rc = self._write_all(self.wbuf + sw, n - sw)
+                    dirty = True
+            elif n:
+                rc = self._write_all(self.wbuf, n)
+                dirty = True
+            if rc == 0 and n:
+                self.writes += 1
+            if rc == 0 and dirty and (self.sync or closing
+                                      or _now() - last_sync >= self.interval):
+                rc = self._datasync(self.fd)
+                if rc == 0:
+                    dirty = False
+                    last_sync = _now()
+            pthread_mutex_lock(&self.mu)
+            if rc:
+                self.err = rc
+            else:
+                self._written = target
+                if not dirty:
+                    self._synced = target
+            pthread_mutex_unlock(&self.mu)
+            self._signal()
+            if rc:
+                return
+            if self.wcap > SHRINK_ABOVE:
+                free(self.wbuf)
+                self.wbuf = NULL
+                self.wcap = 0
+            if closing:
+                pthread_mutex_lock(&self.mu)
+                if self.appended == self._written and self.next_path == NULL:
+                    pthread_mutex_unlock(&self.mu)
+                    return
+                pthread_mutex_unlock(&self.mu)

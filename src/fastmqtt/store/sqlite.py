@@ -128,12 +128,13 @@ import struct
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from itertools import chain
 from typing import Any
 
 import trio
 
+from .._record import Batch as _Batch
+from .._record import Recorder, encode_messages
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
@@ -272,6 +273,7 @@ def _read_segments(segments: list[tuple[int, str]]):
 _CLIENT_TABLES = ("sessions", "subscriptions", "deliveries", "incoming_qos2", "wills")
 
 # Delivery entry kinds inside a batch.
+# Delivery change kinds; the same values as in fastmqtt._record (ADD, ...).
 _ADD = 0  # new row, not in the tables: an add followed by a remove cancels out
 _ADDR = 1  # add over a row that may be in the tables (re-add): insert or replace
 _UPD = 2  # update of a row in the tables
@@ -363,42 +365,6 @@ class _Unusable(Exception):
     """The database file cannot be used as it is (corrupt, foreign, newer)."""
 
 
-class _Batch:
-    """Net effect of the changes recorded since the last swap.
-
-    Mutators fill it with ``Publish`` objects; :func:`_encode_record` turns it
-    into its *stored form*, where ``messages``, ``retained``, ``wills`` and
-    ``hist_put`` hold blobs (:func:`~fastmqtt.store.base.encode_publish`)
-    instead. The compactor and recovery only see the stored form.
-    """
-
-    __slots__ = ("ops", "seq", "lsn", "cascade", "sessions", "subs", "deliv", "qos2",
-                 "messages", "msg_del", "retained", "wills", "hist_put", "hist_del")
-
-    def __init__(self) -> None:
-        self.ops = 0
-        self.seq = 0
-        self.lsn = 0
-        self.cascade: set[str] = set()
-        self.sessions: dict[str, tuple] = {}
-        self.subs: dict[str, dict[str, tuple | None]] = {}
-        self.deliv: dict[str, dict[int, list]] = {}
-        self.qos2: dict[str, dict[int, bool]] = {}
-        self.messages: dict[int, tuple[Any, float | None]] = {}
-        self.msg_del: set[int] = set()
-        self.retained: dict[str, tuple | None] = {}
-        self.wills: dict[str, tuple | None] = {}
-        self.hist_put: dict[int, tuple] = {}
-        self.hist_del: set[int] = set()
-
-    def empty(self) -> bool:
-        """Nothing to write (everything recorded cancelled out)."""
-        return not (self.cascade or self.sessions or self.messages or self.msg_del
-                    or self.retained or self.wills or self.hist_put or self.hist_del
-                    or any(self.deliv.values()) or any(self.subs.values())
-                    or any(self.qos2.values()))
-
-
 # ----------------------------------------------------------------- log records
 #
 # A record is a 4-byte CRC-32 (little endian) of the rest, then a pickle
@@ -437,16 +403,7 @@ def _encode_record(b: _Batch, blob) -> bytes:
 
     ``blob(kind, key, publish)`` encodes one message (None: cannot be stored,
     already logged; the entry is left out)."""
-    msgs = {}
-    encode = encode_publish
-    for mid, (p, exp) in b.messages.items():
-        try:
-            msgs[mid] = (encode(p), exp)
-        except Exception:
-            data = blob("message", mid, p)  # logs why
-            if data is not None:  # pragma: no cover - it failed just now
-                msgs[mid] = (data, exp)
-    b.messages = msgs
+    b.messages = encode_messages(b.messages, encode_publish, blob)
     if b.retained:
         b.retained = _stored_form(b.retained, "retained message", blob)
     if b.wills:
@@ -647,7 +604,7 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
         _delete_ids(c, "DELETE FROM history WHERE hist_id", list(b.hist_del))
 
 
-class SqliteStore:
+class SqliteStore(Recorder):
     """Crash-safe store in ``<data_dir>/fastmqtt.db`` (tables) and
     ``fastmqtt-log.db`` (log) with group commit.
 
@@ -677,21 +634,15 @@ class SqliteStore:
         self.batch_interval = max(0, batch_interval_ms) / 1000.0
         self.stats = stats
         self._clock = clock
-        self._lock = threading.Lock()  # the current batch; flushes (append order)
+        # Recorder: _lock (the current batch; flushes, in append order),
+        # _batch, _seq (last recorded change), _first (seq of the first change
+        # of the current batch, to come), _dseq, _refs, _client_msgs, _msgs,
+        # _released: see fastmqtt._record.
+        self._extra = delivery_extra
+        self._released_kept = RELEASED_KEPT
         self._pending = _Signal()  # outside trio: the flusher thread has work
-        self._batch = _Batch()
-        self._seq = 0  # last recorded change
-        self._first = 1  # seq of the first change of the current batch (to come)
         self._committed = 0  # last change durable per the mode
         self._lsn = 0  # last log record appended
-        self._dseq = 0  # delivery order: _dseq + seq of the add (after recovered ones)
-        self._refs: dict[int, int] = {}  # msg_id -> deliveries referring to it
-        self._client_msgs: dict[str, set[int]] = {}  # client_id -> msg_ids delivered
-        self._msgs: dict[int, tuple] = {}  # msg_id -> (Publish, expires_at) while stored
-        # Messages whose last delivery went, newest last: a broker that hands
-        # the same msg_id out again (a retained message sent to a second
-        # subscriber later) gets the row back instead of a dangling delivery.
-        self._released: OrderedDict[int, tuple] = OrderedDict()
         self._warned_unknown = 0
         self._conn: sqlite3.Connection | None = None  # tables: compactor's
         self._wal: LogWriter | None = None
@@ -1290,108 +1241,14 @@ class SqliteStore:
             b = self._begin()
             b.subs.setdefault(client_id, {})[topic_filter] = None
 
-    def put_message(self, msg_id: int, publish: Any, expires_at: float | None) -> None:
-        with self._lock:
-            seq = self._seq = self._seq + 1
-            if seq == self._first:
-                self._schedule()
-            b = self._batch
-            b.messages[msg_id] = self._msgs[msg_id] = (publish, expires_at)
-            if b.msg_del:
-                b.msg_del.discard(msg_id)
-            if self._released:
-                self._released.pop(msg_id, None)
+    # put_message, add_delivery, update_delivery and remove_delivery are
+    # Recorder's (compiled: they run for every stored message). Messages
+    # whose last delivery went are kept a while (_released, newest last): a
+    # broker that hands the same msg_id out again (a retained message sent to
+    # a second subscriber later) gets the row back, not a dangling delivery.
 
-    def add_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
-        mid = delivery.msg_id
-        with self._lock:
-            seq = self._seq = self._seq + 1
-            if seq == self._first:
-                self._schedule()
-            b = self._batch
-            ms = self._client_msgs.get(client_id)
-            if ms is None:
-                ms = self._client_msgs[client_id] = set()
-            dl = b.deliv.get(client_id)
-            if dl is None:
-                dl = b.deliv[client_id] = {}
-            if mid in ms:  # re-add: a row may be on disk
-                kind = _ADDR
-            else:
-                ms.add(mid)
-                refs = self._refs
-                n = refs.get(mid, 0)
-                if not n and mid not in self._msgs:
-                    self._revive(b, mid)
-                refs[mid] = n + 1
-                old = dl.get(mid)
-                kind = _ADD if old is None or old[0] == _ADD else _ADDR
-            # Queue order: the change's seq, after everything recovered.
-            dl[mid] = [kind, self._dseq + seq, delivery.qos, delivery.packet_id,
-                       delivery.state, delivery_extra(delivery.retain, delivery.subids)
-                       if delivery.retain or delivery.subids else None]
-
-    def update_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
-        mid = delivery.msg_id
-        with self._lock:
-            b = self._begin()
-            ms = self._client_msgs.get(client_id)
-            if ms is None or mid not in ms:
-                return  # unknown delivery: nothing to update
-            dl = b.deliv.get(client_id)
-            if dl is None:
-                dl = b.deliv[client_id] = {}
-            e = dl.get(mid)
-            if e is not None and e[0] != _DEL:
-                e[2] = delivery.qos
-                e[3] = delivery.packet_id
-                e[4] = delivery.state
-            else:
-                dl[mid] = [_UPD, 0, delivery.qos, delivery.packet_id, delivery.state]
-
-    def remove_delivery(self, client_id: str, msg_id: int) -> None:
-        with self._lock:
-            seq = self._seq = self._seq + 1
-            if seq == self._first:
-                self._schedule()
-            b = self._batch
-            ms = self._client_msgs.get(client_id)
-            if ms is None or msg_id not in ms:
-                return
-            ms.discard(msg_id)
-            dl = b.deliv.get(client_id)
-            if dl is None:
-                dl = b.deliv[client_id] = {}
-            e = dl.get(msg_id)
-            if e is not None and e[0] == _ADD:
-                del dl[msg_id]  # added and acknowledged within one batch
-            else:
-                dl[msg_id] = [_DEL]
-            self._decref(b, msg_id)
-
-    def _decref(self, b: _Batch, msg_id: int) -> None:
-        n = self._refs.get(msg_id, 1) - 1
-        if n > 0:
-            self._refs[msg_id] = n
-            return
-        self._refs.pop(msg_id, None)
-        entry = self._msgs.pop(msg_id, None)
-        if entry is not None:
-            self._released[msg_id] = entry
-            if len(self._released) > RELEASED_KEPT:
-                self._released.popitem(last=False)
-        if b.messages.pop(msg_id, None) is None:
-            b.msg_del.add(msg_id)
-
-    def _revive(self, b: _Batch, msg_id: int) -> None:
-        """A delivery names a message whose row was dropped (its last delivery
-        went): store it again if it is still known, else warn."""
-        entry = self._released.pop(msg_id, None)
-        if entry is not None:
-            self._msgs[msg_id] = entry
-            b.messages[msg_id] = entry
-            b.msg_del.discard(msg_id)
-        elif self._warned_unknown < 10:
+    def _unknown_message(self, msg_id: int) -> None:
+        if self._warned_unknown < 10:
             self._warned_unknown += 1
             log.warning("persistence: delivery of message %d, which was never stored or "
                         "was released long ago (put_message it again); it will not "

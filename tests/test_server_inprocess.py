@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 from fastmqtt.broker.server import serve
-from fastmqtt.codec import (Disconnect, Pingreq, Puback, Publish, Subscribe, Subscription,
+from fastmqtt.codec import (Disconnect, Pingreq, Puback, Publish, Subscribe, Subscription, encode,
                             Will)
 from fastmqtt.enums import PropertyId
 from inprocess import Raw, config
@@ -367,4 +367,38 @@ async def test_receiver_reset_while_others_route_to_it():
             await pub.send(Publish("t/end", b"end", 1, packet_id=99))
             assert isinstance(await pub.next(), Puback)
             assert (await watcher.next()).topic == "t/end"
+            await broker.aclose()
+
+
+@pytest.mark.parametrize("durability", ["sync", "batch"])
+async def test_puback_waits_for_the_store_then_goes_out(tmp_path, durability):
+    """PUBACK only once the message is durable [issue 5]: with the log writer
+    held, the broker handles the PUBLISH and sends nothing; released, the
+    PUBACK follows (sent by the store's callback, no writer task)."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config(persistence=True,
+                                                       data_dir=str(tmp_path),
+                                                       durability=durability))
+            sub = await Raw.open(broker.ports[0])
+            await sub.connect("keeper", clean_start=False,
+                              properties={PropertyId.SESSION_EXPIRY_INTERVAL: 3600})
+            await sub.send(Subscribe(1, [Subscription("t", 1)]))
+            assert (await sub.next()).packet_type == 9
+            pub = await Raw.open(broker.ports[0])
+            await pub.connect("pub")
+            await trio.testing.wait_all_tasks_blocked()
+            broker.store._wal.pause(True)
+            sent_before = broker.stats.bytes_sent
+            await pub.send(Publish("t", b"m", 1, False, False, 7))
+            await trio.testing.wait_all_tasks_blocked()
+            # Handled (queued for the subscriber, who got it: it is online)...
+            got = await sub.next()
+            assert isinstance(got, Publish) and got.payload == b"m"
+            # ...but the publisher has no PUBACK while the store holds back.
+            await trio.testing.wait_all_tasks_blocked()
+            assert broker.stats.bytes_sent == sent_before + len(encode(got, 5))
+            broker.store._wal.pause(False)
+            ack = await pub.next()
+            assert isinstance(ack, Puback) and ack.packet_id == 7
             await broker.aclose()

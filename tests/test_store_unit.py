@@ -1182,3 +1182,37 @@ async def test_checkpointer_moves_the_wal_into_the_database(tmp_path, monkeypatc
                 await trio.sleep(0.01)
     finally:
         await s.aclose()
+
+
+async def test_when_durable_calls_back_once_committed(sq):
+    """The broker's acknowledgements wait with a callback, not a task: it
+    runs on the trio thread once the ticket is committed, never before."""
+    held = HeldWriter(sq)
+    sq.put_session("c", NEVER, 5, None)
+    ticket = sq.mark()
+    calls = []
+    with trio.fail_after(10):
+        assert sq.when_durable(ticket, lambda: calls.append(sq.committed))
+        await trio.testing.wait_all_tasks_blocked()
+        assert calls == [] and sq.committed < ticket
+        held.release()
+        while not calls:
+            await trio.sleep(0.001)
+    assert calls[0] >= ticket
+    # Durable already: nothing is registered, the caller goes ahead itself.
+    assert sq.when_durable(ticket, lambda: calls.append("again")) is False
+    assert calls[1:] == []
+
+
+async def test_when_durable_calls_back_when_the_store_fails(sq):
+    sq._wal.inject_failure(errno.EIO, fsyncs=1)
+    sq.put_session("c", NEVER, 5, None)
+    ticket = sq.mark()
+    called = trio.Event()
+    assert sq.when_durable(ticket, called.set)
+    with trio.fail_after(10):
+        await called.wait()  # woken to find out: not committed, durable() raises
+    assert sq.committed < ticket
+    with pytest.raises(StoreError):
+        await sq.durable(ticket)
+    assert sq.when_durable(sq.mark() + 1, called.set) is False  # failed: nothing registered

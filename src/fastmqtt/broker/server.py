@@ -110,7 +110,7 @@ class _Link:
     """
 
     __slots__ = ("broker", "stream", "conn", "writing", "holding", "direct", "reader_scope",
-                 "done", "last_done", "waiters")
+                 "done", "last_done", "waiters", "acks_waiting")
 
     def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
         self.broker = broker
@@ -131,6 +131,9 @@ class _Link:
         # (backpressure); created on first use: most connections never need
         # it and an empty ParkingLot costs about 240 bytes.
         self.waiters: trio.lowlevel.ParkingLot | None = None
+        # Acknowledgements wait for the store (Store.when_durable) with no
+        # writer task: the store calls Broker._durable_acks.
+        self.acks_waiting = False
 
     def __call__(self) -> None:
         if not self.writing and not self.holding:
@@ -169,6 +172,7 @@ class Broker:
         self.config = config
         self.core = core
         self.store = store
+        self._when_durable = getattr(store, "when_durable", None)
         self.authenticator = authenticator
         self.stats = stats
         self.ports: list[int] = []
@@ -488,9 +492,9 @@ class Broker:
         conn = link.conn
         if not conn.outbox:
             if conn.acks:
-                link()
+                self._acks_later(link)
             return
-        if not link.direct or conn.acks:
+        if not link.direct:
             link()
             return
         data = conn.take_output()
@@ -510,6 +514,62 @@ class Broker:
         cs = conn.client
         if cs is not None and cs.queue and not conn.closing:
             self.core.pump(cs, time.time())  # more output starts a writer
+        if conn.acks and not link.writing:
+            self._acks_later(link)
+
+    def _acks_later(self, link: _Link) -> None:
+        """PUBACK/PUBREC that wait for the store: have the store call
+        :meth:`_durable_acks` once they are durable (a plain-TCP connection
+        with a store that offers ``when_durable``), rather than start a writer
+        task that waits for them."""
+        if link.writing or link.acks_waiting:
+            return  # the writer, or the callback, sends them
+        when = self._when_durable
+        if when is None or not link.direct:
+            link()
+            return
+        link.acks_waiting = True
+        if not when(link.conn.acks[-1][0], functools.partial(self._durable_acks, link)):
+            # Durable already, or the store failed: decide now.
+            self._durable_acks(link)
+
+    def _durable_acks(self, link: _Link) -> None:
+        """Send the acknowledgements the store has made durable, in one
+        non-blocking send (the rest, if any, through a writer)."""
+        link.acks_waiting = False
+        conn = link.conn
+        acks = conn.acks
+        if link.writing or not acks:
+            return  # a writer took them over
+        committed = self.store.committed
+        n = 0
+        while n < len(acks) and acks[n][0] <= committed:
+            n += 1
+        if not n:
+            # Not durable: the store failed or closed. The writer finds out in
+            # durable() and ends the connection, as it always has.
+            link()
+            return
+        if conn.closing:
+            link()  # as for any closing connection: a writer flushes, then ends it
+            return
+        data = b"".join([d for _, d in acks[:n]])
+        del acks[:n]
+        try:
+            sent = link.stream.try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            conn.close_reason = conn.close_reason or f"connection lost: {exc}"
+            conn.send_failed()
+            if conn.failed:
+                self._lost(conn)
+            link.stop_reader()
+            return
+        self.stats.bytes_sent += sent
+        if sent < len(data):
+            conn.write(data[sent:])  # a writer sends the rest, then later acks
+            return
+        if acks:
+            self._acks_later(link)
 
     async def _writer(self, link: _Link) -> None:
         """Send everything queued on the connection, then end (see :class:`_Link`)."""

@@ -656,7 +656,7 @@ class SqliteStore(Recorder):
         self._closing = False
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None  # the loop flushes run on
-        self._waiters: list[tuple[int, int, trio.Event]] = []  # heap by ticket
+        self._waiters: list[tuple[int, int, Any]] = []  # heap by ticket: callbacks
         self._waiter_count = 0
         self._lockfile: int | None = None
         self._history_rows: list = []
@@ -1055,6 +1055,36 @@ class SqliteStore(Recorder):
         """
         if self._committed >= ticket:
             return
+        while self._committed < ticket:
+            if self._error is not None:
+                raise StoreError(f"persistence failed: {self._error}") from self._error
+            if self._thread is None:
+                raise StoreError("store is not open")
+            ev = trio.Event()
+            self._wait(ticket, ev.set)
+            await ev.wait()
+
+    @property
+    def committed(self) -> int:
+        """The last ticket known to be durable (trio thread's view)."""
+        return self._committed
+
+    def when_durable(self, ticket: int, callback) -> bool:
+        """Call ``callback()`` on the trio thread once every change up to
+        ``ticket`` is durable, or once the store has failed or closed (compare
+        :attr:`committed`; :meth:`durable` raises then). For the broker's
+        acknowledgements: no task waits.
+
+        Returns:
+            False if nothing was registered: the ticket is durable already,
+            or the store has failed or is closed.
+        """
+        if self._committed >= ticket or self._error is not None or self._thread is None:
+            return False
+        self._wait(ticket, callback)
+        return True
+
+    def _wait(self, ticket: int, callback) -> None:
         token = trio.lowlevel.current_trio_token()
         if self._token is not token:
             self._token = token
@@ -1062,17 +1092,10 @@ class SqliteStore(Recorder):
             self._watching = token
             trio.lowlevel.spawn_system_task(self._watch, self._wal,
                                             name="fastmqtt-store-watch")
-        while self._committed < ticket:
-            if self._error is not None:
-                raise StoreError(f"persistence failed: {self._error}") from self._error
-            if self._thread is None:
-                raise StoreError("store is not open")
-            if ticket >= self._first and not self._flush_scheduled:
-                self._flush()  # recorded while no flush could be scheduled
-            ev = trio.Event()
-            self._waiter_count += 1
-            heapq.heappush(self._waiters, (ticket, self._waiter_count, ev))
-            await ev.wait()
+        if ticket >= self._first and not self._flush_scheduled:
+            self._flush()  # recorded while no flush could be scheduled
+        self._waiter_count += 1
+        heapq.heappush(self._waiters, (ticket, self._waiter_count, callback))
 
     def wait_durable(self, ticket: int | None = None, timeout: float = 10.0) -> bool:
         """:meth:`durable` for code outside trio (tools, tests): blocking.
@@ -1143,7 +1166,10 @@ class SqliteStore(Recorder):
         else:
             limit = self._committed
         while waiters and waiters[0][0] <= limit:
-            heapq.heappop(waiters)[2].set()
+            try:
+                heapq.heappop(waiters)[2]()
+            except Exception:  # pragma: no cover - a bug in a callback
+                log.exception("persistence: a durable() callback failed")
 
     async def aclose(self) -> None:
         """Commit what is pending, stop the writer and close the database."""

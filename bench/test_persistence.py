@@ -21,6 +21,10 @@ Three levels, each measured side by side in the same run:
   flight, counting PUBACKs. Every message is queued (and stored) for the
   subscriber; rounds are long enough (100,000 messages) that the store's
   background compactions fall within them, as under sustained load.
+  Next to them, ``floor``: the broker with a store that claims to be
+  persistent but keeps nothing, every ticket durable at once
+  (``floor_broker.py``): the core's own cost of persistent sessions, the
+  ceiling for any store.
 * **online**: the same broker and publishers, with the persistent subscriber
   connected and acknowledging as it goes (each message stored for it, then
   removed on its PUBACK: a chat client that is online), timed until it has
@@ -66,7 +70,8 @@ PUBLISHERS = 50
 PAYLOAD = b'{"type":"post","id":"0123456789abcdef","text":"hello from the benchmark"}'
 
 STORE_IMPLS = ["null", "memory", "sqlite-batch", "sqlite-sync"]
-BROKER_IMPLS = ["memory", "batch", "sync"]
+BROKER_IMPLS = ["memory", "floor", "batch", "sync"]
+FLOOR_BROKER = os.path.join(os.path.dirname(__file__), "floor_broker.py")
 
 
 class _Table:
@@ -184,7 +189,9 @@ LISTENING = re.compile(r"listening on tcp://127\.0\.0\.1:(\d+)")
 
 class BrokerProc:
     def __init__(self, impl: str, data_dir: str) -> None:
-        args = ["--no-persistence"] if impl == "memory" else ["--durability", impl]
+        args = {"memory": ["--no-persistence"], "floor": []}.get(impl, ["--durability", impl])
+        # floor: a store that is "persistent" but keeps nothing (floor_broker.py)
+        entry = [FLOOR_BROKER] if impl == "floor" else ["-m", "fastmqtt.broker"]
         # No queue limit: every message must really be queued (and stored) for
         # the offline subscriber, not dropped as "queue full".
         os.makedirs(data_dir, exist_ok=True)
@@ -192,7 +199,7 @@ class BrokerProc:
         with open(conf, "w") as f:
             f.write("max_queued_messages = 0\nmax_queued_bytes = 0\n")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastmqtt.broker", "-c", conf, "--host", "127.0.0.1",
+            [sys.executable, *entry, "-c", conf, "--host", "127.0.0.1",
              "-p", "0", "--data-dir", data_dir, "--sys-interval", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))

@@ -1216,3 +1216,47 @@ async def test_when_durable_calls_back_when_the_store_fails(sq):
     with pytest.raises(StoreError):
         await sq.durable(ticket)
     assert sq.when_durable(sq.mark() + 1, called.set) is False  # failed: nothing registered
+
+
+async def test_batch_that_sent_messages_waits_for_their_acks(sq, monkeypatch, mock_clock):
+    """A batch that put a message in flight to an online subscriber waits
+    ACK_WAIT before it is flushed, even with a publisher waiting: the PUBACK
+    arriving meanwhile cancels the delivery and the message, and neither
+    reaches the log. (Trio's clock is the test's: ACK_WAIT passes when the
+    test says so.)"""
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "ACK_WAIT", 1.0)
+    sq.put_session("on", NEVER, 5, None)
+    await sq.durable(sq.mark())
+    records = sq.commits
+    sq.put_message(1, pub(), None)
+    sq.add_delivery("on", DeliveryRecord(1, 1, 5, "sent"))
+    ticket = sq.mark()
+    done = trio.Event()
+
+    async def publisher():
+        await sq.durable(ticket)
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(publisher)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sq.commits == records and not done.is_set()  # held back, not flushed
+        sq.remove_delivery("on", 1)  # the subscriber's PUBACK, a turn of the loop later
+        mock_clock.jump(1.0)  # ACK_WAIT is over: the flush finds nothing to write
+    assert done.is_set() and sq.commits == records
+    assert rows(sq, "messages") == 0 and rows(sq, "deliveries") == 0
+
+
+async def test_batch_that_only_queues_is_flushed_at_once(sq, monkeypatch):
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "ACK_WAIT", 30.0)
+    sq.put_session("off", NEVER, 5, 1.0)
+    sq.put_message(1, pub(), None)
+    sq.add_delivery("off", DeliveryRecord(1, 1))  # queued: no PUBACK is coming soon
+    await trio.testing.wait_all_tasks_blocked()
+    assert sq.commits == 1
+    with trio.fail_after(10):
+        await sq.durable(sq.mark())

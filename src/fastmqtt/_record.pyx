@@ -118,6 +118,9 @@ cdef class Recorder:
     cdef public object _released   # OrderedDict msg_id -> entry, newest last
     cdef public Py_ssize_t _released_kept
     cdef public object _extra
+    # Changes in the current batch that put a message in flight to a
+    # connected subscriber (state "sent"): its PUBACK may cancel them out.
+    cdef public long long _sent
 
     def __cinit__(self, *args, **kwargs):
         self._lock = Lock()
@@ -183,6 +186,8 @@ cdef class Recorder:
                 kind = ADD if old is None or (<list>old)[0] == ADD else ADDR
             # Queue order: the change's seq, after everything recovered.
             dl[mid] = [kind, self._dseq + self._seq, qos, pid, state, extra]
+            if state == "sent":
+                self._sent += 1
             if self._seq == self._first:
                 self._schedule()
         finally:
@@ -212,6 +217,8 @@ cdef class Recorder:
                     e[4] = state
                 else:
                     dl[mid] = [UPD, 0, qos, pid, state]
+                if state == "sent":
+                    self._sent += 1
             # else: unknown delivery, nothing to update
             if self._seq == self._first:
                 self._schedule()

@@ -172,6 +172,15 @@ CHECKPOINT_BYTES = 8 * 1024 * 1024
 CHECKPOINT_PERIOD = 0.25
 #: Released messages remembered for a re-delivery under the same msg_id.
 RELEASED_KEPT = 10_000
+#: How long (seconds) the flush of a batch that sent messages to online
+#: persistent subscribers waits before it is encoded and written: their
+#: PUBACKs, usually back within that time, cancel the deliveries (and the
+#: messages) out of the batch, and then nothing about those messages reaches
+#: the disk at all. Batches that only queue (offline subscribers) or change
+#: other state are flushed at once. It is also added to the PUBACK latency of
+#: such publishes. Measured on the persistence benchmark's online level:
+#: 1 ms raised throughput by a quarter (batch) to two fifths (sync).
+ACK_WAIT = 0.001
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -652,6 +661,9 @@ class SqliteStore(Recorder):
         self._thread: threading.Thread | None = None  # the log writer's
         self._threads: list[threading.Thread] = []  # compactor, flusher
         self._watching: trio.lowlevel.TrioToken | None = None
+        self._ack_wait_token: trio.lowlevel.TrioToken | None = None
+        self._ack_wait_kick: trio.Event | None = None
+        self._sent_before = 0  # the last batch's _sent
         self._flush_scheduled = False
         self._closing = False
         self._error: BaseException | None = None
@@ -1351,12 +1363,33 @@ class SqliteStore(Recorder):
                 pass  # not in trio: the flusher thread does it
         if token is not None:
             try:
-                token.run_sync_soon(self._flush)
+                token.run_sync_soon(self._flush_soon)
                 self._flush_scheduled = True
                 return
             except trio.RunFinishedError:
                 self._token = None
         self._pending.set()
+
+    def _flush_soon(self) -> None:
+        """The scheduled flush (trio thread). While messages are being sent to
+        online subscribers (this batch or the last one sent some), a batch
+        waits ``ACK_WAIT`` first (see there); others go now."""
+        if not ((self._sent or self._sent_before) and ACK_WAIT):
+            self._flush()
+            return
+        if self._ack_wait_token is not self._token:
+            self._ack_wait_token = self._token
+            self._ack_wait_kick = trio.Event()
+            trio.lowlevel.spawn_system_task(self._ack_waiter, self._ack_wait_kick,
+                                            name="fastmqtt-store-ack-wait")
+        self._ack_wait_kick.set()
+
+    async def _ack_waiter(self, kick: trio.Event) -> None:
+        while True:
+            await kick.wait()
+            kick = self._ack_wait_kick = trio.Event()
+            await trio.sleep(ACK_WAIT)
+            self._flush()
 
     def _flush(self) -> None:
         with self._lock:
@@ -1366,6 +1399,8 @@ class SqliteStore(Recorder):
                 return  # nothing recorded since the last flush
             b = self._batch
             self._batch = _Batch()
+            self._sent_before = self._sent
+            self._sent = 0
             b.ops = seq - self._first + 1
             b.seq = seq
             self._first = seq + 1

@@ -1260,3 +1260,40 @@ async def test_batch_that_only_queues_is_flushed_at_once(sq, monkeypatch):
     assert sq.commits == 1
     with trio.fail_after(10):
         await sq.durable(sq.mark())
+
+
+def test_log_rotates_into_segments_replayed_in_order_and_deleted_once_folded(tmp_path,
+                                                                               monkeypatch):
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "SEGMENT_BYTES", 2048)
+    data = str(tmp_path / "d")
+    s = SqliteStore(data)
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    for i in range(1, 121):
+        s.put_message(i, pub(payload=b"m%d" % i + b"x" * 100), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+        wait_committed(s)  # a record each: the log goes through many segments
+    files = segments(data)
+    assert len(files) >= 5
+    lsns = [lsn for lsn, _, _ in log_records(data)]
+    assert lsns == list(range(lsns[0], lsns[0] + len(lsns)))  # in order, none missing
+    close_without_compacting(s)  # as after a crash: only the log has them
+    s = SqliteStore(data)
+    snap = s.open(now=NOW)
+    try:
+        assert [d.msg_id for d in by_client(snap)["c"].deliveries] == list(range(1, 121))
+        assert {m: p.payload[:4] for m, (p, _) in snap.messages.items()}[120] == b"m120"
+        for i in range(121, 181):
+            s.put_message(i, pub(payload=b"y" * 100), None)
+            s.add_delivery("c", DeliveryRecord(i, 1))
+            wait_committed(s)
+        assert len(segments(data)) >= 3
+        assert s.compact()
+        # Folded into the tables: every segment but the one being written goes.
+        assert len(segments(data)) == 1
+        assert rows(s, "deliveries") == 180
+    finally:
+        s.close()
+    assert segments(data) == [] or log_records(data) == []  # a clean close leaves no log

@@ -1297,3 +1297,41 @@ def test_log_rotates_into_segments_replayed_in_order_and_deleted_once_folded(tmp
     finally:
         s.close()
     assert segments(data) == [] or log_records(data) == []  # a clean close leaves no log
+
+
+async def test_wait_that_cancels_nothing_is_not_repeated(sq, monkeypatch, mock_clock):
+    """A publisher that waits for each PUBACK before its next PUBLISH: the
+    subscriber's acknowledgement can only come later, so waiting ACK_WAIT
+    cancels nothing. After ACK_WAIT_MISSES such waits the next ACK_WAIT_RETRY
+    flushes go at once, then waiting is tried again."""
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "ACK_WAIT", 1.0)
+    monkeypatch.setattr(sqlite_mod, "ACK_WAIT_MISSES", 2)
+    monkeypatch.setattr(sqlite_mod, "ACK_WAIT_RETRY", 8)
+    sq.put_session("on", NEVER, 5, None)
+    await sq.durable(sq.mark())
+    done = []
+
+    async def publish(i):
+        sq.put_message(i, pub(), None)
+        sq.add_delivery("on", DeliveryRecord(i, 1, i, "sent"))
+        await sq.durable(sq.mark())  # the publisher's PUBACK
+        sq.remove_delivery("on", i)  # then the subscriber's
+        done.append(i)
+
+    async def publish_held(i):
+        """Publish; True if its flush was held back (ACK_WAIT)."""
+        async with trio.open_nursery() as n:
+            n.start_soon(publish, i)
+            await trio.testing.wait_all_tasks_blocked()
+            held = sq._seq >= sq._first  # recorded, not flushed: waiting
+            mock_clock.jump(1.0)  # let a held flush go
+        assert i in done
+        return held
+
+    held = [await publish_held(i) for i in range(1, 41)]
+    # Without the rule every one of them would wait; without trying again,
+    # only the first two. (Each publish makes two flushes: the message, then
+    # the subscriber's acknowledgement.)
+    assert held[:2] == [True, True] and 4 <= sum(held) <= 25, held

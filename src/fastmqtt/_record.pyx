@@ -121,6 +121,8 @@ cdef class Recorder:
     # Changes in the current batch that put a message in flight to a
     # connected subscriber (state "sent"): its PUBACK may cancel them out.
     cdef public long long _sent
+    # Deliveries added and acknowledged within the current batch (cancelled).
+    cdef public long long _cancelled
 
     def __cinit__(self, *args, **kwargs):
         self._lock = Lock()
@@ -242,6 +244,7 @@ cdef class Recorder:
                 e = dl.get(msg_id)
                 if e is not None and e[0] == ADD:
                     del dl[msg_id]  # added and acknowledged within one batch
+                    self._cancelled += 1
                 else:
                     dl[msg_id] = [DEL]
                 self._decref(b, msg_id)

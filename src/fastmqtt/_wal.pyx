@@ -9,7 +9,7 @@ thread, back from its own socket call, waited for it. Under load those
 hand-offs cost more than the work itself. Here the trio thread copies each
 encoded record into a buffer under a mutex (a ``memcpy``), and the writer
 thread, a Python thread that enters :meth:`LogWriter.run` and leaves the GIL
-behind, swaps that buffer for its own, ``write``\\ s it, ``fdatasync``\\ s it
+behind, swaps that buffer for its own, writes it, fdatasyncs it
 (per the mode) and announces progress on an ``eventfd`` that a trio task
 watches. No Python object is touched between ``run``'s start and its end.
 

@@ -100,6 +100,14 @@ cdef class Batch:
                     or any(self.qos2.values()))
 
 
+cdef inline dict _deliveries(Batch b, client_id):
+    """The batch's delivery changes of one client (created empty)."""
+    cdef dict dl = b.deliv.get(client_id)
+    if dl is None:
+        dl = b.deliv[client_id] = {}
+    return dl
+
+
 cdef class Recorder:
     """Base class of :class:`~fastmqtt.store.sqlite.SqliteStore`: its state of
     record and the hot mutators. The subclass provides ``_schedule()`` (called,
@@ -173,9 +181,7 @@ cdef class Recorder:
             ms = self._client_msgs.get(client_id)
             if ms is None:
                 ms = self._client_msgs[client_id] = set()
-            dl = b.deliv.get(client_id)
-            if dl is None:
-                dl = b.deliv[client_id] = {}
+            dl = _deliveries(b, client_id)
             if mid in ms:  # re-add: a row may be on disk
                 kind = ADDR
             else:
@@ -209,9 +215,7 @@ cdef class Recorder:
             b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is not None and mid in <set>ms:
-                dl = b.deliv.get(client_id)
-                if dl is None:
-                    dl = b.deliv[client_id] = {}
+                dl = _deliveries(b, client_id)
                 e = dl.get(mid)
                 if e is not None and e[0] != DEL:
                     e[2] = qos
@@ -238,9 +242,7 @@ cdef class Recorder:
             ms = self._client_msgs.get(client_id)
             if ms is not None and msg_id in <set>ms:
                 (<set>ms).discard(msg_id)
-                dl = b.deliv.get(client_id)
-                if dl is None:
-                    dl = b.deliv[client_id] = {}
+                dl = _deliveries(b, client_id)
                 e = dl.get(msg_id)
                 if e is not None and e[0] == ADD:
                     del dl[msg_id]  # added and acknowledged within one batch

@@ -1335,3 +1335,32 @@ async def test_wait_that_cancels_nothing_is_not_repeated(sq, monkeypatch, mock_c
     # only the first two. (Each publish makes two flushes: the message, then
     # the subscriber's acknowledgement.)
     assert held[:2] == [True, True] and 4 <= sum(held) <= 25, held
+
+
+async def test_stalled_disk_keeps_changes_in_the_batch_not_in_records(tmp_path, monkeypatch):
+    """Memory stays bounded while the disk stalls: past PENDING_LIMIT bytes
+    of unwritten records, flushes stop and changes stay in the batch (a net
+    effect: a message queued and acknowledged again cancels out); once the
+    writer catches up, everything is flushed, written and recovered."""
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "PENDING_LIMIT", 4096)
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+    held = HeldWriter(s)
+    s.put_session("c", NEVER, 5, None)
+    for i in range(1, 201):
+        s.put_message(i, pub(payload=b"%05d" % i + b"x" * 200), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+        await trio.testing.wait_all_tasks_blocked()  # each turn of the loop: a flush
+    pending = s._wal.pending
+    assert 4096 < pending < 4096 + 8192  # the first records, then no more
+    assert s._seq >= s._first  # the rest waits in the batch
+    with trio.fail_after(10):
+        held.release()
+        await s.durable(s.mark())
+    await s.aclose()
+    s2 = SqliteStore(str(tmp_path))
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert [d.msg_id for d in snap.sessions[0].deliveries] == list(range(1, 201))

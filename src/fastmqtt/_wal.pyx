@@ -190,6 +190,14 @@ cdef class LogWriter:
         return v
 
     @property
+    def pending(self) -> int:
+        """Bytes appended and not yet handed to the OS."""
+        pthread_mutex_lock(&self.mu)
+        v = self.blen
+        pthread_mutex_unlock(&self.mu)
+        return v
+
+    @property
     def error(self) -> int:
         """errno of the failure that stopped the writer; 0 while it works."""
         return self.err

@@ -189,6 +189,12 @@ ACK_WAIT = 0.001
 #: can only come after that) must not pay the wait on every message.
 ACK_WAIT_MISSES = 4
 ACK_WAIT_RETRY = 64
+#: Records appended but not yet written (bytes) above which flushes stop
+#: until the writer catches up (to half of it): while the disk stalls, changes
+#: stay in the current batch, a net effect that does not grow with traffic
+#: (a message queued and dropped again cancels out), instead of piling up as
+#: records. Publishers keep waiting for their PUBACKs meanwhile.
+PENDING_LIMIT = 64 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(
@@ -674,6 +680,7 @@ class SqliteStore(Recorder):
         self._sent_before = 0  # the last batch's _sent
         self._ack_wait_skip = 0  # flushes to go before ACK_WAIT is tried again
         self._ack_wait_misses = 0  # waits in a row that cancelled nothing
+        self._flush_held = False  # a flush waits for the writer (PENDING_LIMIT)
         self._flush_scheduled = False
         self._closing = False
         self._error: BaseException | None = None
@@ -1107,13 +1114,7 @@ class SqliteStore(Recorder):
         return True
 
     def _wait(self, ticket: int, callback) -> None:
-        token = trio.lowlevel.current_trio_token()
-        if self._token is not token:
-            self._token = token
-        if self._watching is not token and self._wal is not None:
-            self._watching = token
-            trio.lowlevel.spawn_system_task(self._watch, self._wal,
-                                            name="fastmqtt-store-watch")
+        self._ensure_watch()
         if ticket >= self._first and not self._flush_scheduled:
             self._flush()  # recorded while no flush could be scheduled
         self._waiter_count += 1
@@ -1129,7 +1130,7 @@ class SqliteStore(Recorder):
             True once committed; False on timeout, failure or a closed store.
         """
         ticket = self._seq if ticket is None else ticket
-        self._flush()
+        self._flush(force=True)
         deadline = time.monotonic() + timeout
         sync = self.durability == "sync"
         while True:
@@ -1144,6 +1145,16 @@ class SqliteStore(Recorder):
             if wal.error or time.monotonic() >= deadline:
                 return False
             time.sleep(0.001)
+
+    def _ensure_watch(self) -> None:
+        """Start the commit watcher in the running trio loop (trio thread)."""
+        token = trio.lowlevel.current_trio_token()
+        if self._token is not token:
+            self._token = token
+        if self._watching is not token and self._wal is not None:
+            self._watching = token
+            trio.lowlevel.spawn_system_task(self._watch, self._wal,
+                                            name="fastmqtt-store-watch")
 
     async def _watch(self, wal: LogWriter) -> None:
         """Trio system task: each time the log writer steps forward (its
@@ -1169,6 +1180,9 @@ class SqliteStore(Recorder):
                 self._watching = None
 
     def _progress(self, wal: LogWriter, sync: bool) -> None:
+        if self._flush_held and wal.pending <= PENDING_LIMIT // 2:
+            self._flush_held = False
+            self._flush()
         committed = wal.synced if sync else wal.written
         if committed > self._committed:
             self._committed = committed
@@ -1209,7 +1223,7 @@ class SqliteStore(Recorder):
         """Append what is pending, let the writer write and fsync it, then let
         the compactor fold everything into the tables (blocking)."""
         self._closing = True
-        self._flush()
+        self._flush(force=True)
         wal = self._wal
         if wal is not None:
             wal.stop()
@@ -1403,12 +1417,19 @@ class SqliteStore(Recorder):
             await trio.sleep(ACK_WAIT)
             self._flush(waited=True)
 
-    def _flush(self, waited: bool = False) -> None:
+    def _flush(self, waited: bool = False, force: bool = False) -> None:
         with self._lock:
             self._flush_scheduled = False
             seq = self._seq
             if seq < self._first:
                 return  # nothing recorded since the last flush
+            wal = self._wal
+            if wal is not None and not force and wal.pending > PENDING_LIMIT:
+                # _progress flushes once the writer catches up. (Never held
+                # outside trio: those flushes are forced.)
+                self._flush_held = True
+                self._ensure_watch()
+                return
             b = self._batch
             self._batch = _Batch()
             sent = self._sent_before = self._sent
@@ -1429,7 +1450,6 @@ class SqliteStore(Recorder):
             b.ops = seq - self._first + 1
             b.seq = seq
             self._first = seq + 1
-            wal = self._wal
             if wal is None or self._error is not None:
                 return  # closed or failed: nothing is written any more
             t0 = time.perf_counter()
@@ -1467,7 +1487,7 @@ class SqliteStore(Recorder):
             if self._closing:
                 return
             try:
-                self._flush()
+                self._flush(force=True)  # no watcher outside trio to resume a held one
             except Exception:  # pragma: no cover - a bug
                 log.exception("persistence: flush failed")
 
@@ -1624,7 +1644,7 @@ class SqliteStore(Recorder):
         """
         if self._thread is None:
             return False
-        self._flush()
+        self._flush(force=True)
         target = self._lsn
         deadline = time.monotonic() + timeout
         with self._compact_cv:

@@ -473,13 +473,35 @@ class Broker:
         links = touched[:]
         touched.clear()
         for other in links:
-            conn = other.conn
             self._flush(other)
-            if conn.closing and not other.writing:
-                # As at the end of a writer: the connection is over.
-                if conn.failed:
-                    self._lost(conn)
-                other.stop_reader()
+            self._end_if_closed(other)
+
+    def _end_if_closed(self, link: _Link) -> None:
+        """After a direct send from outside the connection's own tasks: if it
+        failed (and no writer runs), the connection is over, as at the end
+        of a writer."""
+        conn = link.conn
+        if conn.closing and not link.writing:
+            if conn.failed:
+                self._lost(conn)
+            link.stop_reader()
+
+    def _send_now(self, link: _Link, data: bytes) -> bool:
+        """One non-blocking send of ``data``; True if the socket took it all.
+        A partial send hands the rest to a writer (in order); a failed one
+        marks the connection failed."""
+        conn = link.conn
+        try:
+            sent = link.stream.try_send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            conn.close_reason = conn.close_reason or f"connection lost: {exc}"
+            conn.send_failed()
+            return False
+        self.stats.bytes_sent += sent
+        if sent < len(data):
+            conn.write(data[sent:])  # starts a writer for the rest, in order
+            return False
+        return True
 
     def _flush(self, link: _Link) -> None:
         """End the reader's hold on its connection's output: send it now, in
@@ -497,16 +519,7 @@ class Broker:
         if not link.direct:
             link()
             return
-        data = conn.take_output()
-        try:
-            sent = link.stream.try_send(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            conn.close_reason = conn.close_reason or f"connection lost: {exc}"
-            conn.send_failed()
-            return
-        self.stats.bytes_sent += sent
-        if sent < len(data):
-            conn.write(data[sent:])  # starts a writer for the rest, in order
+        if not self._send_now(link, conn.take_output()):
             return
         link.last_done = trio.current_time()
         if link.waiters is not None and link.waiters:
@@ -555,18 +568,9 @@ class Broker:
             return
         data = b"".join([d for _, d in acks[:n]])
         del acks[:n]
-        try:
-            sent = link.stream.try_send(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            conn.close_reason = conn.close_reason or f"connection lost: {exc}"
-            conn.send_failed()
-            if conn.failed:
-                self._lost(conn)
-            link.stop_reader()
-            return
-        self.stats.bytes_sent += sent
-        if sent < len(data):
-            conn.write(data[sent:])  # a writer sends the rest, then later acks
+        if not self._send_now(link, data):
+            # A writer sends the rest, then later acks; or the send failed.
+            self._end_if_closed(link)
             return
         if acks:
             self._acks_later(link)

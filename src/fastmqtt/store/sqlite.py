@@ -831,9 +831,9 @@ class SqliteStore(Recorder):
     def _connect(self, path: str, synchronous: str = "NORMAL") -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                timeout=0.5)
-        # Log: NORMAL, an append only writes the WAL; the flusher thread
-        # fsyncs it (see _fsyncer), before durable() returns in sync mode.
-        # Tables: FULL, a compaction is on disk before the log is trimmed.
+        # Tables: FULL, a compaction is on disk before its segments are
+        # deleted. (NORMAL only for the SQLite log of earlier versions, which
+        # is read once and removed.)
         conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.execute("PRAGMA temp_store=MEMORY")
@@ -1132,14 +1132,11 @@ class SqliteStore(Recorder):
         ticket = self._seq if ticket is None else ticket
         self._flush(force=True)
         deadline = time.monotonic() + timeout
-        sync = self.durability == "sync"
         while True:
             wal = self._wal
             if wal is None:
                 return self._committed >= ticket
-            committed = wal.synced if sync else wal.written
-            if committed > self._committed:
-                self._committed = committed
+            self._catch_up(wal)
             if self._committed >= ticket:
                 return True
             if wal.error or time.monotonic() >= deadline:
@@ -1160,7 +1157,6 @@ class SqliteStore(Recorder):
         """Trio system task: each time the log writer steps forward (its
         eventfd), move ``_committed`` along and wake the waiters it covers."""
         fd = wal.notify_fd
-        sync = self.durability == "sync"
         try:
             while self._wal is wal:
                 await trio.lowlevel.wait_readable(fd)
@@ -1168,7 +1164,7 @@ class SqliteStore(Recorder):
                     os.eventfd_read(fd)
                 except BlockingIOError:
                     pass
-                self._progress(wal, sync)
+                self._progress(wal)
         except trio.Cancelled:
             raise
         except BaseException:  # pragma: no cover - a bug; durable() must not hang
@@ -1179,18 +1175,23 @@ class SqliteStore(Recorder):
             if self._watching is self._token:
                 self._watching = None
 
-    def _progress(self, wal: LogWriter, sync: bool) -> None:
+    def _progress(self, wal: LogWriter) -> None:
         if self._flush_held and wal.pending <= PENDING_LIMIT // 2:
             self._flush_held = False
             self._flush()
-        committed = wal.synced if sync else wal.written
+        self._catch_up(wal)
+        self._notify()
+
+    def _catch_up(self, wal: LogWriter) -> None:
+        """Take the writer's progress (``sync``: fsynced, ``batch``: written)
+        as committed, and its failure as the store's."""
+        committed = wal.synced if self.durability == "sync" else wal.written
         if committed > self._committed:
             self._committed = committed
         if wal.error and self._error is None:
             self._error = OSError(wal.error, os.strerror(wal.error))
             log.error("persistence: writing the log failed (%s); no further changes are "
                       "acknowledged", self._error)
-        self._notify()
 
     def _notify(self) -> None:
         # Trio thread. Wakes only the waiters whose ticket is now committed (a
@@ -1230,9 +1231,8 @@ class SqliteStore(Recorder):
         self._pending.set()
         if self._thread is not None:
             self._thread.join()
-        if wal is not None and wal.error and self._error is None:
-            self._error = OSError(wal.error, os.strerror(wal.error))
-            log.error("persistence: writing the log failed (%s)", self._error)
+        if wal is not None:
+            self._catch_up(wal)
         with self._compact_cv:
             self._compact_stop = True
             self._compact_cv.notify_all()

@@ -42,18 +42,14 @@ CHILD = textwrap.dedent("""
     elif compaction == "often":  # killed at any point of folding the log in
         sqlite_mod.COMPACT_PERIOD = 0.002
     elif compaction == "stuck":  # killed inside a compaction transaction
-        inner = sqlite_mod._apply_tables
-        def stuck(conn, batch):
-            inner(conn, batch)
-            os.write(1, b"compacting\\n")  # one write: never inside another line
-            time.sleep(60)
+        # The compactor process creates this file inside its first
+        # compaction transaction, once the rows are written, and waits there.
+        os.environ["FASTMQTT_COMPACTOR_STALL"] = os.path.join(data_dir, "..", "stuck")
         sqlite_mod.COMPACT_PERIOD = 0.2
 
     async def main():
         store = SqliteStore(data_dir, durability=mode, batch_interval_ms=20)
         store.open()
-        if compaction == "stuck":
-            sqlite_mod._apply_tables = stuck  # after the start-up replay
         store.put_session("sub", 0xFFFFFFFF, 5, 1.0)
         next_id = [1]
 
@@ -78,6 +74,14 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.parametrize("mode, compaction", [("sync", "default"), ("batch", "default"),
                                                ("sync", "never"), ("batch", "often"),
                                                ("sync", "stuck")])
@@ -99,11 +103,9 @@ def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compac
             line = proc.stdout.readline()
             if not line:
                 break
-            if line.startswith("compacting"):
-                stuck = True
-            else:
-                assert line.startswith("acked "), repr(line)
-                acked.add(int(line.split()[1]))
+            assert line.startswith("acked "), repr(line)
+            acked.add(int(line.split()[1]))
+            stuck = stuck or os.path.exists(tmp_path / "stuck")
             if len(acked) >= 2000 and (stuck or compaction != "stuck"):
                 break
     finally:
@@ -111,6 +113,14 @@ def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compac
         proc.wait(10)
     assert len(acked) >= 2000, proc.stderr.read()
     assert stuck or compaction != "stuck"
+    if stuck:
+        # The compactor process dies with the store's (PR_SET_PDEATHSIG): its
+        # transaction is rolled back and it holds no lock on the tables.
+        child = int((tmp_path / "stuck").read_text())
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(child)
     if compaction in ("never", "stuck"):
         in_log = sum(os.path.getsize(os.path.join(data, n)) for n in os.listdir(data)
                      if n.startswith(SEGMENT_PREFIX))

@@ -64,6 +64,8 @@ class Reopener:
         if self.kind == "memory":
             if self.store is None:
                 self.store = MemoryStore()
+        elif self.kind == "sqlite-thread":
+            self.store = SqliteStore(self.path, compactor="thread")
         else:
             self.store = SqliteStore(self.path)
         return self.store
@@ -81,7 +83,7 @@ class Reopener:
         return self.first(now)
 
 
-@pytest.fixture(params=["memory", "sqlite", "sqlite-log"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-log", "sqlite-thread"])
 def reopener(request, tmp_path):
     r = Reopener(request.param, str(tmp_path / "data"))
     yield r
@@ -870,6 +872,34 @@ def test_compaction_failure_keeps_everything_in_the_log(tmp_path, caplog):
     s.close()
 
 
+def test_a_compactor_process_that_died_is_replaced(tmp_path, caplog):
+    """The compactor process is gone (killed, crashed): the next compaction
+    fails, says so, and the retry starts another; nothing is lost."""
+    s = SqliteStore(str(tmp_path), compactor="process")
+    s.open(now=NOW)
+    s.retry_delays = (0.0,)
+    s.put_session("c", NEVER, 5, None)
+    assert s.compact() and rows(s, "sessions") == 1
+    first = s._child
+    first.kill()
+    first.wait()
+    for i in range(1, 101):
+        s.put_message(i, pub(payload=b"%d" % i), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+    wait_committed(s)
+    assert s.compact()  # the first attempt fails, the retry starts another process
+    assert s._child is not None and s._child is not first and s._child.poll() is None
+    assert rows(s, "deliveries") == 100 and rows(s, "messages") == 100
+    assert "compactor process exited" in caplog.text
+    s.close()
+    assert segments(str(tmp_path)) == []  # a clean close: the tables have it all
+
+
+def test_compactor_setting_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="compactor"):
+        SqliteStore(str(tmp_path), compactor="fork")
+
+
 def _rewrite_segment(data_dir, edit):
     (path,) = segments(data_dir)
     with open(path, "rb") as f:
@@ -1164,7 +1194,6 @@ async def test_checkpointer_moves_the_wal_into_the_database(tmp_path, monkeypatc
     from fastmqtt.store import sqlite as sqlite_mod
 
     monkeypatch.setattr(sqlite_mod, "CHECKPOINT_BYTES", 64 * 1024)
-    monkeypatch.setattr(sqlite_mod, "CHECKPOINT_PERIOD", 0.01)
     s = SqliteStore(str(tmp_path))
     s.open(now=NOW)
     try:

@@ -1,18 +1,42 @@
 # cython: language_level=3
-"""The SQLite store's change recorder: the batch it fills and the mutators a
-PUBLISH to a persistent session calls (``put_message``, ``add_delivery``,
-``update_delivery``, ``remove_delivery``).
+"""The SQLite store's change recorder: the mutators a PUBLISH to a persistent
+session calls (``put_message``, ``add_delivery``, ``update_delivery``,
+``remove_delivery``), the batch the colder mutators fill, and the decoder of
+what the hot ones write.
 
-These run on the broker's trio thread for every stored message, under the
-store's lock; written in Python they cost the broker about as much as routing
-the message did. The logic is exactly that described in
-:mod:`fastmqtt.store.sqlite` (net effects keyed by primary key, reference
-counts per message, released messages kept for a re-delivery); only the
-interpreter overhead is gone. The colder mutators stay in Python and take the
-same lock (:class:`Lock`, usable as ``with store._lock:``).
+The hot mutators run on the broker's trio thread for every stored message,
+under the store's lock. They append each change as a few bytes to an *op
+buffer* (see "Ops" below), which the flush hands to the log as it is; the
+net effect (a delivery added and acknowledged again cancels out) is worked
+out later, by :func:`decode_ops`, in the compactor and at recovery. Reference
+counts per message and the released messages kept for a re-delivery stay
+here (see :mod:`fastmqtt.store.sqlite`). The colder mutators stay in Python,
+fill a :class:`Batch` (net effects keyed by primary key) and take the same
+lock (:class:`Lock`, usable as ``with store._lock:``).
+
+Ops, little endian, back to back::
+
+    1 MSG     u64 msg_id, f64 expires_at (NaN: none), u32 n, n bytes (stored PUBLISH)
+    2 MSGDEL  u64 msg_id                   (its last delivery went)
+    3 ADD     str client, u64 msg_id, u8 fresh, u64 seq, u8 qos, u16 packet_id,
+              str8 state, u32 n (0xFFFFFFFF: none), n bytes extra (UTF-8)
+    4 UPD     str client, u64 msg_id, u8 qos, u16 packet_id, str8 state
+    5 DEL     str client, u64 msg_id
+    6 CASCADE str client                   (delete_session: the client's
+                                            earlier delivery changes go)
+
+``str`` is a u16 length and UTF-8, ``str8`` a u8 length and ASCII. ``fresh``:
+the client had no delivery of that message (else the add may replace a row
+in the tables).
 """
 
 from collections import OrderedDict
+
+from libc.math cimport NAN, isnan
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
@@ -23,6 +47,13 @@ DEF ADD = 0   # new row, not in the tables: an add followed by a remove cancels 
 DEF ADDR = 1  # add over a row that may be in the tables (re-add): insert or replace
 DEF UPD = 2   # update of a row in the tables
 DEF DEL = 3   # delete of a row in the tables
+
+DEF OP_MSG = 1
+DEF OP_MSGDEL = 2
+DEF OP_ADD = 3
+DEF OP_UPD = 4
+DEF OP_DEL = 5
+DEF OP_CASCADE = 6
 
 
 cdef class Lock:
@@ -58,10 +89,11 @@ cdef class Lock:
 
 
 cdef class Batch:
-    """Net effect of the changes recorded since the last swap (see
-    :mod:`fastmqtt.store.sqlite`): messages, deliveries, sessions, ... keyed
-    by primary key. Mutators fill it with ``Publish`` objects; the log record
-    holds their stored form (blobs) instead."""
+    """Net effect of changes (see :mod:`fastmqtt.store.sqlite`): messages,
+    deliveries, sessions, ... keyed by primary key. The colder mutators fill
+    one per flush (``Publish`` objects for retained messages, wills and
+    history, encoded at the flush); :func:`decode_ops` adds the hot ones
+    (messages already in their stored form)."""
 
     cdef public long long ops
     cdef public long long seq
@@ -112,61 +144,146 @@ cdef class Recorder:
     """Base class of :class:`~fastmqtt.store.sqlite.SqliteStore`: its state of
     record and the hot mutators. The subclass provides ``_schedule()`` (called,
     lock held, by the first change of a batch), ``_unknown_message(msg_id)``
-    (a delivery names a message the store does not have) and sets
-    ``_extra`` (``delivery_extra``)."""
+    (a delivery names a message the store does not have),
+    ``_blob(kind, key, publish)`` (encodes a message that ``_encode`` could
+    not, or logs why and returns None) and sets ``_extra``
+    (``delivery_extra``) and ``_encode`` (``encode_publish``)."""
 
     cdef public Lock _lock
     cdef public Batch _batch
     cdef public long long _seq     # last recorded change
     cdef public long long _first   # seq of the first change of the current batch
+    cdef public long long _arm     # the change that schedules a flush (normally _first)
     cdef public long long _dseq    # delivery order base (after recovered ones)
     cdef public dict _refs         # msg_id -> deliveries referring to it
     cdef public dict _client_msgs  # client_id -> set of msg_ids delivered
-    cdef public dict _msgs         # msg_id -> (Publish, expires_at) while stored
+    cdef public dict _msgs         # msg_id -> (stored PUBLISH, expires_at) while stored
     cdef public object _released   # OrderedDict msg_id -> entry, newest last
     cdef public Py_ssize_t _released_kept
     cdef public object _extra
-    # Changes in the current batch that put a message in flight to a
-    # connected subscriber (state "sent"): its PUBACK may cancel them out.
-    cdef public long long _sent
-    # Deliveries added and acknowledged within the current batch (cancelled).
-    cdef public long long _cancelled
+    cdef public object _encode
+    cdef char* _buf                # ops of the current batch
+    cdef Py_ssize_t _len, _cap
 
     def __cinit__(self, *args, **kwargs):
         self._lock = Lock()
         self._batch = Batch()
         self._seq = 0
-        self._first = 1
+        self._first = self._arm = 1
         self._dseq = 0
         self._refs = {}
         self._client_msgs = {}
         self._msgs = {}
         self._released = OrderedDict()
         self._released_kept = 10_000
+        self._buf = NULL
+        self._len = self._cap = 0
+
+    def __dealloc__(self):
+        free(self._buf)
+
+    # ------------------------------------------------------------ op buffer
+
+    cdef char* _room(self, Py_ssize_t n) except NULL:
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if self._len + n > self._cap:
+            cap = self._cap * 2 if self._cap else 65536
+            while cap < self._len + n:
+                cap *= 2
+            grown = <char*>realloc(self._buf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self._buf = grown
+            self._cap = cap
+        cdef char* w = self._buf + self._len
+        self._len += n
+        return w
+
+    cdef int _str(self, s, int width) except -1:
+        cdef Py_ssize_t n
+        cdef const char* u = PyUnicode_AsUTF8AndSize(s, &n)
+        if n >= (1 << (8 * width)):
+            raise ValueError(f"{s[:40]!r}... is too long to store")
+        cdef char* w = self._room(width + n)
+        _put_uint(w, n, width)
+        memcpy(w + width, u, n)
+        return 0
+
+    cdef int _op_msg(self, msg_id, tuple entry) except -1:
+        cdef bytes blob = entry[0]
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(blob)
+        cdef char* w = self._room(21 + n)
+        w[0] = OP_MSG
+        _put_uint(w + 1, msg_id, 8)
+        exp = entry[1]
+        _put_f64(w + 9, NAN if exp is None else <double>exp)
+        _put_uint(w + 17, n, 4)
+        memcpy(w + 21, PyBytes_AS_STRING(blob), n)
+        return 0
+
+    cdef int _op_client(self, unsigned char op, client_id, msg_id) except -1:
+        self._room(1)[0] = op
+        self._str(client_id, 2)
+        if msg_id is not None:
+            _put_uint(self._room(8), msg_id, 8)
+        return 0
+
+    cdef int _op_state(self, qos, pid, state) except -1:
+        cdef char* w = self._room(3)
+        w[0] = <unsigned char>qos
+        _put_uint(w + 1, pid, 2)
+        self._str(state, 1)
+        return 0
+
+    def take_ops(self) -> bytes:
+        """The ops recorded since the last call (lock held by the caller)."""
+        out = PyBytes_FromStringAndSize(self._buf, self._len)
+        self._len = 0
+        if self._cap > (1 << 22):  # a burst grew it: give the memory back
+            free(self._buf)
+            self._buf = NULL
+            self._cap = 0
+        return out
+
+    @property
+    def ops_size(self) -> int:
+        """Bytes of ops recorded since the last :meth:`take_ops`."""
+        return self._len
+
+    def _op_cascade(self, client_id) -> None:
+        """delete_session's op (lock held): the client's earlier delivery
+        changes in this batch go."""
+        self._op_client(OP_CASCADE, client_id, None)
+
+    # ------------------------------------------------------------ mutators
 
     def put_message(self, msg_id, publish, expires_at) -> None:
-        cdef Batch b
-        entry = (publish, expires_at)
+        try:
+            blob = self._encode(publish)
+        except Exception:
+            blob = self._blob("message", msg_id, publish)  # logs why
+            if blob is None:
+                return
+        entry = (blob, expires_at)
         self._lock.take()
         try:
             self._seq += 1
-            b = self._batch
-            b.messages[msg_id] = entry
             self._msgs[msg_id] = entry
-            if b.msg_del:
-                b.msg_del.discard(msg_id)
             if self._released:
                 self._released.pop(msg_id, None)
-            if self._seq == self._first:
+            self._op_msg(msg_id, entry)
+            if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
 
     def add_delivery(self, client_id, delivery) -> None:
-        cdef Batch b
-        cdef int kind
-        cdef dict dl
         cdef set ms
+        cdef char* w
+        cdef Py_ssize_t n
+        cdef const char* u
+        cdef bint fresh
         mid = delivery.msg_id
         qos = delivery.qos
         pid = delivery.packet_id
@@ -177,34 +294,35 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is None:
                 ms = self._client_msgs[client_id] = set()
-            dl = _deliveries(b, client_id)
-            if mid in ms:  # re-add: a row may be on disk
-                kind = ADDR
-            else:
+            fresh = mid not in ms
+            if fresh:  # else a re-add: a row may be in the tables
                 ms.add(mid)
                 n = self._refs.get(mid, 0)
                 if not n and mid not in self._msgs:
-                    self._revive(b, mid)
+                    self._revive(mid)
                 self._refs[mid] = n + 1
-                old = dl.get(mid)
-                kind = ADD if old is None or (<list>old)[0] == ADD else ADDR
+            self._op_client(OP_ADD, client_id, mid)
+            w = self._room(9)
+            w[0] = fresh
             # Queue order: the change's seq, after everything recovered.
-            dl[mid] = [kind, self._dseq + self._seq, qos, pid, state, extra]
-            if state == "sent":
-                self._sent += 1
-            if self._seq == self._first:
+            _put_uint(w + 1, self._dseq + self._seq, 8)
+            self._op_state(qos, pid, state)
+            if extra is None:
+                _put_uint(self._room(4), 0xFFFFFFFF, 4)
+            else:
+                u = PyUnicode_AsUTF8AndSize(extra, &n)
+                w = self._room(4 + n)
+                _put_uint(w, n, 4)
+                memcpy(w + 4, u, n)
+            if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
 
     def update_delivery(self, client_id, delivery) -> None:
-        cdef Batch b
-        cdef dict dl
-        cdef list e
         mid = delivery.msg_id
         qos = delivery.qos
         pid = delivery.packet_id
@@ -212,50 +330,31 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is not None and mid in <set>ms:
-                dl = _deliveries(b, client_id)
-                e = dl.get(mid)
-                if e is not None and e[0] != DEL:
-                    e[2] = qos
-                    e[3] = pid
-                    e[4] = state
-                else:
-                    dl[mid] = [UPD, 0, qos, pid, state]
-                if state == "sent":
-                    self._sent += 1
+                self._op_client(OP_UPD, client_id, mid)
+                self._op_state(qos, pid, state)
             # else: unknown delivery, nothing to update
-            if self._seq == self._first:
+            if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
 
     def remove_delivery(self, client_id, msg_id) -> None:
-        cdef Batch b
-        cdef dict dl
-        cdef list e
         self._lock.take()
         try:
             self._seq += 1
-            b = self._batch
             ms = self._client_msgs.get(client_id)
             if ms is not None and msg_id in <set>ms:
                 (<set>ms).discard(msg_id)
-                dl = _deliveries(b, client_id)
-                e = dl.get(msg_id)
-                if e is not None and e[0] == ADD:
-                    del dl[msg_id]  # added and acknowledged within one batch
-                    self._cancelled += 1
-                else:
-                    dl[msg_id] = [DEL]
-                self._decref(b, msg_id)
-            if self._seq == self._first:
+                self._op_client(OP_DEL, client_id, msg_id)
+                self._decref(msg_id)
+            if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
 
-    def _decref(self, Batch b, msg_id) -> None:
+    def _decref(self, msg_id) -> None:
         """One delivery of ``msg_id`` fewer; the row goes with the last one
         (lock held)."""
         n = self._refs.get(msg_id, 1) - 1
@@ -269,35 +368,144 @@ cdef class Recorder:
             released[msg_id] = entry
             if len(released) > self._released_kept:
                 released.popitem(last=False)
-        if b.messages.pop(msg_id, None) is None:
-            b.msg_del.add(msg_id)
+        cdef char* w = self._room(9)
+        w[0] = OP_MSGDEL
+        _put_uint(w + 1, msg_id, 8)
 
-    def _revive(self, Batch b, msg_id) -> None:
+    def _revive(self, msg_id) -> None:
         """A delivery names a message whose row was dropped (its last delivery
         went): store it again if it is still known, else report it (lock
         held)."""
         entry = self._released.pop(msg_id, None)
         if entry is not None:
             self._msgs[msg_id] = entry
-            b.messages[msg_id] = entry
-            b.msg_del.discard(msg_id)
+            self._op_msg(msg_id, entry)
         else:
             self._unknown_message(msg_id)
 
 
-def encode_messages(dict messages, encode, blob) -> dict:
-    """``{msg_id: (Publish, expires_at)}`` -> ``{msg_id: (blob, expires_at)}``
-    with ``encode(publish)``; a message that cannot be encoded goes through
-    ``blob("message", msg_id, publish)`` (which logs why and may return None:
-    left out)."""
-    cdef dict out = {}
-    cdef tuple v
-    for mid, v in messages.items():
-        p = v[0]
-        try:
-            out[mid] = (encode(p), v[1])
-        except Exception:
-            data = blob("message", mid, p)
-            if data is not None:  # pragma: no cover - it failed just now
-                out[mid] = (data, v[1])
-    return out
+cdef inline void _put_uint(char* w, unsigned long long v, int width):
+    cdef int i
+    for i in range(width):
+        w[i] = <char>(v & 0xFF)
+        v >>= 8
+
+
+cdef inline void _put_f64(char* w, double v):
+    memcpy(w, &v, 8)  # IEEE 754, little endian on every platform CPython runs on
+
+
+cdef inline unsigned long long _get_uint(const unsigned char* r, int width):
+    cdef unsigned long long v = 0
+    cdef int i
+    for i in range(width - 1, -1, -1):
+        v = (v << 8) | r[i]
+    return v
+
+
+cdef class _Cursor:
+    cdef const unsigned char* p
+    cdef Py_ssize_t off, end
+
+    cdef const unsigned char* take(self, Py_ssize_t n) except NULL:
+        if n < 0 or self.off + n > self.end:
+            raise ValueError(f"ops cut short at byte {self.off}")
+        cdef const unsigned char* r = self.p + self.off
+        self.off += n
+        return r
+
+    cdef unsigned long long uint(self, int width) except? 0xFFFFFFFFFFFFFFFF:
+        return _get_uint(self.take(width), width)
+
+    cdef str text(self, int width):
+        cdef Py_ssize_t n = <Py_ssize_t>self.uint(width)
+        return PyUnicode_DecodeUTF8(<const char*>self.take(n), n, NULL)
+
+
+cdef dict _STATES = {}
+
+
+def decode_ops(const unsigned char[::1] data, Batch b) -> None:
+    """Apply recorded ops (see the module docstring) to batch ``b``, after
+    whatever it holds, keeping it the net effect: a delivery added and
+    removed again, or a message put and released again, cancels out.
+
+    Raises:
+        ValueError: the ops are damaged.
+    """
+    cdef _Cursor c = _Cursor()
+    cdef unsigned char op
+    cdef dict dl
+    cdef list e
+    cdef double exp
+    cdef Py_ssize_t n
+    cdef int kind
+    if data.shape[0] == 0:
+        return
+    c.p = &data[0]
+    c.off = 0
+    c.end = data.shape[0]
+    while c.off < c.end:
+        op = c.take(1)[0]
+        if op == OP_MSG:
+            mid = c.uint(8)
+            memcpy(&exp, c.take(8), 8)
+            n = <Py_ssize_t>c.uint(4)
+            blob = PyBytes_FromStringAndSize(<const char*>c.take(n), n)
+            b.messages[mid] = (blob, None if isnan(exp) else exp)
+            if b.msg_del:
+                b.msg_del.discard(mid)
+        elif op == OP_MSGDEL:
+            mid = c.uint(8)
+            if b.messages.pop(mid, None) is None:
+                b.msg_del.add(mid)
+        elif op == OP_CASCADE:
+            b.deliv.pop(c.text(2), None)
+        elif op == OP_ADD or op == OP_UPD or op == OP_DEL:
+            cid = c.text(2)
+            mid = c.uint(8)
+            dl = _deliveries(b, cid)
+            old = dl.get(mid)
+            if op == OP_ADD:
+                fresh = c.take(1)[0]
+                seq = c.uint(8)
+                qos = c.take(1)[0]
+                pid = c.uint(2)
+                state = _state(c)
+                n = <Py_ssize_t>c.uint(4)
+                if n == 0xFFFFFFFF:
+                    extra = None
+                else:
+                    extra = PyUnicode_DecodeUTF8(<const char*>c.take(n), n, NULL)
+                kind = ADD if fresh and (old is None or (<list>old)[0] == ADD) else ADDR
+                dl[mid] = [kind, seq, qos, pid, state, extra]
+            elif op == OP_UPD:
+                qos = c.take(1)[0]
+                pid = c.uint(2)
+                state = _state(c)
+                if old is not None and (<list>old)[0] != DEL:
+                    e = <list>old
+                    e[2] = qos
+                    e[3] = pid
+                    e[4] = state
+                else:
+                    dl[mid] = [UPD, 0, qos, pid, state]
+            else:
+                if old is not None and (<list>old)[0] == ADD:
+                    del dl[mid]  # added and acknowledged before reaching the tables
+                else:
+                    dl[mid] = [DEL]
+        else:
+            raise ValueError(f"unknown op {op} at byte {c.off - 1}")
+
+
+cdef str _state(_Cursor c):
+    cdef Py_ssize_t n = <Py_ssize_t>c.uint(1)
+    cdef const unsigned char* r = c.take(n)
+    key = PyBytes_FromStringAndSize(<const char*>r, n)
+    s = _STATES.get(key)
+    if s is None:
+        s = key.decode("ascii")
+        if len(_STATES) < 64:
+            _STATES[key] = s
+    return s

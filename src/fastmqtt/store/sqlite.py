@@ -13,12 +13,15 @@ The state is in two places:
   ``compacted_lsn`` in ``meta``: the last log record whose changes the tables
   contain;
 * the *log*: segment files ``fastmqtt-log.<first lsn in hex>``, records back to
-  back, one per flush: a frame (length, lsn) and the batch (its net effect) as
-  one blob with its CRC-32 (see :func:`_encode_record`).
+  back, one per flush: a frame (length, lsn) and the flush's changes as one
+  blob with its CRC-32 (see :func:`_encode_record`).
 
-A *flush* swaps the current batch for a fresh one (under the store's lock),
-encodes it as one record and appends that to the log writer
-(:class:`fastmqtt._wal.LogWriter`), then hands the batch to the compactor. The
+The hot mutators (``put_message``, ``add_delivery``, ``update_delivery``,
+``remove_delivery``, compiled in :mod:`fastmqtt._record`) append each change
+as a few bytes to an *op buffer*; the others fill a *batch* (a net effect,
+see below). A *flush* takes both (under the store's lock), encodes them as one
+record (the batch pickled, empty most of the time, then the ops as they are)
+and appends that to the log writer (:class:`fastmqtt._wal.LogWriter`). The
 first change of a batch schedules the flush on the trio loop
 (``run_sync_soon``), so every change the loop records until it gets there
 rides along; outside trio a flusher thread does it.
@@ -64,18 +67,21 @@ Replaying is idempotent because each record holds final values ("row X is now
 Y", "row X is gone"), never increments.
 
 Batches are *net effects*, keyed by primary key, so later changes overwrite
-earlier ones in the same batch. The one order-sensitive change,
+earlier ones in the same batch. Ops become one when a record is decoded
+(:func:`fastmqtt._record.decode_ops`, in the compactor and at recovery), by
+the same rules. The one order-sensitive change,
 ``delete_session`` (which removes every row of a client), is applied first in
 the transaction and drops that client's earlier entries from the batch, so
 changes made after it still land after it. :func:`_merge` applies the same
 rules across batches.
 
-Coalescing: a delivery added and removed within the same batch never reaches
-the disk, and neither does its message once no delivery refers to it. This is
-safe: the publisher's PUBACK waits for a ticket that covers the add, and the
-batch that covers the add also covers the remove, which means the subscriber
-has already acknowledged the message; nothing is owed to anyone, so there is
-nothing to survive a crash. A fast subscriber's messages cost no disk I/O.
+Coalescing: a delivery added and removed before the compactor folds them (in
+one record or across several) never reaches the tables, and neither does its
+message once no delivery refers to it; the log has them until its segment is
+deleted. A fast subscriber's messages cost an append to the log, no table
+rows. (Until this version the trio thread worked the net effect out itself,
+in dicts, and an acknowledged delivery never reached the log at all: that
+cost the loop more than appending the ops costs the writer.)
 
 Message rows are reference counted in memory (deliveries per message), so the
 row goes in the same batch as its last delivery; messages that end up with no
@@ -144,7 +150,7 @@ from typing import Any
 import trio
 
 from .._record import Batch as _Batch
-from .._record import Recorder, encode_messages
+from .._record import Recorder, decode_ops
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
@@ -181,23 +187,6 @@ COMPACT_OPS = 100_000
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 #: Released messages remembered for a re-delivery under the same msg_id.
 RELEASED_KEPT = 10_000
-#: How long (seconds) the flush of a batch that sent messages to online
-#: persistent subscribers waits before it is encoded and written: their
-#: PUBACKs, usually back within that time, cancel the deliveries (and the
-#: messages) out of the batch, and then nothing about those messages reaches
-#: the disk at all; fewer, larger records are cheaper too. Batches that only
-#: queue (offline subscribers) or change other state are flushed at once. It
-#: is also added to the PUBACK latency of such publishes. Measured on the
-#: persistence benchmark's online level: 1 ms raised throughput by a quarter
-#: (batch) to two fifths (sync), with about a third of the messages never
-#: encoded.
-ACK_WAIT = 0.001
-#: After ACK_WAIT_MISSES waits in a row that cancelled nothing, this many
-#: flushes go at once before ACK_WAIT is tried again: a publisher that waits
-#: for each PUBACK before its next PUBLISH (its subscribers' acknowledgements
-#: can only come after that) must not pay the wait on every message.
-ACK_WAIT_MISSES = 4
-ACK_WAIT_RETRY = 64
 #: Records appended but not yet written (bytes) above which flushes stop
 #: until the writer catches up (to half of it): while the disk stalls, changes
 #: stay in the current batch, a net effect that does not grow with traffic
@@ -570,7 +559,11 @@ class _Unusable(Exception):
 # in one C call, several times faster than building JSON, and its format is
 # stable across Python versions (unlike marshal).
 
-_RECORD_VERSION = 1
+#: 2: a version byte and the length of the pickled batch (u32), the batch
+#: (may be empty), then the ops (fastmqtt._record). 1 (still read): the
+#: pickled batch alone, its first byte pickle's 0x80.
+_RECORD_VERSION = 2
+_RECORD_HEAD = struct.Struct("<BI")
 _crc32 = zlib.crc32
 
 
@@ -593,31 +586,38 @@ def _stored_form(changes: dict, kind: str, blob) -> dict:
     return out
 
 
-def _encode_record(b: _Batch, blob) -> bytes:
-    """Encode a batch as a log record; turns ``b`` into its stored form.
+def _encode_record(b: _Batch, ops: bytes, blob) -> bytes:
+    """Encode a flush as a log record: the colder mutators' batch ``b`` (turned
+    into its stored form; pickled, empty when nothing changed there) and the
+    hot mutators' ``ops`` after it.
 
     ``blob(kind, key, publish)`` encodes one message (None: cannot be stored,
     already logged; the entry is left out)."""
-    b.messages = encode_messages(b.messages, encode_publish, blob)
-    if b.retained:
-        b.retained = _stored_form(b.retained, "retained message", blob)
-    if b.wills:
-        b.wills = _stored_form(b.wills, "will of", blob)
-    if b.hist_put:
-        hist = {}
-        for hid, (_, t, ts, exp, p) in b.hist_put.items():
-            data = blob("history entry", hid, p)
-            if data is not None:
-                hist[hid] = (hid, t, ts, exp, data)
-        b.hist_put = hist
-    body = pickle.dumps((_RECORD_VERSION, b.cascade, b.sessions, b.subs, b.deliv, b.qos2,
-                         b.messages, b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del),
-                        5)
+    if b.empty():
+        cold = b""
+    else:
+        if b.retained:
+            b.retained = _stored_form(b.retained, "retained message", blob)
+        if b.wills:
+            b.wills = _stored_form(b.wills, "will of", blob)
+        if b.hist_put:
+            hist = {}
+            for hid, (_, t, ts, exp, p) in b.hist_put.items():
+                data = blob("history entry", hid, p)
+                if data is not None:
+                    hist[hid] = (hid, t, ts, exp, data)
+            b.hist_put = hist
+        # Messages and deliveries in b come from ops folded in while the disk
+        # stalled: already in their stored form.
+        cold = pickle.dumps((1, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages,
+                             b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del), 5)
+    body = b"".join((_RECORD_HEAD.pack(_RECORD_VERSION, len(cold)), cold, ops))
     return _crc32(body).to_bytes(4, "little") + body
 
 
 def _decode_record(rec: bytes) -> _Batch:
-    """Inverse of :func:`_encode_record` (stored form).
+    """Inverse of :func:`_encode_record`: the net effect of the record, in
+    stored form. Version 1 records (a pickled batch, before ops) too.
 
     Raises:
         ValueError: the record is damaged (checksum, structure) or unknown.
@@ -626,20 +626,32 @@ def _decode_record(rec: bytes) -> _Batch:
     if len(rec) < 5 or int.from_bytes(rec[:4], "little") != _crc32(memoryview(rec)[4:]):
         raise ValueError("checksum mismatch")
     try:
-        t = _PlainUnpickler(io.BytesIO(rec[4:])).load()
-        if not isinstance(t, tuple) or not t or t[0] != _RECORD_VERSION:
-            raise ValueError(f"unknown record version {t[0] if isinstance(t, tuple) and t else t!r}")
-        b = _Batch()
-        (_, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages, b.msg_del,
-         b.retained, b.wills, b.hist_put, b.hist_del) = t
-        for d in b.deliv.values():
-            for e in d.values():
-                if len(e) == 5:
-                    e.append(None)  # written before deliveries kept RETAIN and ids
+        if rec[4] == _RECORD_VERSION:
+            if len(rec) < 4 + _RECORD_HEAD.size:
+                raise ValueError("record header cut short")
+            _, n = _RECORD_HEAD.unpack_from(rec, 4)
+            start = 4 + _RECORD_HEAD.size
+            b = _decode_cold(rec[start:start + n]) if n else _Batch()
+            decode_ops(memoryview(rec)[start + n:], b)
+            return b
+        return _decode_cold(rec[4:])
     except ValueError:
         raise
     except Exception as e:
         raise ValueError(f"{type(e).__name__}: {e}") from e
+
+
+def _decode_cold(data: bytes) -> _Batch:
+    t = _PlainUnpickler(io.BytesIO(data)).load()
+    if not isinstance(t, tuple) or not t or t[0] != 1:
+        raise ValueError(f"unknown record version {t[0] if isinstance(t, tuple) and t else t!r}")
+    b = _Batch()
+    (_, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages, b.msg_del,
+     b.retained, b.wills, b.hist_put, b.hist_del) = t
+    for d in b.deliv.values():
+        for e in d.values():
+            if len(e) == 5:
+                e.append(None)  # written before deliveries kept RETAIN and ids
     return b
 
 
@@ -839,6 +851,7 @@ class SqliteStore(Recorder):
         # of the current batch, to come), _dseq, _refs, _client_msgs, _msgs,
         # _released: see fastmqtt._record.
         self._extra = delivery_extra
+        self._encode = encode_publish
         self._released_kept = RELEASED_KEPT
         self._pending = _Signal()  # outside trio: the flusher thread has work
         self._committed = 0  # last change durable per the mode
@@ -852,11 +865,6 @@ class SqliteStore(Recorder):
         self._thread: threading.Thread | None = None  # the log writer's
         self._threads: list[threading.Thread] = []  # compactor, flusher
         self._watching: trio.lowlevel.TrioToken | None = None
-        self._ack_wait_token: trio.lowlevel.TrioToken | None = None
-        self._ack_wait_kick: trio.Event | None = None
-        self._sent_before = 0  # the last batch's _sent
-        self._ack_wait_skip = 0  # flushes to go before ACK_WAIT is tried again
-        self._ack_wait_misses = 0  # waits in a row that cancelled nothing
         self._flush_held = False  # a flush waits for the writer (PENDING_LIMIT)
         self._flush_scheduled = False
         self._closing = False
@@ -1146,6 +1154,7 @@ class SqliteStore(Recorder):
         for c, f, q, nl, rap, rh, sid in conn.execute("SELECT * FROM subscriptions"):
             subs.setdefault(c, {})[f] = SubscriptionRecord(f, q, bool(nl), bool(rap), rh, sid)
         messages = {}
+        stored = {}  # msg_id -> (blob, expires_at): the recorder keeps these
         max_msg = 0
         for mid, blob, exp in conn.execute("SELECT * FROM messages"):
             max_msg = max(max_msg, mid)
@@ -1154,6 +1163,7 @@ class SqliteStore(Recorder):
                 bad_msgs.append(mid)
             else:
                 messages[mid] = (p, exp)
+                stored[mid] = (bytes(blob), exp)
         deliveries: dict[str, list] = {}
         all_deliv = set()
         max_seq = 0
@@ -1222,7 +1232,7 @@ class SqliteStore(Recorder):
 
         self._refs = {}
         self._client_msgs = {}
-        self._msgs = dict(snap.messages)
+        self._msgs = {mid: stored[mid] for mid in snap.messages}
         self._released.clear()
         for s in snap.sessions:
             ms = self._client_msgs[s.client_id] = set()
@@ -1433,7 +1443,7 @@ class SqliteStore(Recorder):
         # Inlined in the hot mutators below. The batch's seq and ops are
         # worked out at the swap (_take_batch), not counted per change.
         self._seq += 1
-        if self._seq == self._first:
+        if self._seq == self._arm:
             self._schedule()
         return self._batch
 
@@ -1450,8 +1460,9 @@ class SqliteStore(Recorder):
             b.cascade.add(client_id)
             for d in (b.sessions, b.subs, b.deliv, b.qos2, b.wills):
                 d.pop(client_id, None)
+            self._op_cascade(client_id)
             for mid in self._client_msgs.pop(client_id, ()):
-                self._decref(b, mid)
+                self._decref(mid)
 
     def put_subscription(self, client_id: str, sub: SubscriptionRecord) -> None:
         with self._lock:
@@ -1557,29 +1568,10 @@ class SqliteStore(Recorder):
         self._pending.set()
 
     def _flush_soon(self) -> None:
-        """The scheduled flush (trio thread). While messages are being sent to
-        online subscribers (this batch or the last one sent some), a batch
-        waits ``ACK_WAIT`` first (see there); others go now."""
-        if not ((self._sent or self._sent_before) and ACK_WAIT) or self._ack_wait_skip:
-            if self._ack_wait_skip:
-                self._ack_wait_skip -= 1
-            self._flush()
-            return
-        if self._ack_wait_token is not self._token:
-            self._ack_wait_token = self._token
-            self._ack_wait_kick = trio.Event()
-            trio.lowlevel.spawn_system_task(self._ack_waiter, self._ack_wait_kick,
-                                            name="fastmqtt-store-ack-wait")
-        self._ack_wait_kick.set()
+        """The scheduled flush (trio thread)."""
+        self._flush()
 
-    async def _ack_waiter(self, kick: trio.Event) -> None:
-        while True:
-            await kick.wait()
-            kick = self._ack_wait_kick = trio.Event()
-            await trio.sleep(ACK_WAIT)
-            self._flush(waited=True)
-
-    def _flush(self, waited: bool = False, force: bool = False) -> None:
+    def _flush(self, force: bool = False) -> None:
         with self._lock:
             self._flush_scheduled = False
             seq = self._seq
@@ -1588,38 +1580,29 @@ class SqliteStore(Recorder):
             wal = self._wal
             if wal is not None and not force and wal.pending > PENDING_LIMIT:
                 # _progress flushes once the writer catches up. (Never held
-                # outside trio: those flushes are forced.)
+                # outside trio: those flushes are forced.) Meanwhile the ops
+                # are folded into the batch each turn of the loop, a net
+                # effect that does not grow with traffic (a message queued
+                # and acknowledged again cancels out).
+                decode_ops(self.take_ops(), self._batch)
+                self._arm = seq + 1  # the next change schedules this again
                 self._flush_held = True
                 self._ensure_watch()
                 return
             b = self._batch
             self._batch = _Batch()
-            sent = self._sent_before = self._sent
-            self._sent = 0
-            if waited and sent:
-                if self._cancelled:
-                    self._ack_wait_misses = 0
-                else:
-                    # Waiting cancelled nothing. Several times running: the
-                    # acknowledgements come later than ACK_WAIT, or only
-                    # after the publisher's PUBACK; do not make the next
-                    # batches wait for nothing, try again later.
-                    self._ack_wait_misses += 1
-                    if self._ack_wait_misses >= ACK_WAIT_MISSES:
-                        self._ack_wait_misses = 0
-                        self._ack_wait_skip = ACK_WAIT_RETRY
-            self._cancelled = 0
+            ops = self.take_ops()
             b.ops = seq - self._first + 1
             b.seq = seq
-            self._first = seq + 1
+            self._first = self._arm = seq + 1
             if wal is None or self._error is not None:
                 return  # closed or failed: nothing is written any more
             t0 = time.perf_counter()
             try:
-                if b.empty():
+                if not ops and b.empty():
                     wal.append(b"", seq)  # all cancelled out: only the ticket
                     return
-                rec = _encode_record(b, self._blob)
+                rec = _encode_record(b, ops, self._blob)
                 b.lsn = lsn = self._lsn + 1
                 if self._seg_bytes >= SEGMENT_BYTES:
                     path = _segment_path(self.data_dir, lsn)

@@ -34,7 +34,7 @@ class Recorder:
     _dseq: int
     _refs: dict[int, int]
     _client_msgs: dict[str, set[int]]
-    _msgs: dict[int, tuple[bytes, float | None]]
+    _msgs: dict[int, bytes | tuple[bytes, float]]
     _released: OrderedDict[int, tuple]
     _released_kept: int
     _extra: Callable[[bool, tuple], str | None]

@@ -157,8 +157,10 @@ cdef class Recorder:
     cdef public long long _dseq    # delivery order base (after recovered ones)
     cdef public dict _refs         # msg_id -> deliveries referring to it
     cdef public dict _client_msgs  # client_id -> set of msg_ids delivered
-    cdef public dict _msgs         # msg_id -> (stored PUBLISH, expires_at) while stored
-    cdef public object _released   # OrderedDict msg_id -> entry, newest last
+    # msg_id -> stored PUBLISH (bytes), or (bytes, expires_at) when it expires:
+    # while stored. Bytes alone keep the dict out of the cyclic GC's way.
+    cdef public dict _msgs
+    cdef public object _released   # OrderedDict msg_id -> entry (as in _msgs), newest last
     cdef public Py_ssize_t _released_kept
     cdef public object _extra
     cdef public object _encode
@@ -210,13 +212,18 @@ cdef class Recorder:
         memcpy(w + width, u, n)
         return 0
 
-    cdef int _op_msg(self, msg_id, tuple entry) except -1:
-        cdef bytes blob = entry[0]
+    cdef int _op_msg(self, msg_id, entry) except -1:
+        cdef bytes blob
+        if type(entry) is tuple:
+            blob = (<tuple>entry)[0]
+            exp = (<tuple>entry)[1]
+        else:
+            blob = <bytes?>entry
+            exp = None
         cdef Py_ssize_t n = PyBytes_GET_SIZE(blob)
         cdef char* w = self._room(21 + n)
         w[0] = OP_MSG
         _put_uint(w + 1, msg_id, 8)
-        exp = entry[1]
         _put_f64(w + 9, NAN if exp is None else <double>exp)
         _put_uint(w + 17, n, 4)
         memcpy(w + 21, PyBytes_AS_STRING(blob), n)
@@ -265,7 +272,7 @@ cdef class Recorder:
             blob = self._blob("message", msg_id, publish)  # logs why
             if blob is None:
                 return
-        entry = (blob, expires_at)
+        entry = blob if expires_at is None else (blob, expires_at)
         self._lock.take()
         try:
             self._seq += 1

@@ -34,7 +34,7 @@ class SubscriptionRecord:
     subscription_id: int = 0
 
 
-@dataclass
+@dataclass(slots=True)  # one per stored delivery change: no __dict__ to build
 class DeliveryRecord:
     """One message owed to one persistent session.
 

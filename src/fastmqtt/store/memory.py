@@ -7,6 +7,7 @@ checked against (same calls, same snapshot).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -129,7 +130,7 @@ class MemoryStore:
             if delivery.msg_id not in self.messages and delivery.msg_id in self._released:
                 self.messages[delivery.msg_id] = self._released.pop(delivery.msg_id)
             self.refs[delivery.msg_id] = self.refs.get(delivery.msg_id, 0) + 1
-        dl[delivery.msg_id] = (self._seq, DeliveryRecord(**vars(delivery)))
+        dl[delivery.msg_id] = (self._seq, dataclasses.replace(delivery))  # a copy
 
     def update_delivery(self, client_id: str, delivery: DeliveryRecord) -> None:
         self._seq += 1

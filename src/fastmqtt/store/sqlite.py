@@ -1163,7 +1163,7 @@ class SqliteStore(Recorder):
                 bad_msgs.append(mid)
             else:
                 messages[mid] = (p, exp)
-                stored[mid] = (bytes(blob), exp)
+                stored[mid] = bytes(blob) if exp is None else (bytes(blob), exp)
         deliveries: dict[str, list] = {}
         all_deliv = set()
         max_seq = 0

@@ -165,6 +165,8 @@ def decode(data: bytes, version: int = 5) -> Packet:
     """Decode exactly one complete packet; raises MalformedPacket if ``data`` is
     incomplete, has trailing bytes or is invalid."""
 
+def encode_stored(publish: Publish) -> bytes: ...
+
 class PublishTemplate:
     """A PUBLISH encoded once, re-emitted with a per-receiver packet id and DUP flag.
 

@@ -2952,6 +2952,34 @@ def encode(packet, version=5):
 
 
 @cython.final
+def encode_stored(publish):
+    """A PUBLISH in the stores' format (:func:`fastmqtt.store.base.encode_publish`):
+    a flag byte, then the v5 encoding; flag 1 marks a QoS 1/2 message without a
+    packet id, encoded with id 1 (flag 0: as it is). One allocation; the same
+    bytes the store's Python path builds, for the broker's hot path.
+
+    Raises:
+        MalformedPacket: if the PUBLISH cannot be encoded.
+    """
+    if type(publish) is not Publish:
+        _fail(f"encode_stored needs a Publish, not {type(publish).__name__}")
+    cdef Publish p = <Publish>publish
+    cdef Py_ssize_t off = 0
+    cdef bint no_id = p.qos != 0 and not p.packet_id
+    body = _encode_publish(p, True, no_id, &off)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(body)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n + 1)
+    cdef unsigned char* w = <unsigned char*>PyBytes_AS_STRING(out)
+    w[0] = 1 if no_id else 0
+    memcpy(w + 1, PyBytes_AS_STRING(body), n)
+    if no_id:
+        if p.dup:
+            w[1] |= 0x08  # template mode cleared it
+        w[1 + off] = 0
+        w[2 + off] = 1
+    return out
+
+
 cdef class PublishTemplate:
     """A PUBLISH encoded once, re-emitted per receiver with its own packet id
     and DUP flag, without re-encoding (the broker's fan-out path).

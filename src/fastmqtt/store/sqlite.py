@@ -154,7 +154,7 @@ from .._record import Recorder, decode_ops
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
-                   encode_publish, log, parse_delivery_extra)
+                   encode_publish, log, parse_delivery_extra, publish_encoder)
 
 __all__ = ["SqliteStore", "DB_NAME", "SEGMENT_PREFIX", "SCHEMA_VERSION"]
 
@@ -851,7 +851,7 @@ class SqliteStore(Recorder):
         # of the current batch, to come), _dseq, _refs, _client_msgs, _msgs,
         # _released: see fastmqtt._record.
         self._extra = delivery_extra
-        self._encode = encode_publish
+        self._encode = publish_encoder()
         self._released_kept = RELEASED_KEPT
         self._pending = _Signal()  # outside trio: the flusher thread has work
         self._committed = 0  # last change durable per the mode

@@ -1363,3 +1363,33 @@ def test_damaged_ops_raise_value_error_only(data):
         decode_ops(data, Batch())
     except ValueError:
         pass
+
+
+def test_delivery_changes_by_fields_are_the_records_ones(tmp_path):
+    """add_delivery_fields / update_delivery_fields (the core's hot path)
+    store exactly what add_delivery / update_delivery with a record do."""
+    snaps = []
+    for way, d in (("record", "a"), ("fields", "b")):
+        s = SqliteStore(str(tmp_path / d))
+        s.open(now=NOW)
+        s.put_session("c", NEVER, 5, None)
+        for i in range(1, 4):
+            s.put_message(i, pub(payload=b"%d" % i), None)
+        changes = [("add", 1, 1, 0, "queued", False, ()), ("add", 2, 2, 7, "sent", True, (3, 4)),
+                   ("add", 3, 1, 0, "queued", False, (9,)), ("update", 1, 1, 5, "sent"),
+                   ("update", 2, 2, 7, "released")]
+        for op, mid, qos, pid, state, *rest in changes:
+            if way == "record":
+                rec = DeliveryRecord(mid, qos, pid, state, *rest)
+                (s.add_delivery if op == "add" else s.update_delivery)("c", rec)
+            elif op == "add":
+                s.add_delivery_fields("c", mid, qos, pid, state, *rest)
+            else:
+                s.update_delivery_fields("c", mid, qos, pid, state)
+        s.close()
+        s = SqliteStore(str(tmp_path / d))
+        snaps.append(s.open(now=NOW).sessions[0].deliveries)
+        s.close()
+    assert snaps[0] == snaps[1] == [DeliveryRecord(1, 1, 5, "sent"),
+                                    DeliveryRecord(2, 2, 7, "released", True, (3, 4)),
+                                    DeliveryRecord(3, 1, 0, "queued", False, (9,))]

@@ -286,17 +286,25 @@ cdef class Recorder:
             self._lock.give()
 
     def add_delivery(self, client_id, delivery) -> None:
+        self._add(client_id, delivery.msg_id, delivery.qos, delivery.packet_id, delivery.state,
+                  delivery.retain, delivery.subids)
+
+    def add_delivery_fields(self, client_id, msg_id, qos, packet_id, state, retain=False,
+                            subids=()) -> None:
+        """:meth:`add_delivery` with the record's fields as arguments (the
+        broker core's hot path: no DeliveryRecord to build)."""
+        self._add(client_id, msg_id, qos, packet_id, state, retain, subids)
+
+    def update_delivery_fields(self, client_id, msg_id, qos, packet_id, state) -> None:
+        """:meth:`update_delivery` with the record's fields as arguments."""
+        self._update(client_id, msg_id, qos, packet_id, state)
+
+    cdef int _add(self, client_id, mid, qos, pid, state, retain, subids) except -1:
         cdef set ms
         cdef char* w
         cdef Py_ssize_t n
         cdef const char* u
         cdef bint fresh
-        mid = delivery.msg_id
-        qos = delivery.qos
-        pid = delivery.packet_id
-        state = delivery.state
-        retain = delivery.retain
-        subids = delivery.subids
         extra = self._extra(retain, subids) if retain or subids else None
         self._lock.take()
         try:
@@ -328,12 +336,13 @@ cdef class Recorder:
                 self._schedule()
         finally:
             self._lock.give()
+        return 0
 
     def update_delivery(self, client_id, delivery) -> None:
-        mid = delivery.msg_id
-        qos = delivery.qos
-        pid = delivery.packet_id
-        state = delivery.state
+        self._update(client_id, delivery.msg_id, delivery.qos, delivery.packet_id,
+                     delivery.state)
+
+    cdef int _update(self, client_id, mid, qos, pid, state) except -1:
         self._lock.take()
         try:
             self._seq += 1
@@ -346,6 +355,7 @@ cdef class Recorder:
                 self._schedule()
         finally:
             self._lock.give()
+        return 0
 
     def remove_delivery(self, client_id, msg_id) -> None:
         self._lock.take()

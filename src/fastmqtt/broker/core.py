@@ -182,6 +182,11 @@ class BrokerCore:
         self.store = store if store is not None else NullStore()
         self.persistent_store = bool(getattr(self.store, "persistent", True)) and not isinstance(
             self.store, NullStore)
+        # Delivery changes with their fields as arguments where the store
+        # offers that (no DeliveryRecord per change on the hot path).
+        self._add_delivery = getattr(self.store, "add_delivery_fields", None) or self._add_record
+        self._update_delivery = (getattr(self.store, "update_delivery_fields", None)
+                                 or self._update_record)
         self.authorizer = authorizer if authorizer is not None else AllowAll()
         self.check_acl = not _is_allow_all(self.authorizer)
         self.stats = stats if stats is not None else Stats()
@@ -651,7 +656,7 @@ class BrokerCore:
         og.state = "released"
         ticket = 0
         if cs.persisted and og.msg.msg_id:
-            self.store.update_delivery(cs.client_id, DeliveryRecord(og.msg.msg_id, 2, pid, "released"))
+            self._update_delivery(cs.client_id, og.msg.msg_id, 2, pid, "released")
             # After a crash the resend must be this PUBREL, not the PUBLISH
             # [MQTT-4.4.0-1]: the PUBREL leaves once the new state is committed.
             if self.persistent_store:
@@ -923,8 +928,8 @@ class BrokerCore:
                 cs.inflight[pid] = Outgoing(msg, q, retain, subids, pid, "sent")
                 data = tpl.with_packet_id(pid)
                 if cs.persisted:
-                    self.store.add_delivery(cs.client_id, DeliveryRecord(
-                        self._persist_msg(msg), q, pid, "sent", retain, subids))
+                    self._add_delivery(cs.client_id, self._persist_msg(msg), q, pid, "sent",
+                                       retain, subids)
             outbox = conn.outbox
             outbox.append(data)
             conn.out_bytes += len(data)
@@ -979,11 +984,11 @@ class BrokerCore:
         if conn.out_bytes > self.soft_out:
             self.pressured.add(conn)
         if cs.persisted:
-            rec = DeliveryRecord(self._persist_msg(msg), og.qos, pid, "sent", og.retain, og.subids)
             if prev == "queued":
-                self.store.update_delivery(cs.client_id, rec)
+                self._update_delivery(cs.client_id, self._persist_msg(msg), og.qos, pid, "sent")
             else:
-                self.store.add_delivery(cs.client_id, rec)
+                self._add_delivery(cs.client_id, self._persist_msg(msg), og.qos, pid, "sent",
+                                   og.retain, og.subids)
         return True
 
     def _persist_msg(self, msg: Message) -> int:
@@ -1025,8 +1030,17 @@ class BrokerCore:
         if og.qos == 0:
             cs.queue_qos0 += 1
         if cs.persisted:
-            self.store.add_delivery(cs.client_id, DeliveryRecord(
-                self._persist_msg(og.msg), og.qos, 0, "queued", og.retain, og.subids))
+            self._add_delivery(cs.client_id, self._persist_msg(og.msg), og.qos, 0, "queued",
+                               og.retain, og.subids)
+
+    def _add_record(self, client_id: str, msg_id: int, qos: int, packet_id: int, state: str,
+                    retain: bool = False, subids: tuple = ()) -> None:
+        self.store.add_delivery(client_id, DeliveryRecord(msg_id, qos, packet_id, state,
+                                                          retain, subids))
+
+    def _update_record(self, client_id: str, msg_id: int, qos: int, packet_id: int,
+                       state: str) -> None:
+        self.store.update_delivery(client_id, DeliveryRecord(msg_id, qos, packet_id, state))
 
     def pump(self, cs: ClientState, now: float) -> None:
         """Move queued messages into flight while the window and writer allow."""

@@ -642,15 +642,18 @@ class Broker:
             sys_pub = SysTopics(self.core, self.stats, __version__)
         next_sys = trio.current_time()
         while True:
-            await trio.sleep(1.0)
             now = time.time()
             try:
                 self.core.tick(now)
+                # The first $SYS values go out at start-up (retained), not a
+                # sys_interval later: a client that subscribes at once gets
+                # them retained, as from Mosquitto.
                 if sys_pub is not None and trio.current_time() >= next_sys:
                     sys_pub.publish(now)
                     next_sys = trio.current_time() + cfg.sys_interval
             except Exception:
                 log.exception("housekeeping failed")
+            await trio.sleep(1.0)
 
     def reloaded(self) -> None:
         """Run after the password/ACL files were reloaded (SIGHUP): drop the

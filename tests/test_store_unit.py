@@ -130,6 +130,9 @@ def test_compiled_stored_form_is_the_python_one(p):
     assert _codec.encode_stored(p) == flag + _codec_py.encode(q, 5)
     with pytest.raises(Exception, match="needs a Publish"):
         _codec.encode_stored(object())
+    if not p.dup and not p.packet_id:  # what a message the broker holds can be
+        assert _codec.encode_stored_fields(p.topic, p.payload, p.qos, p.retain,
+                                           p.properties) == _codec.encode_stored(p)
 
 
 def test_undecodable_blob_raises_value_error():
@@ -1365,16 +1368,21 @@ def test_damaged_ops_raise_value_error_only(data):
         pass
 
 
-def test_delivery_changes_by_fields_are_the_records_ones(tmp_path):
-    """add_delivery_fields / update_delivery_fields (the core's hot path)
-    store exactly what add_delivery / update_delivery with a record do."""
+def test_changes_by_fields_are_the_records_ones(tmp_path):
+    """put_message_fields, add_delivery_fields, update_delivery_fields (the
+    core's hot path) store exactly what put_message with a Publish and
+    add_delivery / update_delivery with a record do."""
     snaps = []
     for way, d in (("record", "a"), ("fields", "b")):
         s = SqliteStore(str(tmp_path / d))
         s.open(now=NOW)
         s.put_session("c", NEVER, 5, None)
         for i in range(1, 4):
-            s.put_message(i, pub(payload=b"%d" % i), None)
+            props = {PropertyId.CONTENT_TYPE: "text/plain"} if i == 2 else None
+            if way == "record":
+                s.put_message(i, Publish("a/b", b"%d" % i, 1, False, False, 0, props), NOW + 60 * i)
+            else:
+                s.put_message_fields(i, "a/b", b"%d" % i, 1, False, props, NOW + 60 * i)
         changes = [("add", 1, 1, 0, "queued", False, ()), ("add", 2, 2, 7, "sent", True, (3, 4)),
                    ("add", 3, 1, 0, "queued", False, (9,)), ("update", 1, 1, 5, "sent"),
                    ("update", 2, 2, 7, "released")]
@@ -1388,8 +1396,12 @@ def test_delivery_changes_by_fields_are_the_records_ones(tmp_path):
                 s.update_delivery_fields("c", mid, qos, pid, state)
         s.close()
         s = SqliteStore(str(tmp_path / d))
-        snaps.append(s.open(now=NOW).sessions[0].deliveries)
+        snap = s.open(now=NOW)
+        snaps.append((snap.sessions[0].deliveries,
+                      {m: (fields(p), e) for m, (p, e) in snap.messages.items()}))
         s.close()
-    assert snaps[0] == snaps[1] == [DeliveryRecord(1, 1, 5, "sent"),
+    assert snaps[0][1] == snaps[1][1] and snaps[0][1][2][0][-1] == {
+        PropertyId.CONTENT_TYPE: "text/plain"}
+    assert snaps[0][0] == snaps[1][0] == [DeliveryRecord(1, 1, 5, "sent"),
                                     DeliveryRecord(2, 2, 7, "released", True, (3, 4)),
                                     DeliveryRecord(3, 1, 0, "queued", False, (9,))]

@@ -166,6 +166,8 @@ def decode(data: bytes, version: int = 5) -> Packet:
     incomplete, has trailing bytes or is invalid."""
 
 def encode_stored(publish: Publish) -> bytes: ...
+def encode_stored_fields(topic: str, payload: bytes, qos: int, retain: bool,
+                         properties: Mapping[int, Any] | None = None) -> bytes: ...
 
 class PublishTemplate:
     """A PUBLISH encoded once, re-emitted with a per-receiver packet id and DUP flag.

@@ -2980,6 +2980,25 @@ def encode_stored(publish):
     return out
 
 
+def encode_stored_fields(topic, payload, int qos, bint retain, properties=None):
+    """:func:`encode_stored` of ``Publish(topic, payload, qos, retain, False, 0,
+    properties)``, without building that ``Publish`` through Python (the
+    broker stores its own message objects this way).
+
+    Raises:
+        MalformedPacket: if the PUBLISH cannot be encoded.
+    """
+    cdef Publish p = Publish.__new__(Publish)
+    p.topic = topic
+    p.payload = payload
+    p.qos = qos
+    p.retain = retain
+    p.dup = False
+    p.packet_id = 0
+    p.properties = _normalise_properties(properties)
+    return encode_stored(p)
+
+
 cdef class PublishTemplate:
     """A PUBLISH encoded once, re-emitted per receiver with its own packet id
     and DUP flag, without re-encoding (the broker's fan-out path).

@@ -147,7 +147,9 @@ cdef class Recorder:
     (a delivery names a message the store does not have),
     ``_blob(kind, key, publish)`` (encodes a message that ``_encode`` could
     not, or logs why and returns None) and sets ``_extra``
-    (``delivery_extra``) and ``_encode`` (``encode_publish``)."""
+    (``delivery_extra``), ``_encode`` (``encode_publish``), ``_encode_fields``
+    (the same from a message's fields) and ``_publish`` (the ``Publish``
+    class)."""
 
     cdef public Lock _lock
     cdef public Batch _batch
@@ -164,6 +166,8 @@ cdef class Recorder:
     cdef public Py_ssize_t _released_kept
     cdef public object _extra
     cdef public object _encode
+    cdef public object _encode_fields
+    cdef public object _publish
     cdef char* _buf                # ops of the current batch
     cdef Py_ssize_t _len, _cap
 
@@ -272,6 +276,22 @@ cdef class Recorder:
             blob = self._blob("message", msg_id, publish)  # logs why
             if blob is None:
                 return
+        self._put(msg_id, blob, expires_at)
+
+    def put_message_fields(self, msg_id, topic, payload, qos, retain, properties,
+                           expires_at) -> None:
+        """:meth:`put_message` of ``Publish(topic, payload, qos, retain, False,
+        0, properties)`` without building it (the broker core's hot path)."""
+        try:
+            blob = self._encode_fields(topic, payload, qos, retain, properties)
+        except Exception:
+            blob = self._blob("message", msg_id, self._publish(topic, payload, qos, retain,
+                                                               False, 0, properties))
+            if blob is None:
+                return
+        self._put(msg_id, blob, expires_at)
+
+    cdef int _put(self, msg_id, bytes blob, expires_at) except -1:
         entry = blob if expires_at is None else (blob, expires_at)
         self._lock.take()
         try:
@@ -284,6 +304,7 @@ cdef class Recorder:
                 self._schedule()
         finally:
             self._lock.give()
+        return 0
 
     def add_delivery(self, client_id, delivery) -> None:
         self._add(client_id, delivery.msg_id, delivery.qos, delivery.packet_id, delivery.state,

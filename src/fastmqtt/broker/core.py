@@ -187,6 +187,7 @@ class BrokerCore:
         self._add_delivery = getattr(self.store, "add_delivery_fields", None) or self._add_record
         self._update_delivery = (getattr(self.store, "update_delivery_fields", None)
                                  or self._update_record)
+        self._put_message_fields = getattr(self.store, "put_message_fields", None)
         self.authorizer = authorizer if authorizer is not None else AllowAll()
         self.check_acl = not _is_allow_all(self.authorizer)
         self.stats = stats if stats is not None else Stats()
@@ -995,7 +996,11 @@ class BrokerCore:
         if not msg.msg_id:
             msg.msg_id = self.next_msg_id
             self.next_msg_id += 1
-            self.store.put_message(msg.msg_id, msg.to_publish(), msg.expires_at)
+            if self._put_message_fields is not None:
+                self._put_message_fields(msg.msg_id, msg.topic, msg.payload, msg.qos,
+                                         msg.retain, msg.props, msg.expires_at)
+            else:
+                self.store.put_message(msg.msg_id, msg.to_publish(), msg.expires_at)
         return msg.msg_id
 
     def _enqueue(self, cs: ClientState, og: Outgoing, now: float) -> None:

@@ -102,8 +102,10 @@ class Store(Protocol):
     def remove_delivery(self, client_id: str, msg_id: int) -> None: ...  # message row dropped when unreferenced
     # Optional, for speed: add_delivery_fields(client_id, msg_id, qos, packet_id,
     # state, retain, subids) and update_delivery_fields(client_id, msg_id, qos,
-    # packet_id, state), the same changes without a DeliveryRecord to build. The
-    # core uses them where a store has them (the SQLite store does).
+    # packet_id, state), the same changes without a DeliveryRecord to build, and
+    # put_message_fields(msg_id, topic, payload, qos, retain, properties,
+    # expires_at), put_message without a Publish. The core uses them where a
+    # store has them (the SQLite store does).
 
     def put_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...
     def delete_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...

@@ -93,6 +93,18 @@ def publish_encoder():
     return getattr(_codec().IMPLEMENTATION, "encode_stored", None) or encode_publish
 
 
+def publish_fields_encoder():
+    """``f(topic, payload, qos, retain, properties)``: the stored form of that
+    message (as :func:`encode_publish` of a ``Publish`` without packet id)."""
+    codec = _codec()
+    fast = getattr(codec.IMPLEMENTATION, "encode_stored_fields", None)
+    if fast is not None:
+        return fast
+    publish = codec.Publish
+    return lambda topic, payload, qos, retain, properties: encode_publish(
+        publish(topic, payload, qos, retain, False, 0, properties))
+
+
 def decode_publish(blob: bytes) -> Any:
     """Inverse of :func:`encode_publish`.
 

@@ -154,7 +154,9 @@ from .._record import Recorder, decode_ops
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
-                   encode_publish, log, parse_delivery_extra, publish_encoder)
+                   encode_publish, log, parse_delivery_extra, publish_encoder,
+                   publish_fields_encoder)
+from .base import _codec as _codec_module
 
 __all__ = ["SqliteStore", "DB_NAME", "SEGMENT_PREFIX", "SCHEMA_VERSION"]
 
@@ -852,6 +854,8 @@ class SqliteStore(Recorder):
         # _released: see fastmqtt._record.
         self._extra = delivery_extra
         self._encode = publish_encoder()
+        self._encode_fields = publish_fields_encoder()
+        self._publish = _codec_module().Publish
         self._released_kept = RELEASED_KEPT
         self._pending = _Signal()  # outside trio: the flusher thread has work
         self._committed = 0  # last change durable per the mode

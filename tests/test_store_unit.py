@@ -1405,3 +1405,26 @@ def test_changes_by_fields_are_the_records_ones(tmp_path):
     assert snaps[0][0] == snaps[1][0] == [DeliveryRecord(1, 1, 5, "sent"),
                                     DeliveryRecord(2, 2, 7, "released", True, (3, 4)),
                                     DeliveryRecord(3, 1, 0, "queued", False, (9,))]
+
+
+def test_released_messages_are_kept_a_while_then_forgotten(sq, caplog):
+    """Messages whose last delivery went stay revivable for at least
+    _released_kept later releases (at most twice that), then go."""
+    sq._released_kept = 4
+    sq.put_session("c", NEVER, 5, None)
+    for i in range(1, 11):
+        sq.put_message(i, pub(payload=b"%d" % i), None)
+        sq.add_delivery("c", DeliveryRecord(i, 1))
+        sq.remove_delivery("c", i)
+    assert len(sq._released) + len(sq._released_old) <= 8
+    for i in range(7, 11):  # the last four: still known
+        sq.add_delivery("c", DeliveryRecord(i, 1))
+    assert "never stored or was released long ago" not in caplog.text
+    sq.add_delivery("c", DeliveryRecord(1, 1))  # long gone
+    assert "delivery of message 1, which was never stored" in caplog.text
+    sq.close()
+    s2 = SqliteStore(sq.data_dir)
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert sorted(snap.messages) == [7, 8, 9, 10]
+    assert [d.msg_id for d in snap.sessions[0].deliveries] == [7, 8, 9, 10]

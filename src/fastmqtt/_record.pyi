@@ -1,6 +1,5 @@
 """Type stubs for the SQLite store's compiled change recorder (``_record.pyx``)."""
 
-from collections import OrderedDict
 from typing import Any, Callable
 
 class Lock:
@@ -35,7 +34,8 @@ class Recorder:
     _refs: dict[int, int]
     _client_msgs: dict[str, set[int]]
     _msgs: dict[int, bytes | tuple[bytes, float]]
-    _released: OrderedDict[int, tuple]
+    _released: dict[int, bytes | tuple[bytes, float]]
+    _released_old: dict[int, bytes | tuple[bytes, float]]
     _released_kept: int
     _extra: Callable[[bool, tuple], str | None]
     _encode: Callable[[Any], bytes]

@@ -30,8 +30,6 @@ the client had no delivery of that message (else the add may replace a row
 in the tables).
 """
 
-from collections import OrderedDict
-
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
@@ -162,7 +160,13 @@ cdef class Recorder:
     # msg_id -> stored PUBLISH (bytes), or (bytes, expires_at) when it expires:
     # while stored. Bytes alone keep the dict out of the cyclic GC's way.
     cdef public dict _msgs
-    cdef public object _released   # OrderedDict msg_id -> entry (as in _msgs), newest last
+    # Messages whose last delivery went, msg_id -> entry (as in _msgs), kept a
+    # while for a re-delivery under the same id: two generations of plain
+    # dicts; once the newer holds _released_kept, it becomes the older and
+    # the older is dropped (between _released_kept and twice that are kept;
+    # cheaper per message than an OrderedDict's eviction).
+    cdef public dict _released
+    cdef public dict _released_old
     cdef public Py_ssize_t _released_kept
     cdef public object _extra
     cdef public object _encode
@@ -180,7 +184,8 @@ cdef class Recorder:
         self._refs = {}
         self._client_msgs = {}
         self._msgs = {}
-        self._released = OrderedDict()
+        self._released = {}
+        self._released_old = {}
         self._released_kept = 10_000
         self._buf = NULL
         self._len = self._cap = 0
@@ -299,6 +304,8 @@ cdef class Recorder:
             self._msgs[msg_id] = entry
             if self._released:
                 self._released.pop(msg_id, None)
+            if self._released_old:
+                self._released_old.pop(msg_id, None)
             self._op_msg(msg_id, entry)
             if self._seq == self._arm:
                 self._schedule()
@@ -404,8 +411,9 @@ cdef class Recorder:
         if entry is not None:
             released = self._released
             released[msg_id] = entry
-            if len(released) > self._released_kept:
-                released.popitem(last=False)
+            if len(released) >= self._released_kept:
+                self._released_old = released
+                self._released = {}
         cdef char* w = self._room(9)
         w[0] = OP_MSGDEL
         _put_uint(w + 1, msg_id, 8)
@@ -415,6 +423,8 @@ cdef class Recorder:
         went): store it again if it is still known, else report it (lock
         held)."""
         entry = self._released.pop(msg_id, None)
+        if entry is None and self._released_old:
+            entry = self._released_old.pop(msg_id, None)
         if entry is not None:
             self._msgs[msg_id] = entry
             self._op_msg(msg_id, entry)

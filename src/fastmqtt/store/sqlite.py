@@ -1238,6 +1238,7 @@ class SqliteStore(Recorder):
         self._client_msgs = {}
         self._msgs = {mid: stored[mid] for mid in snap.messages}
         self._released.clear()
+        self._released_old.clear()
         for s in snap.sessions:
             ms = self._client_msgs[s.client_id] = set()
             for d in s.deliveries:

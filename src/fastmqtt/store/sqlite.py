@@ -1708,6 +1708,7 @@ class SqliteStore(Recorder):
                     n = 0
                     while n < len(pending) and pending[n][0] <= written:
                         n += 1
+                    start_child = bool(n or pending)
                     if n:
                         if not due.lsn:
                             first_at = time.monotonic()
@@ -1718,6 +1719,11 @@ class SqliteStore(Recorder):
                     stop = self._compact_stop
                     now_asked = self._compact_now
                     self._compact_now = False  # compact() asks again if not done
+                if start_child and self._child is None and self.compactor == "process":
+                    try:
+                        self._start_child()
+                    except OSError as e:  # the fold will fail and retry, and say so
+                        log.debug("persistence: cannot start the compactor process: %s", e)
                 t = time.monotonic()
                 ready = (stop or now_asked or due.ops >= COMPACT_OPS
                          or (due.lsn and t - first_at >= COMPACT_PERIOD))
@@ -1771,6 +1777,27 @@ class SqliteStore(Recorder):
                   lsn, due.ops, 1000 * (time.perf_counter() - t0))
 
     def _child_fold(self, upto: int) -> int:
+        child = self._start_child()
+        try:
+            child.stdin.write(b"fold %d\n" % upto)
+            child.stdin.flush()
+            reply = child.stdout.readline().decode("ascii", "replace").strip()
+        except OSError as e:
+            reply = f"fail {e}"
+        word, _, rest = reply.partition(" ")
+        if word == "done":
+            return int(rest.split()[0])
+        if not reply:
+            child.kill()
+            child.wait()
+            self._child = None
+            raise OSError(f"the compactor process exited ({child.returncode})")
+        raise sqlite3.OperationalError(rest)
+
+    def _start_child(self) -> subprocess.Popen:
+        """The compactor process, started if it is not running (compactor
+        thread: the first record starts it, so its start-up overlaps the wait
+        for the first compaction)."""
         child = self._child
         if child is None or child.poll() is not None:
             if child is not None:
@@ -1788,21 +1815,7 @@ class SqliteStore(Recorder):
                 [sys.executable, "-m", "fastmqtt.store.compactor", self.data_dir, self.path,
                  str(os.getpid()), str(CHECKPOINT_BYTES)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
-        try:
-            child.stdin.write(b"fold %d\n" % upto)
-            child.stdin.flush()
-            reply = child.stdout.readline().decode("ascii", "replace").strip()
-        except OSError as e:
-            reply = f"fail {e}"
-        word, _, rest = reply.partition(" ")
-        if word == "done":
-            return int(rest.split()[0])
-        if not reply:
-            child.kill()
-            child.wait()
-            self._child = None
-            raise OSError(f"the compactor process exited ({child.returncode})")
-        raise sqlite3.OperationalError(rest)
+        return child
 
     def _stop_folding(self) -> None:
         """End the compactor process (or the thread's folder)."""

@@ -30,6 +30,9 @@ the client had no delivery of that message (else the add may replace a row
 in the tables).
 """
 
+cimport cython
+from cpython.dict cimport PyDict_SetDefault
+from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
@@ -138,6 +141,21 @@ cdef inline dict _deliveries(Batch b, client_id):
     return dl
 
 
+@cython.no_gc  # holds bytes (and a float) only: no cycle can run through it
+@cython.final
+cdef class _Msg:
+    """A stored message: its stored form and how many deliveries refer to it."""
+    cdef object entry  # stored PUBLISH (bytes), or (bytes, expires_at) when it expires
+    cdef Py_ssize_t refs
+
+
+cdef inline _Msg _new_msg(entry):
+    cdef _Msg m = _Msg.__new__(_Msg)
+    m.entry = entry
+    m.refs = 0
+    return m
+
+
 cdef class Recorder:
     """Base class of :class:`~fastmqtt.store.sqlite.SqliteStore`: its state of
     record and the hot mutators. The subclass provides ``_schedule()`` (called,
@@ -155,12 +173,12 @@ cdef class Recorder:
     cdef public long long _first   # seq of the first change of the current batch
     cdef public long long _arm     # the change that schedules a flush (normally _first)
     cdef public long long _dseq    # delivery order base (after recovered ones)
-    cdef public dict _refs         # msg_id -> deliveries referring to it
-    cdef public dict _client_msgs  # client_id -> set of msg_ids delivered
-    # msg_id -> stored PUBLISH (bytes), or (bytes, expires_at) when it expires:
-    # while stored. Bytes alone keep the dict out of the cyclic GC's way.
+    # msg_id -> _Msg (stored form and reference count) while stored: one
+    # lookup per change, and nothing in it for the cyclic GC to walk.
     cdef public dict _msgs
-    # Messages whose last delivery went, msg_id -> entry (as in _msgs), kept a
+    cdef public dict _refs         # msg_id -> deliveries, for ids not in _msgs (unknown)
+    cdef public dict _client_msgs  # client_id -> set of msg_ids delivered
+    # Messages whose last delivery went, msg_id -> _Msg, kept a
     # while for a re-delivery under the same id: two generations of plain
     # dicts; once the newer holds _released_kept, it becomes the older and
     # the older is dropped (between _released_kept and twice that are kept;
@@ -298,14 +316,21 @@ cdef class Recorder:
 
     cdef int _put(self, msg_id, bytes blob, expires_at) except -1:
         entry = blob if expires_at is None else (blob, expires_at)
+        cdef _Msg m = _new_msg(entry)
+        cdef _Msg old
         self._lock.take()
         try:
             self._seq += 1
-            self._msgs[msg_id] = entry
-            if self._released:
-                self._released.pop(msg_id, None)
-            if self._released_old:
-                self._released_old.pop(msg_id, None)
+            old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
+            if old is not m:
+                old.entry = entry  # stored again: the deliveries still count
+            else:
+                if self._refs:  # deliveries named it before it was stored
+                    m.refs = self._refs.pop(msg_id, 0)
+                if self._released:
+                    self._released.pop(msg_id, None)
+                if self._released_old:
+                    self._released_old.pop(msg_id, None)
             self._op_msg(msg_id, entry)
             if self._seq == self._arm:
                 self._schedule()
@@ -340,13 +365,17 @@ cdef class Recorder:
             ms = self._client_msgs.get(client_id)
             if ms is None:
                 ms = self._client_msgs[client_id] = set()
-            fresh = mid not in ms
+            n = PySet_GET_SIZE(ms)
+            PySet_Add(ms, mid)
+            fresh = PySet_GET_SIZE(ms) != n
             if fresh:  # else a re-add: a row may be in the tables
-                ms.add(mid)
-                n = self._refs.get(mid, 0)
-                if not n and mid not in self._msgs:
-                    self._revive(mid)
-                self._refs[mid] = n + 1
+                m = self._msgs.get(mid)
+                if m is None:
+                    m = self._revive(mid)
+                if m is not None:
+                    (<_Msg>m).refs += 1
+                else:
+                    self._refs[mid] = self._refs.get(mid, 0) + 1
             self._op_client(OP_ADD, client_id, mid)
             w = self._room(9)
             w[0] = fresh
@@ -402,34 +431,66 @@ cdef class Recorder:
     def _decref(self, msg_id) -> None:
         """One delivery of ``msg_id`` fewer; the row goes with the last one
         (lock held)."""
-        n = self._refs.get(msg_id, 1) - 1
-        if n > 0:
-            self._refs[msg_id] = n
-            return
-        self._refs.pop(msg_id, None)
-        entry = self._msgs.pop(msg_id, None)
-        if entry is not None:
+        m = self._msgs.get(msg_id)
+        if m is not None:
+            (<_Msg>m).refs -= 1
+            if (<_Msg>m).refs > 0:
+                return
+            del self._msgs[msg_id]
             released = self._released
-            released[msg_id] = entry
+            released[msg_id] = m
             if len(released) >= self._released_kept:
                 self._released_old = released
                 self._released = {}
+        else:  # a message never stored (reported when it was added)
+            n = self._refs.get(msg_id, 1) - 1
+            if n > 0:
+                self._refs[msg_id] = n
+                return
+            self._refs.pop(msg_id, None)
         cdef char* w = self._room(9)
         w[0] = OP_MSGDEL
         _put_uint(w + 1, msg_id, 8)
 
-    def _revive(self, msg_id) -> None:
+    cdef object _revive(self, msg_id):
         """A delivery names a message whose row was dropped (its last delivery
-        went): store it again if it is still known, else report it (lock
-        held)."""
-        entry = self._released.pop(msg_id, None)
-        if entry is None and self._released_old:
-            entry = self._released_old.pop(msg_id, None)
-        if entry is not None:
-            self._msgs[msg_id] = entry
-            self._op_msg(msg_id, entry)
+        went): store it again if it is still known (its _Msg), else report it
+        (None; lock held)."""
+        m = self._released.pop(msg_id, None)
+        if m is None and self._released_old:
+            m = self._released_old.pop(msg_id, None)
+        if m is not None:
+            self._msgs[msg_id] = m
+            self._op_msg(msg_id, (<_Msg>m).entry)
         else:
             self._unknown_message(msg_id)
+        return m
+
+    def _restore(self, dict stored, dict client_msgs) -> None:
+        """After recovery: ``stored`` {msg_id: stored form, or (it,
+        expires_at)}, ``client_msgs`` {client_id: msg_ids delivered}."""
+        cdef dict msgs = {mid: _new_msg(e) for mid, e in stored.items()}
+        cdef dict refs = {}
+        self._client_msgs = {}
+        for cid, mids in client_msgs.items():
+            ms = self._client_msgs[cid] = set(mids)
+            for mid in ms:
+                m = msgs.get(mid)
+                if m is not None:
+                    (<_Msg>m).refs += 1
+                else:
+                    refs[mid] = refs.get(mid, 0) + 1
+        self._msgs = msgs
+        self._refs = refs
+        self._released.clear()
+        self._released_old.clear()
+
+    def _stored(self, msg_id):
+        """The stored form of a message still stored or released (None if
+        neither): for tests."""
+        m = self._msgs.get(msg_id) or self._released.get(msg_id) or \
+            self._released_old.get(msg_id)
+        return None if m is None else (<_Msg>m).entry
 
 
 cdef inline void _put_uint(char* w, unsigned long long v, int width):

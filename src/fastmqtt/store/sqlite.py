@@ -1234,16 +1234,8 @@ class SqliteStore(Recorder):
                      "%d retained messages", len(dead_sessions), len(dead_deliv),
                      len(dead_msgs), len(dead_retained))
 
-        self._refs = {}
-        self._client_msgs = {}
-        self._msgs = {mid: stored[mid] for mid in snap.messages}
-        self._released.clear()
-        self._released_old.clear()
-        for s in snap.sessions:
-            ms = self._client_msgs[s.client_id] = set()
-            for d in s.deliveries:
-                ms.add(d.msg_id)
-                self._refs[d.msg_id] = self._refs.get(d.msg_id, 0) + 1
+        self._restore({mid: stored[mid] for mid in snap.messages},
+                      {s.client_id: [d.msg_id for d in s.deliveries] for s in snap.sessions})
         self._dseq = max_seq
         self._history_rows = hist
         return snap

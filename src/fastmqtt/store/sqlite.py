@@ -488,11 +488,13 @@ def _rows_sql(head: str, width: int, n: int, tail: str = "") -> str:
 
 
 def _write_rows(c: sqlite3.Connection, head: str, width: int, rows: list,
-                tail: str = "") -> None:
-    """``head VALUES (row),(row),... tail`` for every row, ``_CHUNK`` a statement."""
-    flat = list(chain.from_iterable(rows))
+                tail: str = "", flat: list | None = None) -> None:
+    """``head VALUES (row),(row),... tail`` for every row, ``_CHUNK`` a
+    statement; ``flat``: the rows' values one after the other instead."""
+    if flat is None:
+        flat = list(chain.from_iterable(rows))
     step = width * _CHUNK
-    full = len(rows) // _CHUNK * step
+    full = len(flat) // step * step
     if full:
         c.executemany(_rows_sql(head, width, _CHUNK, tail),
                       [flat[i:i + step] for i in range(0, full, step)])
@@ -760,10 +762,10 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
         # Comprehensions (the compactor's Python time, GIL time taken from the
         # broker when it runs as a thread): adds, by far the most entries, go
         # in one pass.
-        ins = [(cid, mid, e[1], e[2], e[3], e[4], e[5]) for mid, e in d.items()
-               if e[0] <= _ADDR]
-        d_ins += ins
-        if len(ins) < len(d):
+        before = len(d_ins)
+        d_ins += [x for mid, e in d.items() if e[0] <= _ADDR
+                  for x in (cid, mid, e[1], e[2], e[3], e[4], e[5])]
+        if (len(d_ins) - before) // 7 < len(d):
             d_upd += [(cid, mid, 0, e[2], e[3], e[4]) for mid, e in d.items() if e[0] == _UPD]
             dels = [mid for mid, e in d.items() if e[0] == _DEL]
             if dels:
@@ -772,7 +774,7 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     for cid, d in b.qos2.items():
         for pid, put in d.items():
             (q_put if put else q_del).append((cid, pid))
-    msgs = [(mid, data, exp) for mid, (data, exp) in b.messages.items()]
+    msgs = [x for mid, (data, exp) in b.messages.items() for x in (mid, data, exp)]
     h_put = list(b.hist_put.values())
 
     ex = c.executemany
@@ -787,9 +789,9 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     if sub_del:
         ex("DELETE FROM subscriptions WHERE client_id=? AND topic_filter=?", sub_del)
     if msgs:
-        _write_rows(c, "INSERT OR REPLACE INTO messages", 3, msgs)
+        _write_rows(c, "INSERT OR REPLACE INTO messages", 3, [], flat=msgs)
     if d_ins:
-        _write_rows(c, "INSERT OR REPLACE INTO deliveries", 7, d_ins)
+        _write_rows(c, "INSERT OR REPLACE INTO deliveries", 7, [], flat=d_ins)
     if d_upd:
         # Rows known to exist; an upsert keeps their seq (queue position).
         _write_rows(c, "INSERT INTO deliveries(client_id, msg_id, seq, qos, packet_id, state)",

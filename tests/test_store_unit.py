@@ -9,6 +9,7 @@ import logging
 import os
 import struct
 import sqlite3
+import sys
 import tempfile
 import threading
 
@@ -925,6 +926,20 @@ def test_a_compactor_process_that_died_is_replaced(tmp_path, caplog):
     assert "compactor process exited" in caplog.text
     s.close()
     assert segments(str(tmp_path)) == []  # a clean close: the tables have it all
+
+
+def test_no_compactor_process_means_compacting_in_a_thread(tmp_path, caplog, monkeypatch):
+    """An interpreter that cannot start another (embedded, frozen): the
+    store says so and folds the log in a thread instead; nothing is lost."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    s = SqliteStore(str(tmp_path / "d"))
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    s.put_message(1, pub(), None)
+    s.add_delivery("c", DeliveryRecord(1, 1))
+    assert s.compact() and rows(s, "deliveries") == 1
+    assert s.compactor == "thread" and "compacting in a thread" in caplog.text
+    s.close()
 
 
 def test_compactor_setting_is_checked(tmp_path):

@@ -1716,8 +1716,8 @@ class SqliteStore(Recorder):
                 if start_child and self._child is None and self.compactor == "process":
                     try:
                         self._start_child()
-                    except OSError as e:  # the fold will fail and retry, and say so
-                        log.debug("persistence: cannot start the compactor process: %s", e)
+                    except OSError:  # _compact says so and folds in this thread
+                        pass
                 t = time.monotonic()
                 ready = (stop or now_asked or due.ops >= COMPACT_OPS
                          or (due.lsn and t - first_at >= COMPACT_PERIOD))
@@ -1757,6 +1757,15 @@ class SqliteStore(Recorder):
         """Fold the records up to ``due.lsn`` into the tables (compactor
         thread). Raises sqlite3.Error, ValueError or OSError on failure."""
         t0 = time.perf_counter()
+        if self.compactor == "process" and self._child is None:
+            try:
+                self._start_child()
+            except OSError as e:
+                # No interpreter to start (an embedded or frozen Python):
+                # fold here instead, in a thread, as compactor="thread" does.
+                log.warning("persistence: cannot start the compactor process (%s); "
+                            "compacting in a thread of the broker instead", e)
+                self.compactor = "thread"
         if self.compactor == "thread":
             if self._folder is None:
                 self._folder = _Folder(conn, self.data_dir, self.path)
@@ -1805,6 +1814,7 @@ class SqliteStore(Recorder):
             # Started from this (the compactor) thread: PR_SET_PDEATHSIG in
             # the child follows the thread that started it, which lives as
             # long as the store is open.
+            self._child = None
             child = self._child = subprocess.Popen(
                 [sys.executable, "-m", "fastmqtt.store.compactor", self.data_dir, self.path,
                  str(os.getpid()), str(CHECKPOINT_BYTES)],

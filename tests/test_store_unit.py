@@ -1443,3 +1443,28 @@ def test_released_messages_are_kept_a_while_then_forgotten(sq, caplog):
     s2.close()
     assert sorted(snap.messages) == [7, 8, 9, 10]
     assert [d.msg_id for d in snap.sessions[0].deliveries] == [7, 8, 9, 10]
+
+
+def test_flush_task_serves_each_trio_run(tmp_path):
+    """The first flush in a trio loop starts a task that does the later ones
+    (woken without a system call); it ends with its loop, and the next loop
+    starts its own."""
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+
+    async def changes(run):
+        for i in range(3):
+            s.put_session(f"c{run}-{i}", NEVER, 5, None)
+            with trio.fail_after(10):
+                await s.durable(s.mark())
+        assert s._flush_task is not None  # the later changes went through it
+
+    trio.run(changes, 1)
+    assert s._flush_task is None and not s._flush_parked
+    trio.run(changes, 2)
+    s.close()
+    s2 = SqliteStore(str(tmp_path))
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert sorted(x.client_id for x in snap.sessions) == [
+        f"c{r}-{i}" for r in (1, 2) for i in range(3)]

@@ -873,6 +873,9 @@ class SqliteStore(Recorder):
         self._watching: trio.lowlevel.TrioToken | None = None
         self._flush_held = False  # a flush waits for the writer (PENDING_LIMIT)
         self._flush_scheduled = False
+        self._flush_task = None  # trio task doing scheduled flushes, parked between
+        self._flush_parked = False
+        self._trio_ident: int | None = None  # the thread it runs on
         self._closing = False
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None  # the loop flushes run on
@@ -1550,7 +1553,14 @@ class SqliteStore(Recorder):
     # outside trio, on the flusher thread.
 
     def _schedule(self) -> None:
-        # Called by the first change of a batch, with _lock held.
+        # Called by the first change of a batch, with _lock held. On the trio
+        # thread, once the flush task runs: wake it (no system call; the
+        # loop's run_sync_soon writes to its wake-up socket each time).
+        if self._flush_parked and threading.get_ident() == self._trio_ident:
+            self._flush_parked = False
+            trio.lowlevel.reschedule(self._flush_task)
+            self._flush_scheduled = True
+            return
         token = self._token
         if token is None:
             try:
@@ -1567,8 +1577,28 @@ class SqliteStore(Recorder):
         self._pending.set()
 
     def _flush_soon(self) -> None:
-        """The scheduled flush (trio thread)."""
+        """The scheduled flush (trio thread, through run_sync_soon): the first
+        one in a loop starts the flush task, which does the later ones."""
         self._flush()
+        if self._flush_task is None:
+            trio.lowlevel.spawn_system_task(self._flush_loop, name="fastmqtt-store-flush")
+
+    async def _flush_loop(self) -> None:
+        self._flush_task = trio.lowlevel.current_task()
+        self._trio_ident = threading.get_ident()
+        try:
+            while True:
+                self._flush_parked = True
+                await trio.lowlevel.wait_task_rescheduled(
+                    lambda _: trio.lowlevel.Abort.SUCCEEDED)
+                try:
+                    self._flush()
+                except Exception:  # pragma: no cover - a bug; the next change retries
+                    log.exception("persistence: flush failed")
+        finally:  # the loop ends (or the store is closed): run_sync_soon again
+            self._flush_parked = False
+            self._flush_task = None
+            self._trio_ident = None
 
     def _flush(self, force: bool = False) -> None:
         with self._lock:

@@ -250,6 +250,34 @@ def test_offline_queue_keeps_qos1_not_qos0(version):
     assert [m.payload for m in of(out, Publish)] == [b"q1"]
 
 
+def test_no_persistence_makes_no_store_calls_for_persistent_sessions():
+    """With a NullStore (--no-persistence) nothing is kept, so a session with
+    an expiry interval costs no store calls: no message ids, no records (the
+    in-memory broker's hot path), and it still works as a session."""
+    from fastmqtt.broker.core import BrokerCore
+    from fastmqtt.broker.interfaces import NullStore
+
+    calls = []
+
+    class Counting(NullStore):
+        def __getattribute__(self, name):
+            if name.startswith(("put_", "add_", "update_", "remove_", "delete_")):
+                calls.append(name)
+            return super().__getattribute__(name)
+
+    core = BrokerCore(make_core().config, Counting())
+    calls.clear()  # what the core looked up at start
+    props = {P.SESSION_EXPIRY_INTERVAL: 300}
+    sub = connected(core, "s", 5, clean_start=False, properties=props)
+    subscribe(sub, "t", qos=1)
+    sub.drop()
+    pub = connected(core, "p", 5)
+    pub.send(Publish("t", b"q1", 1, packet_id=1))
+    out = Peer(core, 5).connect("s", clean_start=False, properties=props)
+    assert [m.payload for m in of(out, Publish)] == [b"q1"]
+    assert calls == []
+
+
 def test_offline_queue_bounded_drops_counted():
     core = make_core(max_queued_messages=3)
     sub = connected(core, "s", properties={P.SESSION_EXPIRY_INTERVAL: 300}, clean_start=False)

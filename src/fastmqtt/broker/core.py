@@ -188,6 +188,9 @@ class BrokerCore:
         self._update_delivery = (getattr(self.store, "update_delivery_fields", None)
                                  or self._update_record)
         self._put_message_fields = getattr(self.store, "put_message_fields", None)
+        # A NullStore (--no-persistence) keeps nothing: the core then makes no
+        # store calls for its sessions (no message ids, records or tickets).
+        self._keeps_sessions = not isinstance(self.store, NullStore)
         self.authorizer = authorizer if authorizer is not None else AllowAll()
         self.check_acl = not _is_allow_all(self.authorizer)
         self.stats = stats if stats is not None else Stats()
@@ -343,7 +346,7 @@ class BrokerCore:
             cs.will_delay = delay
 
         store = self.store
-        if expiry > 0:
+        if expiry > 0 and self._keeps_sessions:
             store.put_session(cid, expiry, version, None, cs.username)
             cs.persisted = True
         elif cs.persisted:
@@ -461,7 +464,8 @@ class BrokerCore:
             self._end_session(cs, now)
             return
         cs.expires_at = now + cs.expiry if cs.expiry != _NEVER else None
-        self.store.put_session(cs.client_id, cs.expiry, cs.version, now, cs.username)
+        if cs.persisted:
+            self.store.put_session(cs.client_id, cs.expiry, cs.version, now, cs.username)
         # QoS 1/2 in flight stay for the resend; the writer lost what it had.
 
     def _end_session(self, cs: ClientState, now: float) -> None:

@@ -933,8 +933,8 @@ class BrokerCore:
                 cs.inflight[pid] = Outgoing(msg, q, retain, subids, pid, "sent")
                 data = tpl.with_packet_id(pid)
                 if cs.persisted:
-                    self._add_delivery(cs.client_id, self._persist_msg(msg), q, pid, "sent",
-                                       retain, subids)
+                    self._add_delivery(cs.client_id, msg.msg_id or self._persist_msg(msg), q,
+                                       pid, "sent", retain, subids)
             outbox = conn.outbox
             outbox.append(data)
             conn.out_bytes += len(data)
@@ -990,13 +990,17 @@ class BrokerCore:
             self.pressured.add(conn)
         if cs.persisted:
             if prev == "queued":
-                self._update_delivery(cs.client_id, self._persist_msg(msg), og.qos, pid, "sent")
+                self._update_delivery(cs.client_id, msg.msg_id or self._persist_msg(msg), og.qos,
+                                      pid, "sent")
             else:
-                self._add_delivery(cs.client_id, self._persist_msg(msg), og.qos, pid, "sent",
-                                   og.retain, og.subids)
+                self._add_delivery(cs.client_id, msg.msg_id or self._persist_msg(msg), og.qos,
+                                   pid, "sent", og.retain, og.subids)
         return True
 
     def _persist_msg(self, msg: Message) -> int:
+        # Callers skip the call once the message has its id (``msg.msg_id or
+        # self._persist_msg(msg)``): a fan-out to many persistent sessions
+        # stores it once and pays one attribute read per further receiver.
         if not msg.msg_id:
             msg.msg_id = self.next_msg_id
             self.next_msg_id += 1
@@ -1039,8 +1043,8 @@ class BrokerCore:
         if og.qos == 0:
             cs.queue_qos0 += 1
         if cs.persisted:
-            self._add_delivery(cs.client_id, self._persist_msg(og.msg), og.qos, 0, "queued",
-                               og.retain, og.subids)
+            self._add_delivery(cs.client_id, og.msg.msg_id or self._persist_msg(og.msg),
+                               og.qos, 0, "queued", og.retain, og.subids)
 
     def _add_record(self, client_id: str, msg_id: int, qos: int, packet_id: int, state: str,
                     retain: bool = False, subids: tuple = ()) -> None:

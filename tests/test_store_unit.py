@@ -1468,3 +1468,21 @@ def test_flush_task_serves_each_trio_run(tmp_path):
     s2.close()
     assert sorted(x.client_id for x in snap.sessions) == [
         f"c{r}-{i}" for r in (1, 2) for i in range(3)]
+
+
+def test_message_stored_again_keeps_its_delivery_count(sq):
+    """put_message of an id already stored replaces the message but keeps
+    the count of deliveries referring to it: the row goes with the last one,
+    not before."""
+    sq.put_session("c", NEVER, 5, None)
+    sq.put_session("d", NEVER, 5, None)
+    sq.put_message(1, pub(payload=b"old"), None)
+    sq.add_delivery("c", DeliveryRecord(1, 1))
+    sq.add_delivery("d", DeliveryRecord(1, 1))
+    sq.put_message(1, pub(payload=b"new"), None)
+    sq.remove_delivery("c", 1)
+    wait_committed(sq)
+    assert rows(sq, "messages") == 1  # d still has it
+    sq.remove_delivery("d", 1)
+    wait_committed(sq)
+    assert rows(sq, "messages") == 0 and rows(sq, "deliveries") == 0

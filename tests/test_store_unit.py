@@ -1486,3 +1486,24 @@ def test_message_stored_again_keeps_its_delivery_count(sq):
     sq.remove_delivery("d", 1)
     wait_committed(sq)
     assert rows(sq, "messages") == 0 and rows(sq, "deliveries") == 0
+
+
+def test_stored_message_shares_the_payload_not_a_copy(sq):
+    """The recorder keeps a stored message as its fields (the payload object
+    the broker holds), not as a second, encoded copy; a re-delivery after
+    its release encodes it again."""
+    payload = b"p" * 10_000
+    sq.put_session("c", NEVER, 5, None)
+    before = sys.getrefcount(payload)
+    sq.put_message_fields(1, "a/b", payload, 1, False, {PropertyId.CONTENT_TYPE: "x"}, None)
+    sq.add_delivery_fields("c", 1, 1, 0, "queued")
+    assert sys.getrefcount(payload) == before + 1  # the recorder holds this very object
+    sq.remove_delivery("c", 1)  # released: kept for a while, still by reference
+    assert sys.getrefcount(payload) == before + 1
+    sq.add_delivery_fields("c", 1, 1, 0, "queued")  # stored again from it
+    sq.close()
+    s2 = SqliteStore(sq.data_dir)
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert snap.messages[1][0].payload == payload
+    assert snap.messages[1][0].properties == {PropertyId.CONTENT_TYPE: "x"}

@@ -141,17 +141,27 @@ cdef inline dict _deliveries(Batch b, client_id):
     return dl
 
 
-@cython.no_gc  # holds bytes (and a float) only: no cycle can run through it
+@cython.no_gc  # refers to strings, bytes and a properties dict: no cycle runs through it
 @cython.final
 cdef class _Msg:
-    """A stored message: its stored form and how many deliveries refer to it."""
-    cdef object entry  # stored PUBLISH (bytes), or (bytes, expires_at) when it expires
+    """A stored message, as the broker holds it (its fields, sharing the
+    payload with the broker's own copy rather than keeping the encoded form),
+    and how many deliveries refer to it. Encoded again only if it is stored
+    again after its last delivery went (a re-delivery under the same id)."""
+    cdef object topic, payload, props, expires_at
+    cdef int qos
+    cdef bint retain
     cdef Py_ssize_t refs
 
 
-cdef inline _Msg _new_msg(entry):
+cdef inline _Msg _new_msg(topic, payload, int qos, bint retain, props, expires_at):
     cdef _Msg m = _Msg.__new__(_Msg)
-    m.entry = entry
+    m.topic = topic
+    m.payload = payload
+    m.qos = qos
+    m.retain = retain
+    m.props = props
+    m.expires_at = expires_at
     m.refs = 0
     return m
 
@@ -239,14 +249,7 @@ cdef class Recorder:
         memcpy(w + width, u, n)
         return 0
 
-    cdef int _op_msg(self, msg_id, entry) except -1:
-        cdef bytes blob
-        if type(entry) is tuple:
-            blob = (<tuple>entry)[0]
-            exp = (<tuple>entry)[1]
-        else:
-            blob = <bytes?>entry
-            exp = None
+    cdef int _op_msg(self, msg_id, bytes blob, exp) except -1:
         cdef Py_ssize_t n = PyBytes_GET_SIZE(blob)
         cdef char* w = self._room(21 + n)
         w[0] = OP_MSG
@@ -299,7 +302,8 @@ cdef class Recorder:
             blob = self._blob("message", msg_id, publish)  # logs why
             if blob is None:
                 return
-        self._put(msg_id, blob, expires_at)
+        self._put(msg_id, blob, _new_msg(publish.topic, publish.payload, publish.qos,
+                                         publish.retain, publish.properties, expires_at))
 
     def put_message_fields(self, msg_id, topic, payload, qos, retain, properties,
                            expires_at) -> None:
@@ -312,18 +316,17 @@ cdef class Recorder:
                                                                False, 0, properties))
             if blob is None:
                 return
-        self._put(msg_id, blob, expires_at)
+        self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties, expires_at))
 
-    cdef int _put(self, msg_id, bytes blob, expires_at) except -1:
-        entry = blob if expires_at is None else (blob, expires_at)
-        cdef _Msg m = _new_msg(entry)
+    cdef int _put(self, msg_id, bytes blob, _Msg m) except -1:
         cdef _Msg old
         self._lock.take()
         try:
             self._seq += 1
             old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
             if old is not m:
-                old.entry = entry  # stored again: the deliveries still count
+                m.refs = old.refs  # stored again: the deliveries still count
+                self._msgs[msg_id] = m
             else:
                 if self._refs:  # deliveries named it before it was stored
                     m.refs = self._refs.pop(msg_id, 0)
@@ -331,7 +334,7 @@ cdef class Recorder:
                     self._released.pop(msg_id, None)
                 if self._released_old:
                     self._released_old.pop(msg_id, None)
-            self._op_msg(msg_id, entry)
+            self._op_msg(msg_id, blob, m.expires_at)
             if self._seq == self._arm:
                 self._schedule()
         finally:
@@ -460,16 +463,29 @@ cdef class Recorder:
         if m is None and self._released_old:
             m = self._released_old.pop(msg_id, None)
         if m is not None:
+            blob = self._stored_form(msg_id, <_Msg>m)
+            if blob is None:
+                return None  # cannot be encoded (logged): not stored
             self._msgs[msg_id] = m
-            self._op_msg(msg_id, (<_Msg>m).entry)
+            self._op_msg(msg_id, blob, (<_Msg>m).expires_at)
         else:
             self._unknown_message(msg_id)
         return m
 
-    def _restore(self, dict stored, dict client_msgs) -> None:
-        """After recovery: ``stored`` {msg_id: stored form, or (it,
-        expires_at)}, ``client_msgs`` {client_id: msg_ids delivered}."""
-        cdef dict msgs = {mid: _new_msg(e) for mid, e in stored.items()}
+    cdef object _stored_form(self, msg_id, _Msg m):
+        """``m`` encoded again (a released message stored anew), or None
+        (logged by ``_blob``)."""
+        try:
+            return self._encode_fields(m.topic, m.payload, m.qos, m.retain, m.props)
+        except Exception:
+            return self._blob("message", msg_id, self._publish(
+                m.topic, m.payload, m.qos, m.retain, False, 0, m.props))
+
+    def _restore(self, dict messages, dict client_msgs) -> None:
+        """After recovery: ``messages`` {msg_id: (Publish, expires_at)},
+        ``client_msgs`` {client_id: msg_ids delivered}."""
+        cdef dict msgs = {mid: _new_msg(p.topic, p.payload, p.qos, p.retain, p.properties, exp)
+                          for mid, (p, exp) in messages.items()}
         cdef dict refs = {}
         self._client_msgs = {}
         for cid, mids in client_msgs.items():
@@ -484,13 +500,6 @@ cdef class Recorder:
         self._refs = refs
         self._released.clear()
         self._released_old.clear()
-
-    def _stored(self, msg_id):
-        """The stored form of a message still stored or released (None if
-        neither): for tests."""
-        m = self._msgs.get(msg_id) or self._released.get(msg_id) or \
-            self._released_old.get(msg_id)
-        return None if m is None else (<_Msg>m).entry
 
 
 cdef inline void _put_uint(char* w, unsigned long long v, int width):

@@ -1163,7 +1163,6 @@ class SqliteStore(Recorder):
         for c, f, q, nl, rap, rh, sid in conn.execute("SELECT * FROM subscriptions"):
             subs.setdefault(c, {})[f] = SubscriptionRecord(f, q, bool(nl), bool(rap), rh, sid)
         messages = {}
-        stored = {}  # msg_id -> (blob, expires_at): the recorder keeps these
         max_msg = 0
         for mid, blob, exp in conn.execute("SELECT * FROM messages"):
             max_msg = max(max_msg, mid)
@@ -1172,7 +1171,6 @@ class SqliteStore(Recorder):
                 bad_msgs.append(mid)
             else:
                 messages[mid] = (p, exp)
-                stored[mid] = bytes(blob) if exp is None else (bytes(blob), exp)
         deliveries: dict[str, list] = {}
         all_deliv = set()
         max_seq = 0
@@ -1239,7 +1237,7 @@ class SqliteStore(Recorder):
                      "%d retained messages", len(dead_sessions), len(dead_deliv),
                      len(dead_msgs), len(dead_retained))
 
-        self._restore({mid: stored[mid] for mid in snap.messages},
+        self._restore(snap.messages,
                       {s.client_id: [d.msg_id for d in s.deliveries] for s in snap.sessions})
         self._dseq = max_seq
         self._history_rows = hist

@@ -11,7 +11,6 @@ import struct
 import sqlite3
 import sys
 import tempfile
-import threading
 
 import pytest
 import trio
@@ -723,8 +722,11 @@ def test_unencodable_message_is_logged_not_fatal(sq, caplog):
     sq.add_delivery("c", DeliveryRecord(1, 1))
     sq.put_message(2, pub(), None)
     sq.add_delivery("c", DeliveryRecord(2, 1))
+    sq.put_message_fields(3, "a/+", b"", 1, False, None, None)  # the core's path
+    sq.add_delivery_fields("c", 3, 1, 0, "queued")
     wait_committed(sq)
     assert "cannot store message 1" in caplog.text
+    assert "cannot store message 3" in caplog.text
     sq.close()
     s2 = SqliteStore(sq.data_dir)
     snap = s2.open(now=NOW)

@@ -172,10 +172,10 @@ cdef class Recorder:
     lock held, by the first change of a batch), ``_unknown_message(msg_id)``
     (a delivery names a message the store does not have),
     ``_blob(kind, key, publish)`` (encodes a message that ``_encode`` could
-    not, or logs why and returns None) and sets ``_extra``
-    (``delivery_extra``), ``_encode`` (``encode_publish``), ``_encode_fields``
-    (the same from a message's fields) and ``_publish`` (the ``Publish``
-    class)."""
+    not, or logs why and returns None), ``_unstorable(kind, key, error)``
+    (logs that a message cannot be stored) and sets ``_extra``
+    (``delivery_extra``), ``_encode`` (``encode_publish``) and
+    ``_encode_fields`` (the same from a message's fields)."""
 
     cdef public Lock _lock
     cdef public Batch _batch
@@ -199,7 +199,6 @@ cdef class Recorder:
     cdef public object _extra
     cdef public object _encode
     cdef public object _encode_fields
-    cdef public object _publish
     cdef char* _buf                # ops of the current batch
     cdef Py_ssize_t _len, _cap
 
@@ -242,7 +241,7 @@ cdef class Recorder:
     cdef int _str(self, s, int width) except -1:
         cdef Py_ssize_t n
         cdef const char* u = PyUnicode_AsUTF8AndSize(s, &n)
-        if n >= (1 << (8 * width)):
+        if <unsigned long long>n >= (<unsigned long long>1) << (8 * width):
             raise ValueError(f"{s[:40]!r}... is too long to store")
         cdef char* w = self._room(width + n)
         _put_uint(w, n, width)
@@ -311,11 +310,9 @@ cdef class Recorder:
         0, properties)`` without building it (the broker core's hot path)."""
         try:
             blob = self._encode_fields(topic, payload, qos, retain, properties)
-        except Exception:
-            blob = self._blob("message", msg_id, self._publish(topic, payload, qos, retain,
-                                                               False, 0, properties))
-            if blob is None:
-                return
+        except Exception as e:
+            self._unstorable("message", msg_id, e)
+            return
         self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties, expires_at))
 
     cdef int _put(self, msg_id, bytes blob, _Msg m) except -1:
@@ -359,7 +356,6 @@ cdef class Recorder:
         cdef set ms
         cdef char* w
         cdef Py_ssize_t n
-        cdef const char* u
         cdef bint fresh
         extra = self._extra(retain, subids) if retain or subids else None
         self._lock.take()
@@ -388,10 +384,7 @@ cdef class Recorder:
             if extra is None:
                 _put_uint(self._room(4), 0xFFFFFFFF, 4)
             else:
-                u = PyUnicode_AsUTF8AndSize(extra, &n)
-                w = self._room(4 + n)
-                _put_uint(w, n, 4)
-                memcpy(w + 4, u, n)
+                self._str(extra, 4)
             if self._seq == self._arm:
                 self._schedule()
         finally:
@@ -474,12 +467,12 @@ cdef class Recorder:
 
     cdef object _stored_form(self, msg_id, _Msg m):
         """``m`` encoded again (a released message stored anew), or None
-        (logged by ``_blob``)."""
+        (logged)."""
         try:
             return self._encode_fields(m.topic, m.payload, m.qos, m.retain, m.props)
-        except Exception:
-            return self._blob("message", msg_id, self._publish(
-                m.topic, m.payload, m.qos, m.retain, False, 0, m.props))
+        except Exception as e:
+            self._unstorable("message", msg_id, e)
+            return None
 
     def _restore(self, dict messages, dict client_msgs) -> None:
         """After recovery: ``messages`` {msg_id: (Publish, expires_at)},

@@ -156,7 +156,6 @@ from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
                    encode_publish, log, parse_delivery_extra, publish_encoder,
                    publish_fields_encoder)
-from .base import _codec as _codec_module
 
 __all__ = ["SqliteStore", "DB_NAME", "SEGMENT_PREFIX", "SCHEMA_VERSION"]
 
@@ -857,7 +856,6 @@ class SqliteStore(Recorder):
         self._extra = delivery_extra
         self._encode = publish_encoder()
         self._encode_fields = publish_fields_encoder()
-        self._publish = _codec_module().Publish
         self._released_kept = RELEASED_KEPT
         self._pending = _Signal()  # outside trio: the flusher thread has work
         self._committed = 0  # last change durable per the mode
@@ -1667,8 +1665,11 @@ class SqliteStore(Recorder):
         try:
             return encode_publish(publish)
         except Exception as e:
-            log.error("persistence: cannot store %s %r: %s", kind, key, e)
+            self._unstorable(kind, key, e)
             return None
+
+    def _unstorable(self, kind: str, key, error: BaseException) -> None:
+        log.error("persistence: cannot store %s %r: %s", kind, key, error)
 
     def _to_compactor(self, batch: _Batch) -> None:
         if self._compactor_failed:
@@ -1734,18 +1735,16 @@ class SqliteStore(Recorder):
                     if n:
                         if not due.lsn:
                             first_at = time.monotonic()
+                        ops = sum(p[2] for p in pending[:n])
                         due.lsn = pending[n - 1][1]
-                        due.ops += sum(p[2] for p in pending[:n])
+                        due.ops += ops
                         self._compact_queue = pending[n:]
-                        self._compact_queued_ops -= sum(p[2] for p in pending[:n])
+                        self._compact_queued_ops -= ops
                     stop = self._compact_stop
                     now_asked = self._compact_now
                     self._compact_now = False  # compact() asks again if not done
-                if start_child and self._child is None and self.compactor == "process":
-                    try:
-                        self._start_child()
-                    except OSError:  # _compact says so and folds in this thread
-                        pass
+                if start_child and self._child is None:
+                    self._ensure_child()
                 t = time.monotonic()
                 ready = (stop or now_asked or due.ops >= COMPACT_OPS
                          or (due.lsn and t - first_at >= COMPACT_PERIOD))
@@ -1785,15 +1784,8 @@ class SqliteStore(Recorder):
         """Fold the records up to ``due.lsn`` into the tables (compactor
         thread). Raises sqlite3.Error, ValueError or OSError on failure."""
         t0 = time.perf_counter()
-        if self.compactor == "process" and self._child is None:
-            try:
-                self._start_child()
-            except OSError as e:
-                # No interpreter to start (an embedded or frozen Python):
-                # fold here instead, in a thread, as compactor="thread" does.
-                log.warning("persistence: cannot start the compactor process (%s); "
-                            "compacting in a thread of the broker instead", e)
-                self.compactor = "thread"
+        if self._child is None:
+            self._ensure_child()
         if self.compactor == "thread":
             if self._folder is None:
                 self._folder = _Folder(conn, self.data_dir, self.path)
@@ -1824,6 +1816,19 @@ class SqliteStore(Recorder):
             self._child = None
             raise OSError(f"the compactor process exited ({child.returncode})")
         raise sqlite3.OperationalError(rest)
+
+    def _ensure_child(self) -> None:
+        """Start the compactor process (compactor="process"). When none can be
+        started (no interpreter to run: an embedded or frozen Python), say so
+        and fold in this thread from now on, as compactor="thread" does."""
+        if self.compactor != "process":
+            return
+        try:
+            self._start_child()
+        except OSError as e:
+            log.warning("persistence: cannot start the compactor process (%s); "
+                        "compacting in a thread of the broker instead", e)
+            self.compactor = "thread"
 
     def _start_child(self) -> subprocess.Popen:
         """The compactor process, started if it is not running (compactor

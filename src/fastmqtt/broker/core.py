@@ -182,12 +182,13 @@ class BrokerCore:
         self.store = store if store is not None else NullStore()
         self.persistent_store = bool(getattr(self.store, "persistent", True)) and not isinstance(
             self.store, NullStore)
-        # Delivery changes with their fields as arguments where the store
-        # offers that (no DeliveryRecord per change on the hot path).
+        # Messages and delivery changes with their fields as arguments where
+        # the store offers that (no Publish or DeliveryRecord per change on
+        # the hot path); otherwise built here for the store's plain methods.
+        self._put_message = getattr(self.store, "put_message_fields", None) or self._put_record
         self._add_delivery = getattr(self.store, "add_delivery_fields", None) or self._add_record
         self._update_delivery = (getattr(self.store, "update_delivery_fields", None)
                                  or self._update_record)
-        self._put_message_fields = getattr(self.store, "put_message_fields", None)
         # A NullStore (--no-persistence) keeps nothing: the core then makes no
         # store calls for its sessions (no message ids, records or tickets).
         self._keeps_sessions = not isinstance(self.store, NullStore)
@@ -1004,11 +1005,8 @@ class BrokerCore:
         if not msg.msg_id:
             msg.msg_id = self.next_msg_id
             self.next_msg_id += 1
-            if self._put_message_fields is not None:
-                self._put_message_fields(msg.msg_id, msg.topic, msg.payload, msg.qos,
-                                         msg.retain, msg.props, msg.expires_at)
-            else:
-                self.store.put_message(msg.msg_id, msg.to_publish(), msg.expires_at)
+            self._put_message(msg.msg_id, msg.topic, msg.payload, msg.qos, msg.retain,
+                              msg.props, msg.expires_at)
         return msg.msg_id
 
     def _enqueue(self, cs: ClientState, og: Outgoing, now: float) -> None:
@@ -1045,6 +1043,11 @@ class BrokerCore:
         if cs.persisted:
             self._add_delivery(cs.client_id, og.msg.msg_id or self._persist_msg(og.msg),
                                og.qos, 0, "queued", og.retain, og.subids)
+
+    def _put_record(self, msg_id: int, topic: str, payload: bytes, qos: int, retain: bool,
+                    props, expires_at: float | None) -> None:
+        self.store.put_message(msg_id, Publish(topic, payload, qos, retain, False, 0, props),
+                               expires_at)
 
     def _add_record(self, client_id: str, msg_id: int, qos: int, packet_id: int, state: str,
                     retain: bool = False, subids: tuple = ()) -> None:

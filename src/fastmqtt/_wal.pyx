@@ -18,7 +18,10 @@ ticket (the store's change sequence number) that the appended bytes complete.
 ``written`` is the ticket of the last append in the OS (a ``kill -9`` of the
 process cannot lose it), ``synced`` that of the last append on disk.
 
-The caller frames its records; this module only moves bytes. A segment switch
+The caller frames its records (:meth:`LogWriter.append`), or hands over the
+parts of one and lets the writer thread compute its CRC-32
+(:meth:`LogWriter.append_record`: the broker's thread then only copies).
+A segment switch
 (:meth:`LogWriter.rotate`) takes effect exactly at the append position where
 it was asked for: bytes appended before go to the old file (fsynced and
 closed), bytes after to the new one.
@@ -28,7 +31,8 @@ Memory: the append buffer grows while the disk is slower than the appends
 it); a buffer over 16 MiB is given back after it has been written.
 """
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, strdup
 from libc.errno cimport errno, EINTR
@@ -74,6 +78,69 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_timedwait(pthread_cond_t* c, pthread_mutex_t* m, const timespec* t)
     int pthread_cond_signal(pthread_cond_t* c)
 
+# CRC-32 (the polynomial of zlib.crc32 and gzip), eight bytes per step
+# ("slicing by 8"): the writer thread checksums the records handed over by
+# append_record, so the broker's thread does not.
+cdef uint32_t CRC_TABLE[8][256]
+
+
+cdef void _crc_init() noexcept:
+    cdef uint32_t c
+    cdef int i, k
+    for i in range(256):
+        c = i
+        for k in range(8):
+            c = (c >> 1) ^ 0xEDB88320u if c & 1 else c >> 1
+        CRC_TABLE[0][i] = c
+    for i in range(256):
+        c = CRC_TABLE[0][i]
+        for k in range(1, 8):
+            c = CRC_TABLE[0][c & 0xFF] ^ (c >> 8)
+            CRC_TABLE[k][i] = c
+
+
+_crc_init()
+
+
+cdef inline uint32_t _le32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16)
+            | (<uint32_t>p[3] << 24))
+
+
+cdef inline void _put_le(char* w, uint64_t v, int width) noexcept nogil:
+    cdef int i
+    for i in range(width):
+        w[i] = <char>(v & 0xFF)
+        v >>= 8
+
+
+cdef uint32_t _crc32(uint32_t crc, const unsigned char* p, size_t n) noexcept nogil:
+    cdef uint32_t a, b
+    crc = ~crc
+    while n >= 8:
+        a = _le32(p) ^ crc
+        b = _le32(p + 4)
+        crc = (CRC_TABLE[7][a & 0xFF] ^ CRC_TABLE[6][(a >> 8) & 0xFF]
+               ^ CRC_TABLE[5][(a >> 16) & 0xFF] ^ CRC_TABLE[4][a >> 24]
+               ^ CRC_TABLE[3][b & 0xFF] ^ CRC_TABLE[2][(b >> 8) & 0xFF]
+               ^ CRC_TABLE[1][(b >> 16) & 0xFF] ^ CRC_TABLE[0][b >> 24])
+        p += 8
+        n -= 8
+    while n:
+        crc = CRC_TABLE[0][(crc ^ p[0]) & 0xFF] ^ (crc >> 8)
+        p += 1
+        n -= 1
+    return ~crc
+
+
+def crc32(const unsigned char[::1] data, uint32_t value=0) -> int:
+    """CRC-32 of ``data`` (equal to ``zlib.crc32(data, value)``), as the
+    writer thread computes it for :meth:`LogWriter.append_record`."""
+    if data.shape[0] == 0:
+        return value
+    return _crc32(value, &data[0], data.shape[0])
+
+
 DEF SHRINK_ABOVE = 16 * 1024 * 1024
 DEF FIRST_CAPACITY = 64 * 1024
 
@@ -115,6 +182,13 @@ cdef class LogWriter:
     cdef size_t bcap
     cdef char* wbuf
     cdef size_t wcap
+    # Records appended by append_record whose CRC the writer fills in:
+    # (offset of the CRC field, length of what it covers) pairs, for buf
+    # and, once swapped, for wbuf.
+    cdef size_t* crcs
+    cdef size_t ncrcs, crcs_cap
+    cdef size_t* wcrcs
+    cdef size_t wcrcs_cap
     cdef uint64_t appended
     cdef uint64_t _written
     cdef uint64_t _synced
@@ -162,6 +236,8 @@ cdef class LogWriter:
             c_close(self.efd)
         free(self.buf)
         free(self.wbuf)
+        free(self.crcs)
+        free(self.wcrcs)
         free(self.next_path)
         pthread_cond_destroy(&self.cv)
         pthread_mutex_destroy(&self.mu)
@@ -202,6 +278,68 @@ cdef class LogWriter:
         """errno of the failure that stopped the writer; 0 while it works."""
         return self.err
 
+    cdef int _reserve(self, size_t n) noexcept nogil:
+        """Room for ``n`` more bytes in buf (mutex held); -1: out of memory."""
+        cdef size_t need = self.blen + n
+        cdef size_t cap
+        cdef char* grown
+        if need > self.bcap:
+            cap = self.bcap * 2 if self.bcap else FIRST_CAPACITY
+            while cap < need:
+                cap *= 2
+            grown = <char*>realloc(self.buf, cap)
+            if grown == NULL:
+                return -1
+            self.buf = grown
+            self.bcap = cap
+        return 0
+
+    def append_record(self, uint64_t lsn, bytes head, bytes cold, bytes ops,
+                      uint64_t ticket):
+        """Queue one framed record: ``<I length><Q lsn><I crc>`` then
+        ``head + cold + ops``, ``length`` counting the CRC and what follows.
+        The writer thread computes the CRC-32 of ``head + cold + ops`` before
+        the record reaches the file; here the parts are only copied.
+
+        Raises:
+            OSError: the writer has failed (nothing more is written).
+        """
+        cdef size_t nh = PyBytes_GET_SIZE(head)
+        cdef size_t nc = PyBytes_GET_SIZE(cold)
+        cdef size_t no = PyBytes_GET_SIZE(ops)
+        cdef size_t body = nh + nc + no
+        cdef size_t* grown
+        cdef size_t cap
+        cdef char* w
+        pthread_mutex_lock(&self.mu)
+        if self.err:
+            pthread_mutex_unlock(&self.mu)
+            raise OSError(self.err, "log writer failed")
+        if self.ncrcs + 2 > self.crcs_cap:
+            cap = self.crcs_cap * 2 if self.crcs_cap else 64
+            grown = <size_t*>realloc(self.crcs, cap * sizeof(size_t))
+            if grown == NULL:
+                pthread_mutex_unlock(&self.mu)
+                raise MemoryError()
+            self.crcs = grown
+            self.crcs_cap = cap
+        if self._reserve(16 + body):
+            pthread_mutex_unlock(&self.mu)
+            raise MemoryError()
+        w = self.buf + self.blen
+        _put_le(w, 4 + body, 4)
+        _put_le(w + 4, lsn, 8)
+        memcpy(w + 16, PyBytes_AS_STRING(head), nh)
+        memcpy(w + 16 + nh, PyBytes_AS_STRING(cold), nc)
+        memcpy(w + 16 + nh + nc, PyBytes_AS_STRING(ops), no)
+        self.crcs[self.ncrcs] = self.blen + 12
+        self.crcs[self.ncrcs + 1] = body
+        self.ncrcs += 2
+        self.blen += 16 + body
+        self.appended = ticket
+        pthread_cond_signal(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
     def append(self, const unsigned char[::1] data, uint64_t ticket):
         """Queue ``data`` (may be empty) for the file; ``ticket`` is what the
         caller may call written once it is.
@@ -210,26 +348,16 @@ cdef class LogWriter:
             OSError: the writer has failed (nothing more is written).
         """
         cdef size_t n = data.shape[0]
-        cdef size_t need
-        cdef char* grown
         pthread_mutex_lock(&self.mu)
         if self.err:
             pthread_mutex_unlock(&self.mu)
             raise OSError(self.err, "log writer failed")
         if n:
-            need = self.blen + n
-            if need > self.bcap:
-                cap = self.bcap * 2 if self.bcap else FIRST_CAPACITY
-                while cap < need:
-                    cap *= 2
-                grown = <char*>realloc(self.buf, cap)
-                if grown == NULL:
-                    pthread_mutex_unlock(&self.mu)
-                    raise MemoryError()
-                self.buf = grown
-                self.bcap = cap
+            if self._reserve(n):
+                pthread_mutex_unlock(&self.mu)
+                raise MemoryError()
             memcpy(self.buf + self.blen, &data[0], n)
-            self.blen = need
+            self.blen += n
         self.appended = ticket
         pthread_cond_signal(&self.cv)
         pthread_mutex_unlock(&self.mu)
@@ -334,7 +462,8 @@ cdef class LogWriter:
 
     cdef void _loop(self) noexcept nogil:
         cdef char* tmp
-        cdef size_t tcap, n, sw
+        cdef size_t* ctmp
+        cdef size_t tcap, n, sw, ncrc, i
         cdef uint64_t target
         cdef char* path
         cdef int rc, nfd
@@ -369,12 +498,26 @@ cdef class LogWriter:
             self.wbuf = tmp
             self.wcap = tcap
             self.blen = 0
+            ctmp = self.crcs
+            tcap = self.crcs_cap
+            self.crcs = self.wcrcs
+            self.crcs_cap = self.wcrcs_cap
+            self.wcrcs = ctmp
+            self.wcrcs_cap = tcap
+            ncrc = self.ncrcs
+            self.ncrcs = 0
             target = self.appended
             path = self.next_path
             self.next_path = NULL
             sw = self.switch_at
             pthread_mutex_unlock(&self.mu)
 
+            i = 0
+            while i < ncrc:  # before any of wbuf is written (a switch splits it)
+                _put_le(self.wbuf + self.wcrcs[i],
+                        _crc32(0, <const unsigned char*>self.wbuf + self.wcrcs[i] + 4,
+                               self.wcrcs[i + 1]), 4)
+                i += 2
             rc = 0
             if path != NULL:
                 # The old segment gets what came before the switch, on disk,

@@ -595,7 +595,16 @@ def _encode_record(b: _Batch, ops: bytes, blob) -> bytes:
     hot mutators' ``ops`` after it.
 
     ``blob(kind, key, publish)`` encodes one message (None: cannot be stored,
-    already logged; the entry is left out)."""
+    already logged; the entry is left out). The store itself hands the parts
+    to ``LogWriter.append_record`` (the writer thread computes the CRC); the
+    result is the same bytes."""
+    head, cold = _encode_parts(b, blob)
+    body = b"".join((head, cold, ops))
+    return _crc32(body).to_bytes(4, "little") + body
+
+
+def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
+    """The record head and the pickled cold batch (see :func:`_encode_record`)."""
     if b.empty():
         cold = b""
     else:
@@ -614,8 +623,7 @@ def _encode_record(b: _Batch, ops: bytes, blob) -> bytes:
         # stalled: already in their stored form.
         cold = pickle.dumps((1, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages,
                              b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del), 5)
-    body = b"".join((_RECORD_HEAD.pack(_RECORD_VERSION, len(cold)), cold, ops))
-    return _crc32(body).to_bytes(4, "little") + body
+    return _RECORD_HEAD.pack(_RECORD_VERSION, len(cold)), cold
 
 
 def _decode_record(rec: bytes) -> _Batch:
@@ -886,6 +894,7 @@ class SqliteStore(Recorder):
         # (seq, lsn, changes) of each record appended, oldest first.
         self._compact_queue: list[tuple[int, int, int]] = []
         self._compact_queued_ops = 0
+        self._compact_idle = False  # the compactor waits for the next record
         self._compact_now = False  # compact() asked for it
         self._compact_stop = False
         self._compactor_failed = False
@@ -1627,7 +1636,7 @@ class SqliteStore(Recorder):
                 if not ops and b.empty():
                     wal.append(b"", seq)  # all cancelled out: only the ticket
                     return
-                rec = _encode_record(b, ops, self._blob)
+                head, cold = _encode_parts(b, self._blob)
                 b.lsn = lsn = self._lsn + 1
                 if self._seg_bytes >= SEGMENT_BYTES:
                     path = _segment_path(self.data_dir, lsn)
@@ -1635,11 +1644,11 @@ class SqliteStore(Recorder):
                         with self._compact_cv:
                             self._segments.append((lsn, path))
                         self._seg_bytes = 0
-                wal.append(_FRAME.pack(len(rec), lsn) + rec, seq)
+                wal.append_record(lsn, head, cold, ops, seq)
             except OSError:
                 return  # the writer failed; the watcher reports it
             self._lsn = lsn
-            self._seg_bytes += _FRAME.size + len(rec)
+            self._seg_bytes += _FRAME.size + 4 + len(head) + len(cold) + len(ops)
             dt = time.perf_counter() - t0
             self.commits += 1
             self.commit_seconds += dt
@@ -1677,7 +1686,7 @@ class SqliteStore(Recorder):
         with self._compact_cv:
             self._compact_queue.append((batch.seq, batch.lsn, batch.ops))
             self._compact_queued_ops += batch.ops
-            if len(self._compact_queue) == 1 or self._compact_queued_ops >= COMPACT_OPS:
+            if self._compact_idle or self._compact_queued_ops >= COMPACT_OPS:
                 self._compact_cv.notify()
 
     def _trim_segments(self, everything: bool = False) -> None:
@@ -1724,7 +1733,13 @@ class SqliteStore(Recorder):
                         if due.lsn:
                             due_at = max(first_at + COMPACT_PERIOD, retry_at)
                             timeout = max(0.0, due_at - time.monotonic())
+                        # Only a wait with no end needs the next record to
+                        # wake it; otherwise records queue up unannounced
+                        # (a wake-up per flush would take the GIL from the
+                        # trio thread hundreds of times a second for nothing).
+                        self._compact_idle = timeout is None
                         self._compact_cv.wait(timeout)
+                        self._compact_idle = False
                     # Only what the log has: the tables never get ahead of it.
                     written = wal.written
                     pending = self._compact_queue

@@ -402,3 +402,50 @@ async def test_puback_waits_for_the_store_then_goes_out(tmp_path, durability):
             ack = await pub.next()
             assert isinstance(ack, Puback) and ack.packet_id == 7
             await broker.aclose()
+
+
+async def test_acks_go_out_as_far_as_the_store_has_committed(tmp_path, monkeypatch):
+    """PUBACKs of an earlier read go out once their own changes are durable,
+    not only when a later read's are [MQTT-4.6.0-2: in order]: the store is
+    made to report the first read's changes as committed, and only that
+    PUBACK is sent; the second follows once its changes are."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config(persistence=True,
+                                                       data_dir=str(tmp_path),
+                                                       durability="batch"))
+            store = broker.store
+            sub = await Raw.open(broker.ports[0])
+            await sub.connect("keeper", clean_start=False,
+                              properties={PropertyId.SESSION_EXPIRY_INTERVAL: 3600})
+            await sub.send(Subscribe(1, [Subscription("t", 1)]))
+            assert (await sub.next()).packet_type == 9
+            pub = await Raw.open(broker.ports[0])
+            await pub.connect("pub")
+            await trio.testing.wait_all_tasks_blocked()
+            store._wal.pause(True)
+            await pub.send(Publish("t", b"m7", 1, False, False, 7))
+            await trio.testing.wait_all_tasks_blocked()
+            first = store.mark()  # covers the first read's changes
+            await pub.send(Publish("t", b"m8", 1, False, False, 8))
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.mark() > first
+            limit = [first]
+            real = type(store)._catch_up
+
+            def catch_up(wal):
+                real(store, wal)
+                store._committed = min(store._committed, limit[0])
+
+            monkeypatch.setattr(store, "_catch_up", catch_up)
+            sent_before = broker.stats.bytes_sent
+            store._wal.pause(False)
+            ack = await pub.next()
+            assert isinstance(ack, Puback) and ack.packet_id == 7
+            await trio.testing.wait_all_tasks_blocked()
+            assert broker.stats.bytes_sent == sent_before + len(encode(ack, 5))
+            limit[0] = float("inf")
+            store._progress(store._wal)
+            ack = await pub.next()
+            assert isinstance(ack, Puback) and ack.packet_id == 8
+            await broker.aclose()

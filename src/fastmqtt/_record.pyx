@@ -292,6 +292,10 @@ cdef class Recorder:
         changes in this batch go."""
         self._op_client(OP_CASCADE, client_id, None)
 
+    def mark(self) -> int:
+        """Ticket covering every change recorded so far (for ``durable``)."""
+        return self._seq
+
     # ------------------------------------------------------------ mutators
 
     def put_message(self, msg_id, publish, expires_at) -> None:

@@ -107,7 +107,7 @@ class ServerConnection:
         "keepalive_grace", "last_rx", "connect_deadline", "max_qos", "retain_available",
         "topic_alias_maximum", "in_aliases", "out_alias_maximum", "out_aliases",
         "out_max_packet_size", "send_quota", "request_problem_info", "outbox",
-        "out_bytes", "acks", "on_output", "closing", "close_reason", "violation",
+        "out_bytes", "acks", "ack_ticket", "on_output", "closing", "close_reason", "violation",
         "client", "peer", "will_on_close", "failed", "lost", "extra",
     )
 
@@ -137,7 +137,10 @@ class ServerConnection:
         self.request_problem_info = True
         self.outbox: list[bytes] = []
         self.out_bytes = 0
-        self.acks: list[tuple[int, bytes]] = []
+        # PUBACK/PUBREC/... that wait for the store, in order, and the
+        # highest ticket among them (tickets only grow).
+        self.acks: list[bytes] = []
+        self.ack_ticket = 0
         self.on_output: Callable[[], None] | None = None
         self.closing = False  # a close was requested; flush, then close
         self.close_reason: str = ""
@@ -258,11 +261,18 @@ class ServerConnection:
 
         Ticket 0 means nothing to wait for: the bytes join the normal outbox
         (keeping their order with other acks already there)."""
-        if not ticket and not self.acks:
+        acks = self.acks
+        if acks:
+            acks.append(data)
+            if ticket > self.ack_ticket:
+                self.ack_ticket = ticket
+            return
+        if not ticket:
             self.write(data)
             return
-        self.acks.append((ticket, data))
-        if len(self.acks) == 1 and not self.outbox and self.on_output is not None:
+        acks.append(data)
+        self.ack_ticket = ticket
+        if not self.outbox and self.on_output is not None:
             self.on_output()
 
     def take_output(self) -> bytes:
@@ -280,10 +290,21 @@ class ServerConnection:
         acks = self.acks
         if not acks:
             return 0, b""
-        ticket = max(t for t, _ in acks)
-        data = b"".join(d for _, d in acks)
+        ticket = self.ack_ticket
+        data = b"".join(acks)
         acks.clear()
+        self.ack_ticket = 0
         return ticket, data
+
+    def take_acks_upto(self, n: int) -> bytes:
+        """The first ``n`` queued acknowledgements, joined (and removed);
+        ``ack_ticket`` stays the highest of all (tickets only grow)."""
+        acks = self.acks
+        if n >= len(acks):
+            self.ack_ticket = 0
+        data = b"".join(acks[:n])
+        del acks[:n]
+        return data
 
     def close(self, reason_code: int | None = None, reason: str = "",
               reason_string: str | None = None) -> None:

@@ -110,7 +110,7 @@ class _Link:
     """
 
     __slots__ = ("broker", "stream", "conn", "writing", "holding", "direct", "reader_scope",
-                 "done", "last_done", "waiters", "acks_waiting")
+                 "done", "last_done", "waiters", "acks_waiting", "ack_marks")
 
     def __init__(self, broker: "Broker", stream, conn: ServerConnection) -> None:
         self.broker = broker
@@ -134,6 +134,10 @@ class _Link:
         # Acknowledgements wait for the store (Store.when_durable) with no
         # writer task: the store calls Broker._durable_acks.
         self.acks_waiting = False
+        # (number of acks, ticket that covers them) at the end of each of
+        # the reader's turns while acks wait: what may go out as soon as
+        # that ticket is durable, without a ticket per ack.
+        self.ack_marks: list[tuple[int, int]] = []
 
     def __call__(self) -> None:
         if not self.writing and not self.holding:
@@ -535,14 +539,21 @@ class Broker:
         :meth:`_durable_acks` once they are durable (a plain-TCP connection
         with a store that offers ``when_durable``), rather than start a writer
         task that waits for them."""
-        if link.writing or link.acks_waiting:
-            return  # the writer, or the callback, sends them
+        if link.writing:
+            return  # the writer sends them
         when = self._when_durable
         if when is None or not link.direct:
             link()
             return
+        conn = link.conn
+        ticket = conn.ack_ticket
+        marks = link.ack_marks
+        if not marks or marks[-1][1] != ticket:
+            marks.append((len(conn.acks), ticket))
+        if link.acks_waiting:
+            return  # the callback sends them
         link.acks_waiting = True
-        if not when(link.conn.acks[-1][0], functools.partial(self._durable_acks, link)):
+        if not when(ticket, functools.partial(self._durable_acks, link)):
             # Durable already, or the store failed: decide now.
             self._durable_acks(link)
 
@@ -552,12 +563,22 @@ class Broker:
         link.acks_waiting = False
         conn = link.conn
         acks = conn.acks
+        marks = link.ack_marks
         if link.writing or not acks:
+            marks.clear()
             return  # a writer took them over
         committed = self.store.committed
-        n = 0
-        while n < len(acks) and acks[n][0] <= committed:
-            n += 1
+        if conn.ack_ticket <= committed:
+            n = len(acks)
+            marks.clear()
+        else:
+            # Some of them: those up to the last mark the store covers.
+            n = i = 0
+            while i < len(marks) and marks[i][1] <= committed:
+                n = marks[i][0]
+                i += 1
+            if i:
+                marks[:] = [(k - n, t) for k, t in marks[i:]]
         if not n:
             # Not durable: the store failed or closed. The writer finds out in
             # durable() and ends the connection, as it always has.
@@ -566,8 +587,7 @@ class Broker:
         if conn.closing:
             link()  # as for any closing connection: a writer flushes, then ends it
             return
-        data = b"".join([d for _, d in acks[:n]])
-        del acks[:n]
+        data = conn.take_acks_upto(n)
         if not self._send_now(link, data):
             # A writer sends the rest, then later acks; or the send failed.
             self._end_if_closed(link)
@@ -603,6 +623,7 @@ class Broker:
                         if cs_state is not None and cs_state.queue and not conn.closing:
                             core.pump(cs_state, time.time())
                     if conn.acks:
+                        link.ack_marks.clear()
                         ticket, data = conn.take_acks()
                         if ticket:
                             ws.deadline = math.inf

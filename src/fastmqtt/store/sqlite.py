@@ -1250,10 +1250,6 @@ class SqliteStore(Recorder):
         self._history_rows = hist
         return snap
 
-    def mark(self) -> int:
-        """Ticket covering every change recorded so far (for :meth:`durable`)."""
-        return self._seq
-
     async def durable(self, ticket: int) -> None:
         """Wait until every change up to ``ticket`` is committed (``sync``:
         fsynced). Never blocks the trio thread.

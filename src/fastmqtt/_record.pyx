@@ -422,7 +422,7 @@ cdef class Recorder:
             if ms is not None and msg_id in <set>ms:
                 (<set>ms).discard(msg_id)
                 self._op_client(OP_DEL, client_id, msg_id)
-                self._decref(msg_id)
+                self._drop_ref(msg_id)
             if self._seq == self._arm:
                 self._schedule()
         finally:
@@ -431,11 +431,15 @@ cdef class Recorder:
     def _decref(self, msg_id) -> None:
         """One delivery of ``msg_id`` fewer; the row goes with the last one
         (lock held)."""
+        self._drop_ref(msg_id)
+
+    cdef int _drop_ref(self, msg_id) except -1:
+        # _decref without a Python-level call (remove_delivery's hot path).
         m = self._msgs.get(msg_id)
         if m is not None:
             (<_Msg>m).refs -= 1
             if (<_Msg>m).refs > 0:
-                return
+                return 0
             del self._msgs[msg_id]
             released = self._released
             released[msg_id] = m
@@ -446,11 +450,12 @@ cdef class Recorder:
             n = self._refs.get(msg_id, 1) - 1
             if n > 0:
                 self._refs[msg_id] = n
-                return
+                return 0
             self._refs.pop(msg_id, None)
         cdef char* w = self._room(9)
         w[0] = OP_MSGDEL
         _put_uint(w + 1, msg_id, 8)
+        return 0
 
     cdef object _revive(self, msg_id):
         """A delivery names a message whose row was dropped (its last delivery

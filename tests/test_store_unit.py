@@ -1579,3 +1579,47 @@ def test_store_record_bytes_match_encode_record(tmp_path):
     for rec in recs:
         import zlib
         assert int.from_bytes(rec[:4], "little") == zlib.crc32(rec[4:])
+
+
+def test_compactor_is_woken_by_the_first_record_only(tmp_path, monkeypatch):
+    """The compactor thread waits with no end only while it has nothing to
+    fold: the first record wakes it; records that follow while it waits for
+    its due time are queued without a wake-up (each would take the GIL from
+    the event loop) and are folded in when it is due."""
+    import time
+
+    def in_tables(table):  # without asking for a compaction
+        with sqlite3.connect(s.path) as db:
+            return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def until(cond):
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    monkeypatch.setattr(sqlite_mod, "COMPACT_PERIOD", 0.05)
+    s = SqliteStore(str(tmp_path), compactor="thread")
+    s.open(now=NOW)
+    try:
+        s.put_session("c", NEVER, 5, None)
+        assert s.wait_durable()
+        # Folded in when due; then nothing to fold: waiting with no end.
+        until(lambda: in_tables("sessions") == 1 and s._compact_idle)
+        monkeypatch.setattr(sqlite_mod, "COMPACT_PERIOD", 2.0)  # longer than the records take
+        wakes = []
+        real_notify = s._compact_cv.notify
+        monkeypatch.setattr(s._compact_cv, "notify",
+                            lambda *a: (wakes.append(1), real_notify(*a)))
+        for i in range(1, 21):  # twenty records, one flush each
+            s.put_message(i, pub(payload=b"%d" % i), None)
+            s.add_delivery("c", DeliveryRecord(i, 1))
+            assert s.wait_durable()
+            # Paced, not synchronised: time for a compactor that had been
+            # woken to take the queue, so the next record would wake it again.
+            time.sleep(0.02)
+        assert len(wakes) == 1  # the first record: the compactor was idle
+        until(lambda: in_tables("deliveries") == 20)  # due: all twenty folded in
+        assert in_tables("messages") == 20 and len(wakes) == 1
+    finally:
+        s.close()

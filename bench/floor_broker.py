@@ -43,6 +43,7 @@ class FloorStore:
     put_session = delete_session = put_subscription = delete_subscription = _noop
     put_message = add_delivery = update_delivery = remove_delivery = _noop
     add_delivery_fields = update_delivery_fields = put_message_fields = _noop
+    put_message_add_delivery = _noop
     put_incoming_qos2 = delete_incoming_qos2 = put_retained = delete_retained = _noop
     put_will = delete_will = put_history = delete_history = _noop
 

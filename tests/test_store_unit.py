@@ -724,9 +724,11 @@ def test_unencodable_message_is_logged_not_fatal(sq, caplog):
     sq.add_delivery("c", DeliveryRecord(2, 1))
     sq.put_message_fields(3, "a/+", b"", 1, False, None, None)  # the core's path
     sq.add_delivery_fields("c", 3, 1, 0, "queued")
+    sq.put_message_add_delivery(4, "a/+", b"", 1, False, None, None, "c", 1, 0, "queued")
     wait_committed(sq)
     assert "cannot store message 1" in caplog.text
     assert "cannot store message 3" in caplog.text
+    assert "cannot store message 4" in caplog.text
     sq.close()
     s2 = SqliteStore(sq.data_dir)
     snap = s2.open(now=NOW)
@@ -1386,11 +1388,15 @@ def test_damaged_ops_raise_value_error_only(data):
 
 
 def test_changes_by_fields_are_the_records_ones(tmp_path):
-    """put_message_fields, add_delivery_fields, update_delivery_fields (the
-    core's hot path) store exactly what put_message with a Publish and
-    add_delivery / update_delivery with a record do."""
+    """put_message_fields, add_delivery_fields, update_delivery_fields and
+    put_message_add_delivery (the core's hot path) store exactly what
+    put_message with a Publish and add_delivery / update_delivery with a
+    record do."""
     snaps = []
-    for way, d in (("record", "a"), ("fields", "b")):
+    changes = [("add", 1, 1, 0, "queued", False, ()), ("add", 2, 2, 7, "sent", True, (3, 4)),
+               ("add", 3, 1, 0, "queued", False, (9,)), ("update", 1, 1, 5, "sent"),
+               ("update", 2, 2, 7, "released")]
+    for way, d in (("record", "a"), ("fields", "b"), ("fused", "c")):
         s = SqliteStore(str(tmp_path / d))
         s.open(now=NOW)
         s.put_session("c", NEVER, 5, None)
@@ -1398,12 +1404,15 @@ def test_changes_by_fields_are_the_records_ones(tmp_path):
             props = {PropertyId.CONTENT_TYPE: "text/plain"} if i == 2 else None
             if way == "record":
                 s.put_message(i, Publish("a/b", b"%d" % i, 1, False, False, 0, props), NOW + 60 * i)
-            else:
+            elif way == "fields":
                 s.put_message_fields(i, "a/b", b"%d" % i, 1, False, props, NOW + 60 * i)
-        changes = [("add", 1, 1, 0, "queued", False, ()), ("add", 2, 2, 7, "sent", True, (3, 4)),
-                   ("add", 3, 1, 0, "queued", False, (9,)), ("update", 1, 1, 5, "sent"),
-                   ("update", 2, 2, 7, "released")]
+            else:  # each message with its first delivery, in one call
+                _, _, qos, pid, state, *rest = changes[i - 1]
+                s.put_message_add_delivery(i, "a/b", b"%d" % i, 1, False, props, NOW + 60 * i,
+                                           "c", qos, pid, state, *rest)
         for op, mid, qos, pid, state, *rest in changes:
+            if way == "fused" and op == "add":
+                continue  # done above
             if way == "record":
                 rec = DeliveryRecord(mid, qos, pid, state, *rest)
                 (s.add_delivery if op == "add" else s.update_delivery)("c", rec)
@@ -1417,9 +1426,9 @@ def test_changes_by_fields_are_the_records_ones(tmp_path):
         snaps.append((snap.sessions[0].deliveries,
                       {m: (fields(p), e) for m, (p, e) in snap.messages.items()}))
         s.close()
-    assert snaps[0][1] == snaps[1][1] and snaps[0][1][2][0][-1] == {
+    assert snaps[0][1] == snaps[1][1] == snaps[2][1] and snaps[0][1][2][0][-1] == {
         PropertyId.CONTENT_TYPE: "text/plain"}
-    assert snaps[0][0] == snaps[1][0] == [DeliveryRecord(1, 1, 5, "sent"),
+    assert snaps[0][0] == snaps[1][0] == snaps[2][0] == [DeliveryRecord(1, 1, 5, "sent"),
                                     DeliveryRecord(2, 2, 7, "released", True, (3, 4)),
                                     DeliveryRecord(3, 1, 0, "queued", False, (9,))]
 

@@ -319,6 +319,21 @@ cdef class Recorder:
             return
         self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties, expires_at))
 
+    def put_message_add_delivery(self, msg_id, topic, payload, qos, retain, properties,
+                                 expires_at, client_id, dqos, packet_id, state,
+                                 dretain=False, subids=()) -> None:
+        """:meth:`put_message_fields` then :meth:`add_delivery_fields` in one
+        call: a message's first persistent receiver (the broker core's
+        hottest path)."""
+        try:
+            blob = self._encode_fields(topic, payload, qos, retain, properties)
+        except Exception as e:
+            self._unstorable("message", msg_id, e)
+        else:
+            self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties,
+                                             expires_at))
+        self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+
     cdef int _put(self, msg_id, bytes blob, _Msg m) except -1:
         cdef _Msg old
         self._lock.take()

@@ -189,6 +189,9 @@ class BrokerCore:
         self._add_delivery = getattr(self.store, "add_delivery_fields", None) or self._add_record
         self._update_delivery = (getattr(self.store, "update_delivery_fields", None)
                                  or self._update_record)
+        # A message's first persistent receiver: message and delivery in one call.
+        self._put_and_add = (getattr(self.store, "put_message_add_delivery", None)
+                             or self._put_and_add_record)
         # A NullStore (--no-persistence) keeps nothing: the core then makes no
         # store calls for its sessions (no message ids, records or tickets).
         self._keeps_sessions = not isinstance(self.store, NullStore)
@@ -934,8 +937,15 @@ class BrokerCore:
                 cs.inflight[pid] = Outgoing(msg, q, retain, subids, pid, "sent")
                 data = tpl.with_packet_id(pid)
                 if cs.persisted:
-                    self._add_delivery(cs.client_id, msg.msg_id or self._persist_msg(msg), q,
-                                       pid, "sent", retain, subids)
+                    mid = msg.msg_id
+                    if mid:
+                        self._add_delivery(cs.client_id, mid, q, pid, "sent", retain, subids)
+                    else:  # _persist_msg and _add_delivery, inlined: once per message
+                        mid = msg.msg_id = self.next_msg_id
+                        self.next_msg_id = mid + 1
+                        self._put_and_add(mid, msg.topic, msg.payload, msg.qos, msg.retain,
+                                          msg.props, msg.expires_at, cs.client_id, q, pid,
+                                          "sent", retain, subids)
             outbox = conn.outbox
             outbox.append(data)
             conn.out_bytes += len(data)
@@ -1041,8 +1051,23 @@ class BrokerCore:
         if og.qos == 0:
             cs.queue_qos0 += 1
         if cs.persisted:
-            self._add_delivery(cs.client_id, og.msg.msg_id or self._persist_msg(og.msg),
-                               og.qos, 0, "queued", og.retain, og.subids)
+            msg = og.msg
+            mid = msg.msg_id
+            if mid:
+                self._add_delivery(cs.client_id, mid, og.qos, 0, "queued", og.retain, og.subids)
+            else:  # _persist_msg and _add_delivery, inlined: once per message
+                mid = msg.msg_id = self.next_msg_id
+                self.next_msg_id = mid + 1
+                self._put_and_add(mid, msg.topic, msg.payload, msg.qos, msg.retain, msg.props,
+                                  msg.expires_at, cs.client_id, og.qos, 0, "queued",
+                                  og.retain, og.subids)
+
+    def _put_and_add_record(self, msg_id: int, topic: str, payload: bytes, qos: int,
+                            retain: bool, props, expires_at: float | None, client_id: str,
+                            dqos: int, packet_id: int, state: str, dretain: bool = False,
+                            subids: tuple = ()) -> None:
+        self._put_message(msg_id, topic, payload, qos, retain, props, expires_at)
+        self._add_delivery(client_id, msg_id, dqos, packet_id, state, dretain, subids)
 
     def _put_record(self, msg_id: int, topic: str, payload: bytes, qos: int, retain: bool,
                     props, expires_at: float | None) -> None:

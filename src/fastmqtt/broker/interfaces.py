@@ -104,8 +104,10 @@ class Store(Protocol):
     # state, retain, subids) and update_delivery_fields(client_id, msg_id, qos,
     # packet_id, state), the same changes without a DeliveryRecord to build, and
     # put_message_fields(msg_id, topic, payload, qos, retain, properties,
-    # expires_at), put_message without a Publish. The core uses them where a
-    # store has them (the SQLite store does).
+    # expires_at), put_message without a Publish, and put_message_add_delivery
+    # (those seven, then client_id, qos, packet_id, state, retain, subids of
+    # the delivery): both for a message's first persistent receiver, in one
+    # call. The core uses them where a store has them (the SQLite store does).
 
     def put_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...
     def delete_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...

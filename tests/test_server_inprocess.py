@@ -370,6 +370,20 @@ async def test_receiver_reset_while_others_route_to_it():
             await broker.aclose()
 
 
+async def _keeper_and_publisher(broker):
+    """A connected persistent QoS 1 subscriber to "t" ("keeper") and a
+    publisher ("pub"), both settled."""
+    sub = await Raw.open(broker.ports[0])
+    await sub.connect("keeper", clean_start=False,
+                      properties={PropertyId.SESSION_EXPIRY_INTERVAL: 3600})
+    await sub.send(Subscribe(1, [Subscription("t", 1)]))
+    assert (await sub.next()).packet_type == 9
+    pub = await Raw.open(broker.ports[0])
+    await pub.connect("pub")
+    await trio.testing.wait_all_tasks_blocked()
+    return sub, pub
+
+
 @pytest.mark.parametrize("durability", ["sync", "batch"])
 async def test_puback_waits_for_the_store_then_goes_out(tmp_path, durability):
     """PUBACK only once the message is durable [issue 5]: with the log writer
@@ -380,14 +394,7 @@ async def test_puback_waits_for_the_store_then_goes_out(tmp_path, durability):
             broker = await nursery.start(serve, config(persistence=True,
                                                        data_dir=str(tmp_path),
                                                        durability=durability))
-            sub = await Raw.open(broker.ports[0])
-            await sub.connect("keeper", clean_start=False,
-                              properties={PropertyId.SESSION_EXPIRY_INTERVAL: 3600})
-            await sub.send(Subscribe(1, [Subscription("t", 1)]))
-            assert (await sub.next()).packet_type == 9
-            pub = await Raw.open(broker.ports[0])
-            await pub.connect("pub")
-            await trio.testing.wait_all_tasks_blocked()
+            sub, pub = await _keeper_and_publisher(broker)
             broker.store._wal.pause(True)
             sent_before = broker.stats.bytes_sent
             await pub.send(Publish("t", b"m", 1, False, False, 7))
@@ -415,14 +422,7 @@ async def test_acks_go_out_as_far_as_the_store_has_committed(tmp_path, monkeypat
                                                        data_dir=str(tmp_path),
                                                        durability="batch"))
             store = broker.store
-            sub = await Raw.open(broker.ports[0])
-            await sub.connect("keeper", clean_start=False,
-                              properties={PropertyId.SESSION_EXPIRY_INTERVAL: 3600})
-            await sub.send(Subscribe(1, [Subscription("t", 1)]))
-            assert (await sub.next()).packet_type == 9
-            pub = await Raw.open(broker.ports[0])
-            await pub.connect("pub")
-            await trio.testing.wait_all_tasks_blocked()
+            sub, pub = await _keeper_and_publisher(broker)
             store._wal.pause(True)
             await pub.send(Publish("t", b"m7", 1, False, False, 7))
             await trio.testing.wait_all_tasks_blocked()

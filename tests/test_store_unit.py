@@ -1532,10 +1532,10 @@ def test_writer_crc32_is_zlibs(data, start):
     assert crc32(data, start) == zlib.crc32(data, start)
 
 
-def test_append_record_writes_the_frame_encode_record_would(tmp_path):
+def test_append_record_writes_the_framed_record(tmp_path):
     """The store hands a record's parts to the writer, which computes the
-    CRC-32 off the trio thread: the file holds exactly what framing
-    _encode_record's bytes would have given, across a segment switch too."""
+    CRC-32 off the trio thread: the file holds exactly what framing the
+    CRC-32 and the parts by hand gives, across a segment switch too."""
     import threading
 
     from fastmqtt._wal import LogWriter
@@ -1570,9 +1570,9 @@ def test_append_record_writes_the_frame_encode_record_would(tmp_path):
         (i, e[sqlite_mod._FRAME.size:]) for i, e in enumerate(expected, 1)]
 
 
-def test_store_record_bytes_match_encode_record(tmp_path):
-    """What the store writes through append_record decodes as _encode_record
-    output does (same CRC, same parts)."""
+def test_store_records_carry_their_crc(tmp_path):
+    """Every record the store writes through append_record carries the
+    CRC-32 of the rest, as the readers check it."""
     s = SqliteStore(str(tmp_path), durability="sync")
     s.open(now=NOW)
     s.put_session("c", NEVER, 5, None)

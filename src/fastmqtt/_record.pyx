@@ -312,12 +312,7 @@ cdef class Recorder:
                            expires_at) -> None:
         """:meth:`put_message` of ``Publish(topic, payload, qos, retain, False,
         0, properties)`` without building it (the broker core's hot path)."""
-        try:
-            blob = self._encode_fields(topic, payload, qos, retain, properties)
-        except Exception as e:
-            self._unstorable("message", msg_id, e)
-            return
-        self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties, expires_at))
+        self._put_fields(msg_id, topic, payload, qos, retain, properties, expires_at)
 
     def put_message_add_delivery(self, msg_id, topic, payload, qos, retain, properties,
                                  expires_at, client_id, dqos, packet_id, state,
@@ -325,14 +320,20 @@ cdef class Recorder:
         """:meth:`put_message_fields` then :meth:`add_delivery_fields` in one
         call: a message's first persistent receiver (the broker core's
         hottest path)."""
+        self._put_fields(msg_id, topic, payload, qos, retain, properties, expires_at)
+        self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+
+    cdef int _put_fields(self, msg_id, topic, payload, qos, retain, properties,
+                         expires_at) except -1:
+        # A message that cannot be encoded is logged and not stored (a
+        # delivery naming it is then reported as for any unknown message).
         try:
             blob = self._encode_fields(topic, payload, qos, retain, properties)
         except Exception as e:
             self._unstorable("message", msg_id, e)
-        else:
-            self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties,
-                                             expires_at))
-        self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+            return 0
+        self._put(msg_id, blob, _new_msg(topic, payload, qos, retain, properties, expires_at))
+        return 0
 
     cdef int _put(self, msg_id, bytes blob, _Msg m) except -1:
         cdef _Msg old

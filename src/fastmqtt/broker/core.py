@@ -1012,6 +1012,8 @@ class BrokerCore:
         # Callers skip the call once the message has its id (``msg.msg_id or
         # self._persist_msg(msg)``): a fan-out to many persistent sessions
         # stores it once and pays one attribute read per further receiver.
+        # _route's fast path and _enqueue inline it, storing the message and
+        # its first delivery in one call (_put_and_add).
         if not msg.msg_id:
             msg.msg_id = self.next_msg_id
             self.next_msg_id += 1

@@ -14,20 +14,22 @@ The state is in two places:
   contain;
 * the *log*: segment files ``fastmqtt-log.<first lsn in hex>``, records back to
   back, one per flush: a frame (length, lsn) and the flush's changes as one
-  blob with its CRC-32 (see :func:`_encode_record`).
+  blob with its CRC-32 (see :func:`_encode_parts`).
 
 The hot mutators (``put_message``, ``add_delivery``, ``update_delivery``,
 ``remove_delivery``, compiled in :mod:`fastmqtt._record`) append each change
 as a few bytes to an *op buffer*; the others fill a *batch* (a net effect,
 see below). A *flush* takes both (under the store's lock), encodes them as one
 record (the batch pickled, empty most of the time, then the ops as they are)
-and appends that to the log writer (:class:`fastmqtt._wal.LogWriter`). The
-first change of a batch schedules the flush on the trio loop
-(``run_sync_soon``), so every change the loop records until it gets there
-rides along; outside trio a flusher thread does it.
+and hands the parts to the log writer (:class:`fastmqtt._wal.LogWriter`). The
+first change of a batch schedules the flush on the trio loop (the first time
+with ``run_sync_soon``, then by waking a parked flush task), so every change
+the loop records until it gets there rides along; outside trio a flusher
+thread does it.
 
 The log writer is compiled and runs on its own thread without the GIL: it
-swaps the appended bytes for an empty buffer, writes them to the current
+swaps the appended bytes for an empty buffer, puts each record's CRC-32 in
+front of it, writes them to the current
 segment, fsyncs them (``fdatasync``) per the durability mode, announces how far it
 got on an ``eventfd``. A trio system task waits on that fd and wakes the tasks
 blocked in :meth:`SqliteStore.durable`. While one write (and its fsync) runs,
@@ -230,7 +232,7 @@ CREATE TABLE IF NOT EXISTS log(lsn INTEGER PRIMARY KEY, rec BLOB NOT NULL);
 """
 #: A segment holds records back to back, each framed by this header: the
 #: length of what follows and the record's lsn; then the record itself (its
-#: own CRC-32 first, see _encode_record).
+#: own CRC-32 first, see _encode_parts).
 _FRAME = struct.Struct("<IQ")
 
 
@@ -589,22 +591,15 @@ def _stored_form(changes: dict, kind: str, blob) -> dict:
     return out
 
 
-def _encode_record(b: _Batch, ops: bytes, blob) -> bytes:
-    """Encode a flush as a log record: the colder mutators' batch ``b`` (turned
-    into its stored form; pickled, empty when nothing changed there) and the
-    hot mutators' ``ops`` after it.
+def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
+    """A flush as the parts of a log record: the head and the colder
+    mutators' batch ``b`` (turned into its stored form; pickled, empty when
+    nothing changed there). The hot mutators' ops follow them, and
+    ``LogWriter.append_record`` frames the three and puts the CRC-32 of
+    their concatenation in front (on the writer thread).
 
     ``blob(kind, key, publish)`` encodes one message (None: cannot be stored,
-    already logged; the entry is left out). The store itself hands the parts
-    to ``LogWriter.append_record`` (the writer thread computes the CRC); the
-    result is the same bytes."""
-    head, cold = _encode_parts(b, blob)
-    body = b"".join((head, cold, ops))
-    return _crc32(body).to_bytes(4, "little") + body
-
-
-def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
-    """The record head and the pickled cold batch (see :func:`_encode_record`)."""
+    already logged; the entry is left out)."""
     if b.empty():
         cold = b""
     else:
@@ -627,8 +622,9 @@ def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
 
 
 def _decode_record(rec: bytes) -> _Batch:
-    """Inverse of :func:`_encode_record`: the net effect of the record, in
-    stored form. Version 1 records (a pickled batch, before ops) too.
+    """Inverse of :func:`_encode_parts` (with the ops and the CRC-32): the
+    net effect of the record, in stored form. Version 1 records (a pickled
+    batch, before ops) too.
 
     Raises:
         ValueError: the record is damaged (checksum, structure) or unknown.

@@ -253,6 +253,26 @@ def test_delivery_retain_flag_and_subscription_ids_round_trip(reopener):
         DeliveryRecord(3, 1, 0, "queued", True, ())]
 
 
+def test_rows_with_and_without_null_columns_in_one_batch_keep_their_values(reopener):
+    # The tables get rows with no expiry or no RETAIN flag/subscription ids
+    # through statements that leave those columns out (NULL): in one batch
+    # with rows that have them, every value lands in its own column.
+    s, _ = reopener.first()
+    s.put_session("c", NEVER, 5, NOW)
+    for mid, exp in ((1, None), (2, NOW + 50), (3, None), (4, NOW + 70)):
+        s.put_message(mid, pub(payload=b"m%d" % mid), exp)
+    s.add_delivery("c", DeliveryRecord(1, 1))
+    s.add_delivery("c", DeliveryRecord(2, 2, 9, "sent", True, (4,)))
+    s.add_delivery("c", DeliveryRecord(3, 0))
+    s.add_delivery("c", DeliveryRecord(4, 1, 0, "queued", False, (5, 6)))
+    _, snap = reopener.restart()
+    assert by_client(snap)["c"].deliveries == [
+        DeliveryRecord(1, 1), DeliveryRecord(2, 2, 9, "sent", True, (4,)),
+        DeliveryRecord(3, 0), DeliveryRecord(4, 1, 0, "queued", False, (5, 6))]
+    assert {mid: (bytes(p.payload), exp) for mid, (p, exp) in snap.messages.items()} == {
+        1: (b"m1", None), 2: (b"m2", NOW + 50), 3: (b"m3", None), 4: (b"m4", NOW + 70)}
+
+
 def test_message_kept_while_any_delivery_refers_to_it(reopener):
     s, _ = reopener.first()
     for c in ("a", "b"):

@@ -36,6 +36,7 @@ from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 
@@ -590,7 +591,9 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             mid = c.uint(8)
             memcpy(&exp, c.take(8), 8)
             n = <Py_ssize_t>c.uint(4)
-            blob = PyBytes_FromStringAndSize(<const char*>c.take(n), n)
+            # bytearray: the sqlite3 module binds it without its adapter
+            # lookup (see _apply_tables); the stored form is read as any bytes.
+            blob = PyByteArray_FromStringAndSize(<const char*>c.take(n), n)
             b.messages[mid] = (blob, None if isnan(exp) else exp)
             if b.msg_del:
                 b.msg_del.discard(mid)

@@ -30,6 +30,8 @@ def struct_len(b: bytes) -> bytes:
 MALFORMED = {
     # Remaining Length with a fifth continuation byte (1.5.5).
     "varint_5_bytes": (b"\x30\xff\xff\xff\xff\x01", b"\x30\xff\xff\xff\xff\x01", {0x81}),
+    # Remaining Length 0 in two bytes: not the shortest form [MQTT-1.5.5-1].
+    "varint_not_shortest": (b"\xc0\x80\x00", b"\xc0\x80\x00", {0x81}),
     # Packet type 0 is reserved (2.1.2).
     "reserved_type_0": (b"\x00\x00", b"\x00\x00", {0x81, 0x82}),
     # PUBREL's fixed header flags must be 0010 [MQTT-3.6.1-1].
@@ -55,6 +57,8 @@ V5_ONLY = {
     "publish_bad_property": (packet(0x30, mstr("a") + props_bytes({0x11: 5}) + b"x"), {0x81, 0x82}),
     # The same single-valued property twice.
     "publish_duplicate_property": (packet(0x30, mstr("a") + props_bytes([(0x02, 5), (0x02, 6)]) + b"x"), {0x81, 0x82}),
+    # Property length 0 in two bytes: not the shortest form [MQTT-1.5.5-1].
+    "property_length_not_shortest": (packet(0x30, mstr("a") + b"\x80\x00x"), {0x81}),
     # Property length longer than the packet.
     "property_overrun": (packet(0x30, mstr("a") + b"\x20\x01\x01"), {0x81}),
     # Unknown property id 0x7F.
@@ -64,7 +68,7 @@ V5_ONLY = {
 }
 
 # Malformed input Mosquitto 2.0.11 lets through (the tests still hold fastmqtt to the spec).
-MOSQUITTO_ACCEPTS = {"pingreq_with_body"}
+MOSQUITTO_ACCEPTS = {"pingreq_with_body", "varint_not_shortest"}
 
 CASES = [(name, 4, v4, None) for name, (v4, _, _) in MALFORMED.items()]
 CASES += [(name, 5, v5, codes) for name, (_, v5, codes) in MALFORMED.items()]
@@ -89,6 +93,7 @@ def test_malformed_packet_closes_connection_MQTT_4_13_1_1(broker_impl, raw, name
 
 @pytest.mark.parametrize("name,rule", [
     ("varint_5_bytes", "MQTT-1.5.5-1"),
+    ("varint_not_shortest", "MQTT-1.5.5-1"),
     ("topic_bad_utf8", "MQTT-1.5.4-1"),
     ("topic_nul", "MQTT-1.5.4-2"),
     ("pubrel_bad_flags", "MQTT-2.1.3-1"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastmqtt.enums import MAX_PACKET_SIZE
 from fastmqtt.errors import MalformedPacket
@@ -139,6 +141,60 @@ def test_varint_longer_than_four_bytes_fails_before_more_data(codec):
         decoder.feed(b"\x30\x80\x80\x80\x80")
     assert info.value.reason_code == 0x81
     assert "MQTT-1.5.5-1" in str(info.value)
+
+
+@pytest.mark.parametrize("data", [
+    b"\xc0\x80\x00",                       # PINGREQ, remaining length 0 in two bytes
+    b"\x30\x84\x00\x00\x01a\x00",          # PUBLISH, 4 in two bytes
+    b"\x30\x85\x80\x00\x00\x01a\x00x",     # 5 in three bytes
+])
+@pytest.mark.parametrize("version", [5, 4])
+def test_remaining_length_not_in_shortest_form_MQTT_1_5_5_1(codec, data, version):
+    # "The encoded value MUST use the minimum number of bytes necessary to
+    # represent the value" [MQTT-1.5.5-1]: a last byte of 0 after others.
+    # Streaming and one-shot decoding refuse it alike, before the body.
+    for decode in (lambda: codec.Decoder(version).feed(data), lambda: codec.decode(data, version)):
+        with pytest.raises(MalformedPacket) as info:
+            decode()
+        assert info.value.reason_code == 0x81
+        assert "shortest form [MQTT-1.5.5-1]" in str(info.value)
+    # The shortest form of the same lengths decodes.
+    assert codec.Decoder(5).feed(b"\xc0\x00") != []
+
+
+@pytest.mark.parametrize("field,body", [
+    ("property length", b"\x00\x01a\x80\x00x"),
+    ("SUBSCRIPTION_IDENTIFIER", b"\x00\x01a\x03\x0b\x81\x00x"),
+])
+def test_property_varint_not_in_shortest_form_MQTT_1_5_5_1(codec, field, body):
+    data = b"\x30" + bytes([len(body)]) + body
+    with pytest.raises(MalformedPacket) as info:
+        codec.Decoder(5).feed(data)
+    assert info.value.reason_code == 0x81
+    assert f"{field}: variable byte integer not in its shortest form" in str(info.value)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 268_435_455 >> 7), st.integers(1, 3))
+def test_every_padded_varint_is_refused_MQTT_1_5_5_1(codec, value, extra):
+    # Any value padded with continuation bytes (0x80 ... 0x00) is refused;
+    # the shortest form of it is the only one accepted.
+    enc = bytearray()
+    v = value
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        enc.append(b | (0x80 if v else 0))
+        if not v:
+            break
+    if len(enc) + extra > 4:
+        extra = 4 - len(enc)
+    if not extra:
+        return
+    enc[-1] |= 0x80
+    padded = bytes(enc) + b"\x80" * (extra - 1) + b"\x00"
+    with pytest.raises(MalformedPacket, match="shortest form"):
+        codec.Decoder(5).feed(b"\x30" + padded)
 
 
 @pytest.mark.parametrize("level", [5, 4, 3])

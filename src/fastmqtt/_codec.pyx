@@ -8,7 +8,8 @@ reason codes); the conformance suite runs against both.
 Theory of operation
 -------------------
 A packet is a fixed header (type nibble + flags nibble, then the Remaining
-Length as a variable byte integer of at most four bytes [MQTT-1.5.5-1]) and
+Length as a variable byte integer of at most four bytes, in its shortest
+form [MQTT-1.5.5-1]) and
 ``Remaining Length`` bytes of body.
 
 Decoding never copies a body and never creates an intermediate Python object:
@@ -990,9 +991,17 @@ cdef long long r_vbi(Reader* r, str field) except -1:
         b = r_byte(r, field)
         value |= (<long long>(b & 0x7F)) << shift
         if not (b & 0x80):
+            if b == 0 and shift:
+                _overlong(_pname(r.ptype), field)
             return value
         shift += 7
     _fail(f"{_pname(r.ptype)} {field}: variable byte integer longer than 4 bytes "
+          "[MQTT-1.5.5-1]")
+
+
+cdef int _overlong(str name, str field) except -1:
+    # A last byte of 0 after others: the value fitted in fewer bytes.
+    _fail(f"{name} {field}: variable byte integer not in its shortest form "
           "[MQTT-1.5.5-1]")
 
 
@@ -1697,6 +1706,8 @@ cdef inline int _parse_length(const unsigned char* p, Py_ssize_t avail,
         b = p[i]
         value |= (<Py_ssize_t>(b & 0x7F)) << (7 * (i - 1))
         if not (b & 0x80):
+            if b == 0 and i > 1:
+                _overlong(_first_name(p[0]), "remaining length")
             rl[0] = value
             hlen[0] = i + 1
             return 1

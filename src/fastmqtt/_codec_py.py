@@ -474,6 +474,9 @@ class _Reader:
             b = self.byte(field)
             value |= (b & 0x7F) << shift
             if not b & 0x80:
+                if b == 0 and shift:  # the value fitted in fewer bytes
+                    raise _error(f"{self.what} {field}: variable byte integer not in its "
+                                 "shortest form [MQTT-1.5.5-1]")
                 return value
         raise _error(f"{self.what} {field}: variable byte integer longer than 4 bytes [MQTT-1.5.5-1]")
 
@@ -971,6 +974,9 @@ class Decoder:
             b = buf[pos + 1 + i]
             length |= (b & 0x7F) << (7 * i)
             if not b & 0x80:
+                if b == 0 and i:
+                    raise _error(f"{_packet_name(first)} remaining length: variable byte "
+                                 "integer not in its shortest form [MQTT-1.5.5-1]")
                 break
         else:
             raise _error(f"{_packet_name(first)} remaining length: variable byte integer "

@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 HERE = Path(__file__).parent
 DEBUG = os.environ.get("FASTMQTT_DEBUG") == "1"
 
-MODULES = ["_codec", "_trie", "_wal", "_record"]
+MODULES = ["_codec", "_trie", "_wal", "_record", "_gcutil"]
 
 
 def extensions():

@@ -51,3 +51,13 @@ def test_no_extensions_switch_selects_the_python_references():
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_broker_core_uses_the_compiled_untrack():
+    """The core takes queued messages out of the cyclic GC with _gcutil's
+    untrack (a no-op stand-in only when the extensions are switched off)."""
+    import fastmqtt._gcutil as compiled
+    from fastmqtt.broker import core
+
+    assert core._untrack is compiled.untrack
+    assert compiled.__file__.endswith((".so", ".pyd"))

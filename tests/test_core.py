@@ -695,6 +695,46 @@ def test_restore_from_store_resends_with_dup():
     assert core2.retained.get("r").payload == b"kept"
 
 
+def test_queued_and_retained_messages_are_left_out_of_the_cyclic_gc():
+    # Messages waiting in offline queues and retained messages (live, and
+    # restored from the store) are untracked: collections do not walk them.
+    # They still go out whole, and go away with their last reference.
+    import gc
+    import sys
+
+    from fastmqtt.broker.config import BrokerConfig
+    from fastmqtt.broker.core import BrokerCore
+    from fastmqtt.store.memory import MemoryStore
+
+    store = MemoryStore(clock=lambda: 1_000_100.0)
+    store.open()
+    core = BrokerCore(BrokerConfig(), store=store)
+    s = connected(core, "s", 5, clean_start=False,
+                  properties={P.SESSION_EXPIRY_INTERVAL: 300})
+    subscribe(s, "t")
+    s.drop()
+    p = connected(core, "p", 5)
+    p.send(Publish("t", b"queued", 1, packet_id=1, properties={P.CONTENT_TYPE: "text/plain"}))
+    p.send(Publish("r", b"kept", 1, retain=True, packet_id=2))
+    og = core.clients["s"].queue[0]
+    assert not gc.is_tracked(og) and not gc.is_tracked(og.msg)
+    assert not gc.is_tracked(core.retained.get("r"))
+    gc.collect()
+    snap = store.open()
+    core2 = BrokerCore(BrokerConfig(), store=store)
+    core2.restore(snap, 1_000_100.0)
+    og2 = core2.clients["s"].queue[0]
+    assert not gc.is_tracked(og2) and not gc.is_tracked(og2.msg)
+    assert not gc.is_tracked(core2.retained.get("r"))
+    back = Peer(core, 5)
+    pub = of(back.connect("s", clean_start=False,
+                          properties={P.SESSION_EXPIRY_INTERVAL: 300}), Publish)[0]
+    assert (pub.payload, pub.properties[P.CONTENT_TYPE]) == (b"queued", "text/plain")
+    # Delivered and acknowledged: nothing but this frame refers to it now.
+    back.send(Puback(pub.packet_id))
+    assert sys.getrefcount(og) == 2
+
+
 def test_takeover_of_non_persistent_session_starts_fresh_MQTT_3_2_2_2():
     core = make_core()
     a = connected(core, "dup", 4, clean_start=True)

@@ -47,6 +47,7 @@ that a ticket covers goes out (``conn.send_ack``).
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections import deque
 from typing import Any
@@ -73,6 +74,20 @@ _WILL_DELAY = P.WILL_DELAY_INTERVAL
 _PINGRESP = b"\xd0\x00"
 _NO_IDS: frozenset = frozenset()  # shared empty incoming-QoS-2 set (saves ~200 B/session)
 _DROP_PROPS = (_ALIAS, _SUBID)
+
+# Queued and retained messages leave the cyclic GC (see fastmqtt._gcutil): they
+# can be in no cycle, and with hundreds of thousands queued the collector
+# walking them cost more than queueing them.
+if os.environ.get("FASTMQTT_NO_EXTENSIONS") == "1":
+    _untrack = None
+else:
+    try:
+        from .._gcutil import untrack as _untrack
+    except ImportError:  # pragma: no cover - a broken build: the GC walks them
+        _untrack = None
+if _untrack is None:
+    def _untrack(a: Any, b: Any = None) -> None:
+        pass
 
 
 class Message:
@@ -880,6 +895,7 @@ class BrokerCore:
                 self.stats.drop("retained_full")
                 return
             self.retained.set(topic, msg, msg.expires_at)
+            _untrack(msg)
             self.retained_bytes += len(msg.payload) - (len(old.payload) if old is not None else 0)
             self.store.put_retained(topic, msg.to_publish(retain=True), msg.expires_at)
         self.stats.retained_messages = len(self.retained)
@@ -1046,6 +1062,7 @@ class BrokerCore:
             if cs.persisted and victim.msg.msg_id:
                 self.store.remove_delivery(cs.client_id, victim.msg.msg_id)
         og.state = "queued"
+        _untrack(og, og.msg)  # may wait long: out of the GC's way
         if cs.conn is not None and len(q) > self.soft_queue:
             self.pressured.add(cs.conn)  # connected but behind: ask for backpressure
         q.append(og)
@@ -1255,6 +1272,7 @@ class BrokerCore:
                 if m is None:
                     continue
                 og = Outgoing(m, d.qos, d.retain, tuple(d.subids), d.packet_id, d.state)
+                _untrack(og, m)
                 if d.state in ("sent", "released") and d.packet_id:
                     cs.inflight[d.packet_id] = og
                     cs.next_pid = d.packet_id % 65535 + 1
@@ -1272,6 +1290,7 @@ class BrokerCore:
             m = Message.from_publish(pub, expires_at, "")
             m.retain = True
             self.retained.set(topic, m, expires_at)
+            _untrack(m)
             self.retained_bytes += len(m.payload)
         for cid, pub, due in snap.wills:
             self.pending_wills[cid] = (Message.from_publish(pub, None, cid), due)

@@ -1,0 +1,3 @@
+"""Type stubs for ``_gcutil.pyx`` (the broker's queued messages, untracked by the cyclic GC)."""
+
+def untrack(a: object, b: object = ...) -> None: ...

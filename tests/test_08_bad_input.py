@@ -57,6 +57,8 @@ V5_ONLY = {
     "publish_bad_property": (packet(0x30, mstr("a") + props_bytes({0x11: 5}) + b"x"), {0x81, 0x82}),
     # The same single-valued property twice.
     "publish_duplicate_property": (packet(0x30, mstr("a") + props_bytes([(0x02, 5), (0x02, 6)]) + b"x"), {0x81, 0x82}),
+    # A Response Topic with a wildcard [MQTT-3.3.2-14].
+    "response_topic_wildcard": (packet(0x30, mstr("a") + props_bytes({0x08: "r/+"}) + b"x"), {0x82}),
     # Property length 0 in two bytes: not the shortest form [MQTT-1.5.5-1].
     "property_length_not_shortest": (packet(0x30, mstr("a") + b"\x80\x00x"), {0x81}),
     # Property length longer than the packet.
@@ -68,7 +70,7 @@ V5_ONLY = {
 }
 
 # Malformed input Mosquitto 2.0.11 lets through (the tests still hold fastmqtt to the spec).
-MOSQUITTO_ACCEPTS = {"pingreq_with_body", "varint_not_shortest"}
+MOSQUITTO_ACCEPTS = {"pingreq_with_body", "varint_not_shortest", "response_topic_wildcard"}
 
 CASES = [(name, 4, v4, None) for name, (v4, _, _) in MALFORMED.items()]
 CASES += [(name, 5, v5, codes) for name, (_, v5, codes) in MALFORMED.items()]

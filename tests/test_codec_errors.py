@@ -183,6 +183,17 @@ DECODE_ERRORS = [
         20 07 00 00         # CONNACK, session present 0, success
         04 16 00 01 78      # properties: AUTHENTICATION_DATA "x" only
     """, 0x82, r"AUTHENTICATION_METHOD"),
+    Bad("publish-response-topic-wildcard", 5, """
+        30 0a 00 01 61
+        06 08 00 03 61 2f 2b  # RESPONSE_TOPIC "a/+"
+    """, 0x82, r"MQTT-3\.3\.2-14"),
+    Bad("will-response-topic-wildcard", 5, """
+        10 1a 00 04 4d 51 54 54 05
+        06 00 00 00           # will flag, clean start; keep alive 0; no properties
+        00 01 63              # client id "c"
+        06 08 00 03 61 2f 23  # will properties: RESPONSE_TOPIC "a/#"
+        00 01 77 00 00        # will topic "w", empty payload
+    """, 0x82, r"MQTT-3\.3\.2-14"),
     Bad("puback-reason-0x92", 5, "40 03 00 01 92", 0x82, REASON),
     Bad("pubrel-reason-0x10", 5, "62 03 00 01 10", 0x82, REASON),
     Bad("connack-reason-0x01", 5, "20 03 00 01 00", 0x82, REASON),
@@ -361,6 +372,12 @@ ENCODE_ERRORS = [
             lambda c: c.Connect("c", properties={0x16: b"x"}), 0x82,
             r"AUTHENTICATION_METHOD"),
     Refused("auth-in-v3", 3, lambda c: c.Auth(0x18), 0x82, r"AUTH"),
+    Refused("publish-response-topic-wildcard", 5,
+            lambda c: c.Publish("a", b"", 1, packet_id=1, properties={P.RESPONSE_TOPIC: "r/+"}),
+            0x82, r"MQTT-3\.3\.2-14"),
+    Refused("will-response-topic-wildcard", 5,
+            lambda c: c.Connect("a", will=c.Will("w", b"", 0, False, {P.RESPONSE_TOPIC: "r/#"})),
+            0x82, r"MQTT-3\.3\.2-14"),
 ]
 
 

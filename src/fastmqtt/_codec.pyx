@@ -131,6 +131,7 @@ cdef enum:
     T_PAIR = 7
 
 cdef enum:
+    P_RESPONSE_TOPIC = 0x08
     P_SUBID = 0x0B
     P_AUTH_METHOD = 0x15
     P_AUTH_DATA = 0x16
@@ -1215,6 +1216,8 @@ cdef object _read_props(Reader* r, int ptype, bint* has_alias=NULL):
             continue
         if kind == T_STR:
             value = r_str(r, name)
+            if pid == P_RESPONSE_TOPIC:
+                _check_response_topic(<str>value, ptype)
         elif kind == T_U32:
             iv = r_u32(r, name)
             if iv == 0 and _PNONZERO[pid]:
@@ -2337,10 +2340,27 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     return _check_auth_pair(pl, ptype)
 
 
+cdef int _check_response_topic(str topic, int ptype) except -1:
+    """A Response Topic is a topic name: no wildcard [MQTT-3.3.2-14] (a
+    will's too: it is published like a PUBLISH's)."""
+    if '+' in topic or '#' in topic:
+        _fail(f"{_pname(ptype)} RESPONSE_TOPIC {topic[:40]!r} contains a wildcard "
+              "[MQTT-3.3.2-14]", RC_PROTOCOL)
+    return 0
+
+
 cdef int _check_auth_pair(PropPlan* pl, int ptype) except -1:
-    """Authentication Data only with an Authentication Method (3.1.2.11.10)."""
+    """Authentication Data only with an Authentication Method (3.1.2.11.10);
+    and a Response Topic without wildcards [MQTT-3.3.2-14]."""
     cdef int i
     cdef bint method = False, data = False
+    if ptype == PUBLISH or ptype == WILL:
+        for i in range(pl.n):  # ids ascending: stop at the first past it
+            if pl.ids[i] >= P_RESPONSE_TOPIC:
+                if pl.ids[i] == P_RESPONSE_TOPIC and isinstance(<object>pl.vals[i], str):
+                    _check_response_topic(<str>pl.vals[i], ptype)
+                break
+        return 0
     if ptype != CONNECT and ptype != CONNACK and ptype != AUTH:
         return 0
     for i in range(pl.n):

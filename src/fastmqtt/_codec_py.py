@@ -505,6 +505,14 @@ class _Reader:
             raise _error(f"{self.what} has {self.end - self.pos} unexpected trailing bytes")
 
 
+def _check_response_topic(what: str, topic: str) -> None:
+    # A Response Topic is a topic name: no wildcard [MQTT-3.3.2-14] (a will's
+    # too: it is published like a PUBLISH's).
+    if "+" in topic or "#" in topic:
+        raise _error(f"{what} RESPONSE_TOPIC {topic[:40]!r} contains a wildcard "
+                     "[MQTT-3.3.2-14]", PROTOCOL_ERROR)
+
+
 def _read_properties(r: _Reader, packet: int) -> Mapping[int, Any]:
     """Read a property block (length + properties) allowed in ``packet``
     (a PacketType or WILL), enforcing section 2.2.2.2 and the per-property rules."""
@@ -538,6 +546,8 @@ def _read_properties(r: _Reader, packet: int) -> Mapping[int, Any]:
             value = r.varint(name)
         elif kind == PropType.UTF8_STRING:
             value = r.string(name)
+            if prop == PropertyId.RESPONSE_TOPIC:
+                _check_response_topic(what, value)
         elif kind == PropType.BINARY:
             value = r.binary(name)
         else:  # UTF8_PAIR
@@ -1099,6 +1109,9 @@ def _enc_properties(properties, packet: int) -> bytes:
         raise _error(f"{what} has AUTHENTICATION_DATA without AUTHENTICATION_METHOD "
                      "(3.1.2.11.10)", PROTOCOL_ERROR)
     keyed.sort(key=lambda item: item[0])
+    for ident, prop, value in keyed:
+        if prop == PropertyId.RESPONSE_TOPIC and isinstance(value, str):
+            _check_response_topic(what, value)
     out = bytearray()
     for ident, prop, value in keyed:
         if prop in MULTI_PROPERTIES:

@@ -1146,6 +1146,26 @@ async def test_log_is_fsynced_before_durable_in_sync_mode_only(tmp_path, mode):
     assert wal.synced >= ticket  # closing fsyncs what is written
 
 
+async def test_batch_mode_acknowledges_the_write_before_a_due_fsync(tmp_path):
+    # batch: durable() waits for the write only. When the periodic fdatasync
+    # is due right after that write (an interval of 0 here, a slow disk),
+    # the write is announced first, not once the fsync is done.
+    s = SqliteStore(str(tmp_path), durability="batch", batch_interval_ms=0)
+    s.open(now=NOW)
+    try:
+        wal = s._wal
+        wal.inject_sync_delay(2.0)
+        s.put_session("c", NEVER, 5, None)
+        ticket = s.mark()
+        with trio.fail_after(1):  # less than the fsync takes
+            await s.durable(ticket)
+        assert wal.written >= ticket and wal.synced < ticket
+        wal.inject_sync_delay(0)
+    finally:
+        await s.aclose()
+    assert wal.synced >= ticket
+
+
 async def test_batch_mode_fsyncs_within_the_interval(tmp_path):
     s = SqliteStore(str(tmp_path), durability="batch", batch_interval_ms=20)
     s.open(now=NOW)

@@ -16,7 +16,10 @@ watches. No Python object is touched between ``run``'s start and its end.
 Progress is counted in *tickets*: the caller passes with each append the
 ticket (the store's change sequence number) that the appended bytes complete.
 ``written`` is the ticket of the last append in the OS (a ``kill -9`` of the
-process cannot lose it), ``synced`` that of the last append on disk.
+process cannot lose it), ``synced`` that of the last append on disk. Without
+``sync`` (the store's ``batch`` mode, where acknowledgements wait for the
+write only), a write is announced as soon as it returns, before the periodic
+fdatasync that may follow it.
 
 The caller frames its records (:meth:`LogWriter.append`), or hands over the
 parts of one and lets the writer thread compute its CRC-32
@@ -198,6 +201,7 @@ cdef class LogWriter:
     cdef int err
     cdef int fail_next
     cdef int fail_sync
+    cdef double sync_delay  # seconds each fdatasync waits first (tests)
     cdef int _errnum
     #: Multiplies the waits between write attempts (tests set 0).
     cdef public double retry_scale
@@ -337,8 +341,10 @@ cdef class LogWriter:
         self.ncrcs += 2
         self.blen += 16 + body
         self.appended = ticket
-        pthread_cond_signal(&self.cv)
+        # Signalled after the unlock: a writer woken on this core would
+        # otherwise run only to block on the mutex still held here.
         pthread_mutex_unlock(&self.mu)
+        pthread_cond_signal(&self.cv)
 
     def append(self, const unsigned char[::1] data, uint64_t ticket):
         """Queue ``data`` (may be empty) for the file; ``ticket`` is what the
@@ -359,8 +365,8 @@ cdef class LogWriter:
             memcpy(self.buf + self.blen, &data[0], n)
             self.blen += n
         self.appended = ticket
-        pthread_cond_signal(&self.cv)
         pthread_mutex_unlock(&self.mu)
+        pthread_cond_signal(&self.cv)  # after the unlock, as in append_record
 
     def rotate(self, bytes path) -> bool:
         """Continue in a new file at ``path`` (created) from the current
@@ -398,6 +404,13 @@ cdef class LogWriter:
         self._errnum = errnum
         self.fail_next = writes
         self.fail_sync = fsyncs
+        pthread_mutex_unlock(&self.mu)
+
+    def inject_sync_delay(self, double seconds) -> None:
+        """Make every later fdatasync wait ``seconds`` first: a slow disk
+        (tests)."""
+        pthread_mutex_lock(&self.mu)
+        self.sync_delay = seconds
         pthread_mutex_unlock(&self.mu)
 
     # ------------------------------------------------------------ writer side
@@ -449,9 +462,14 @@ cdef class LogWriter:
 
     cdef int _datasync(self, int fd) noexcept nogil:
         cdef int r
+        cdef timespec ts
         if self.fail_sync > 0:
             self.fail_sync -= 1
             return self._errnum
+        if self.sync_delay > 0:
+            ts.tv_sec = <long>self.sync_delay
+            ts.tv_nsec = <long>((self.sync_delay - ts.tv_sec) * 1e9)
+            nanosleep(&ts, NULL)
         while True:
             r = c_fdatasync(fd)
             if r == 0:
@@ -469,6 +487,7 @@ cdef class LogWriter:
         cdef int rc, nfd
         cdef bint dirty = False  # written but not fsynced
         cdef bint closing
+        cdef bint told
         cdef double last_sync = _now()
         cdef double deadline
         cdef timespec ts
@@ -544,6 +563,15 @@ cdef class LogWriter:
                 dirty = True
             if rc == 0 and n:
                 self.writes += 1
+            told = False
+            if rc == 0 and n and not self.sync:
+                # batch: acknowledgements wait for the write only; tell them
+                # now, not after the periodic fdatasync that may follow.
+                pthread_mutex_lock(&self.mu)
+                self._written = target
+                pthread_mutex_unlock(&self.mu)
+                self._signal()
+                told = True
             if rc == 0 and dirty and (self.sync or closing
                                       or _now() - last_sync >= self.interval):
                 rc = self._datasync(self.fd)
@@ -558,7 +586,8 @@ cdef class LogWriter:
                 if not dirty:
                     self._synced = target
             pthread_mutex_unlock(&self.mu)
-            self._signal()
+            if rc or not told:  # (batch: ``synced`` is read, never waited on)
+                self._signal()
             if rc:
                 return
             if self.wcap > SHRINK_ABOVE:

@@ -98,9 +98,10 @@ loses nothing written.
 followed the write has returned: nothing acknowledged is lost, even on power
 failure.
 
-``batch``: ``durable()`` returns after the write; the writer fsyncs
-at most every ``batch_interval``: a power failure or kernel crash loses at
-most that window, a process crash nothing.
+``batch``: ``durable()`` returns after the write (announced before any
+fsync that follows it); the writer fsyncs at most every ``batch_interval``:
+a power failure or kernel crash loses at most that window, a process crash
+nothing.
 
 A new segment is begun once the current one holds ``SEGMENT_BYTES``; the old
 one is fsynced and closed first, the data directory fsynced after the new

@@ -462,14 +462,11 @@ cdef class LogWriter:
 
     cdef int _datasync(self, int fd) noexcept nogil:
         cdef int r
-        cdef timespec ts
         if self.fail_sync > 0:
             self.fail_sync -= 1
             return self._errnum
         if self.sync_delay > 0:
-            ts.tv_sec = <long>self.sync_delay
-            ts.tv_nsec = <long>((self.sync_delay - ts.tv_sec) * 1e9)
-            nanosleep(&ts, NULL)
+            _sleep(self.sync_delay)
         while True:
             r = c_fdatasync(fd)
             if r == 0:

@@ -78,15 +78,14 @@ _DROP_PROPS = (_ALIAS, _SUBID)
 # Queued and retained messages leave the cyclic GC (see fastmqtt._gcutil): they
 # can be in no cycle, and with hundreds of thousands queued the collector
 # walking them cost more than queueing them.
-if os.environ.get("FASTMQTT_NO_EXTENSIONS") == "1":
-    _untrack = None
-else:
+def _untrack(a: Any, b: Any = None) -> None:
+    pass  # without the extensions (FASTMQTT_NO_EXTENSIONS=1): the GC walks them
+
+
+if os.environ.get("FASTMQTT_NO_EXTENSIONS") != "1":
     try:
-        from .._gcutil import untrack as _untrack
+        from .._gcutil import untrack as _untrack  # noqa: F811
     except ImportError:  # pragma: no cover - a broken build: the GC walks them
-        _untrack = None
-if _untrack is None:
-    def _untrack(a: Any, b: Any = None) -> None:
         pass
 
 

@@ -2319,7 +2319,7 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
     if not PyDict_CheckExact(mapping):
         _fail(f"{_pname(ptype)} properties must be a dict-backed mapping")
     if _plan_fast(mapping, ptype, pl):
-        return _check_auth_pair(pl, ptype)
+        return _check_plan(pl, ptype)
     # Something the fast path does not take (a subclass, a large int, an
     # invalid value): the general walk below, which also words the errors.
     pl.n = 0
@@ -2337,7 +2337,7 @@ cdef int _plan_props(object props, int ptype, PropPlan* pl) except -1:
         _plan_add(pl, pid, v)
     for i in range(pl.n):
         pl.size += _prop_size(pl.ids[i], <object>pl.vals[i], ptype, pl)
-    return _check_auth_pair(pl, ptype)
+    return _check_plan(pl, ptype)
 
 
 cdef int _check_response_topic(str topic, int ptype) except -1:
@@ -2349,9 +2349,10 @@ cdef int _check_response_topic(str topic, int ptype) except -1:
     return 0
 
 
-cdef int _check_auth_pair(PropPlan* pl, int ptype) except -1:
-    """Authentication Data only with an Authentication Method (3.1.2.11.10);
-    and a Response Topic without wildcards [MQTT-3.3.2-14]."""
+cdef int _check_plan(PropPlan* pl, int ptype) except -1:
+    """The rules that look at more than one value or at a string's content:
+    a Response Topic without wildcards [MQTT-3.3.2-14] (PUBLISH, will);
+    Authentication Data only with an Authentication Method (3.1.2.11.10)."""
     cdef int i
     cdef bint method = False, data = False
     if ptype == PUBLISH or ptype == WILL:

@@ -1109,9 +1109,6 @@ def _enc_properties(properties, packet: int) -> bytes:
         raise _error(f"{what} has AUTHENTICATION_DATA without AUTHENTICATION_METHOD "
                      "(3.1.2.11.10)", PROTOCOL_ERROR)
     keyed.sort(key=lambda item: item[0])
-    for ident, prop, value in keyed:
-        if prop == PropertyId.RESPONSE_TOPIC and isinstance(value, str):
-            _check_response_topic(what, value)
     out = bytearray()
     for ident, prop, value in keyed:
         if prop in MULTI_PROPERTIES:
@@ -1131,6 +1128,8 @@ def _enc_properties(properties, packet: int) -> bytes:
         else:
             out.append(ident)
             out += _enc_property_value(prop, value, what)
+            if prop == PropertyId.RESPONSE_TOPIC:  # a str: checked by the line above
+                _check_response_topic(what, value)
     return _varint(len(out)) + bytes(out)
 
 

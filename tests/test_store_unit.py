@@ -1672,3 +1672,31 @@ def test_compactor_is_woken_by_the_first_record_only(tmp_path, monkeypatch):
         assert in_tables("messages") == 20 and len(wakes) == 1
     finally:
         s.close()
+
+
+def test_recorder_lock_excludes_and_waits_without_the_gil():
+    """The store's lock (a pthread mutex in _record): a thread that finds it
+    taken waits with the GIL released, so the holder can finish (a wait that
+    kept the GIL would hang here), and only then gets in."""
+    import threading
+    import time
+
+    from fastmqtt._record import Lock
+
+    lock = Lock()
+    order = []
+    inside = threading.Event()
+
+    def holder():
+        with lock:
+            inside.set()
+            time.sleep(0.05)  # Python work needing the GIL while the main thread waits
+            order.append("holder out")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(5)
+    with lock:
+        order.append("main in")
+    t.join(5)
+    assert order == ["holder out", "main in"]

@@ -11,6 +11,7 @@ import struct
 import sqlite3
 import sys
 import tempfile
+import time
 
 import pytest
 import trio
@@ -1608,6 +1609,141 @@ def test_append_record_writes_the_framed_record(tmp_path):
     got = list(sqlite_mod._read_segments([(1, str(first)), (2, str(second))]))
     assert [(lsn, bytes(rec)) for lsn, rec, _ in got] == [
         (i, e[sqlite_mod._FRAME.size:]) for i, e in enumerate(expected, 1)]
+
+
+def _await_writer(wal, done, timeout=10.0):
+    """Wait (on the writer's eventfd, which it signals after each step) until
+    ``done()``."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        assert left > 0, "the log writer did not get there"
+        if select.select([wal.notify_fd], [], [], left)[0]:
+            try:
+                os.eventfd_read(wal.notify_fd)
+            except BlockingIOError:
+                pass
+
+
+def test_write_record_writes_on_the_callers_thread_only_when_the_writer_is_idle(tmp_path):
+    """batch: write_record puts the framed record in the file before it
+    returns (``written`` moves at once: nothing is left for a kill -9 to
+    lose); with the writer busy (paused here), a switch pending, or in sync
+    mode it queues the record for the writer instead, which frames it the
+    same way. Records reach the file in append order either way."""
+    import threading
+    import zlib
+
+    from fastmqtt._wal import LogWriter
+
+    def framed(lsn, head, cold, ops):
+        body = head + cold + ops
+        rec = zlib.crc32(body).to_bytes(4, "little") + body
+        return sqlite_mod._FRAME.pack(len(rec), lsn) + rec
+
+    path = tmp_path / "a.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    wal = LogWriter(fd, -1, False, 60.0)  # batch; no periodic fsync in the test
+    t = threading.Thread(target=wal.run)
+    t.start()
+    try:
+        parts = [(b"\x02\x00\x00\x00\x00", b"cold", b"ops" * 500), (b"h", b"", b""),
+                 (b"h2", b"c2", b"o2"), (b"h3", b"", b"o3")]
+        assert wal.write_record(1, *parts[0], 1) is True
+        assert wal.written == 1 and wal.direct_writes == 1
+        assert path.read_bytes() == framed(1, *parts[0])  # in the file already
+        wal.pause(True)
+        # A paused (busy) writer: queued behind it, in order.
+        assert wal.write_record(2, *parts[1], 2) is False
+        assert wal.written == 1
+        # Something pending before it: never overtaken.
+        assert wal.write_record(3, *parts[2], 3) is False
+        assert wal.advance(4) is False
+        wal.pause(False)
+        _await_writer(wal, lambda: wal.written == 4)
+        assert wal.written == 4 and wal.direct_writes == 1
+        assert wal.advance(5) is True and wal.written == 5  # idle again: at once
+        assert wal.write_record(6, *parts[3], 6) is True
+        assert wal.direct_writes == 2
+    finally:
+        wal.stop()
+        t.join(10)
+    assert wal.error == 0 and wal.synced == 6  # stop() fsyncs the direct writes too
+    assert path.read_bytes() == (framed(1, *parts[0]) + framed(2, *parts[1])
+                                 + framed(3, *parts[2]) + framed(6, *parts[3]))
+
+
+def test_write_record_is_refused_in_sync_mode(tmp_path):
+    import threading
+
+    from fastmqtt._wal import LogWriter
+
+    fd = os.open(tmp_path / "a.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    wal = LogWriter(fd, -1, True)
+    t = threading.Thread(target=wal.run)
+    t.start()
+    try:
+        assert wal.write_record(1, b"h", b"", b"", 1) is False  # queued: the writer fsyncs it
+        _await_writer(wal, lambda: wal.synced == 1)
+        assert wal.synced == 1 and wal.direct_writes == 0
+    finally:
+        wal.stop()
+        t.join(10)
+
+
+def test_write_record_leaves_a_failing_write_to_the_writer(tmp_path):
+    """A write that fails on the caller's thread is not retried there (the
+    retries pause): the writer gets the record and retries it."""
+    import threading
+
+    from fastmqtt._wal import LogWriter
+
+    fd = os.open(tmp_path / "a.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    wal = LogWriter(fd, -1, False, 60.0)
+    wal.retry_scale = 0
+    wal.inject_failure(errno.EIO, writes=2)
+    t = threading.Thread(target=wal.run)
+    t.start()
+    try:
+        assert wal.write_record(1, b"h", b"c", b"o", 1) is False
+        _await_writer(wal, lambda: wal.written == 1)
+        assert wal.written == 1 and wal.retries == 2 and wal.error == 0
+    finally:
+        wal.stop()
+        t.join(10)
+
+
+async def test_batch_store_commits_in_the_flush_without_the_writer_thread(tmp_path):
+    """batch, on the trio thread: the flush writes the record itself and
+    commits its ticket there; durable() returns with no round trip through
+    the writer thread (its write count does not move); the record is in the
+    log file at that point, and a restart recovers the change."""
+    s = SqliteStore(str(tmp_path), durability="batch", batch_interval_ms=60_000)
+    s.open(now=NOW)
+    wal = s._wal
+    try:
+        s.put_session("c", NEVER, 5, None)
+        s.put_message(1, pub(), None)
+        s.add_delivery("c", DeliveryRecord(1, 1))
+        ticket = s.mark()
+        woken = []
+        assert s.when_durable(ticket, lambda: woken.append(s.committed))
+        assert not woken
+        with trio.fail_after(10):
+            await s.durable(ticket)
+        assert woken == [ticket]  # called by the flush itself
+        assert wal.direct_writes >= 1 and wal.writes == 0
+        assert wal.synced < ticket  # written, not yet fsynced (60 s period)
+        segs = sqlite_mod._list_segments(str(tmp_path))
+        assert [lsn for lsn, _, _ in sqlite_mod._read_segments(segs)] == [1]  # in the log
+    finally:
+        await s.aclose()
+    s2 = SqliteStore(str(tmp_path))
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert [r.client_id for r in snap.sessions] == ["c"] and 1 in snap.messages
 
 
 def test_store_records_carry_their_crc(tmp_path):

@@ -24,6 +24,10 @@ fdatasync that may follow it.
 The caller frames its records (:meth:`LogWriter.append`), or hands over the
 parts of one and lets the writer thread compute its CRC-32
 (:meth:`LogWriter.append_record`: the broker's thread then only copies).
+In batch mode the caller may instead write a record itself
+(:meth:`LogWriter.write_record`) while the writer is idle with nothing
+pending: one ``writev`` into the page cache, then ``written`` moves at once;
+the writer thread only fdatasyncs those bytes (at most ``interval`` later).
 A segment switch
 (:meth:`LogWriter.rotate`) takes effect exactly at the append position where
 it was asked for: bytes appended before go to the old file (fsynced and
@@ -46,6 +50,12 @@ cdef extern from "<unistd.h>" nogil:
     int c_close "close"(int fd)
     int c_fsync "fsync"(int fd)
     int c_fdatasync "fdatasync"(int fd)
+
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t c_writev "writev"(int fd, const iovec* iov, int cnt)
 
 cdef extern from "<fcntl.h>" nogil:
     int c_open "open"(const char* path, int flags, int mode)
@@ -145,6 +155,11 @@ def crc32(const unsigned char[::1] data, uint32_t value=0) -> int:
 
 
 DEF SHRINK_ABOVE = 16 * 1024 * 1024
+# write_record writes on the caller's thread only while less than this has
+# been written that way since the last fdatasync completed: a disk that
+# falls behind sends the records back through the writer thread, whose
+# pending bytes the store bounds.
+DEF DIRECT_UNSYNCED_MAX = 8 * 1024 * 1024
 DEF FIRST_CAPACITY = 64 * 1024
 
 #: Waits (seconds) between attempts at a failing write; after the last the
@@ -211,11 +226,18 @@ cdef class LogWriter:
     cdef bint paused
     cdef bint sync
     cdef bint started
+    # The writer thread holds a swapped buffer it has not finished writing.
+    cdef bint writing
+    # write_record wrote since the writer's last fdatasync began; bytes it
+    # wrote since the last fdatasync completed.
+    cdef bint ddirty
+    cdef size_t dbytes
     cdef double interval
     cdef readonly uint64_t writes
     cdef readonly uint64_t fsyncs
     cdef readonly uint64_t bytes_written
     cdef readonly uint64_t retries
+    cdef readonly uint64_t direct_writes
 
     def __cinit__(self, int fd, int dirfd=-1, bint sync=True, double interval=0.01):
         cdef pthread_condattr_t attr
@@ -345,6 +367,132 @@ cdef class LogWriter:
         # otherwise run only to block on the mutex still held here.
         pthread_mutex_unlock(&self.mu)
         pthread_cond_signal(&self.cv)
+
+    cdef bint _direct_ok(self) noexcept nogil:
+        """write_record may write now (mutex held): batch mode, the writer
+        idle with everything before written, no switch, pause, failure or
+        injected failure pending, and the disk not far behind."""
+        return not (self.sync or self.err or self.closing or self.paused or self.writing
+                    or self.blen or self.next_path != NULL or self.fail_next > 0
+                    or self.fd < 0 or self._written != self.appended
+                    or self.dbytes > DIRECT_UNSYNCED_MAX)
+
+    def write_record(self, uint64_t lsn, bytes head, bytes cold, bytes ops,
+                     uint64_t ticket) -> bool:
+        """The record of :meth:`append_record`, written to the file now by
+        the calling thread (one ``writev`` into the page cache, CRC computed
+        here), when the writer is idle and nothing is pending before it; a
+        ``kill -9`` cannot lose it once this returns True, so ``written``
+        is ``ticket`` at once and the writer thread only fdatasyncs it (at
+        most ``interval`` later). Batch mode only: with ``sync`` it always
+        returns False.
+
+        Returns:
+            True: written. False: queued as by :meth:`append_record` (the
+            writer is busy, a switch or pause is pending, the disk is more
+            than 8 MiB behind, or the write failed: the writer retries what
+            is left); wait for ``written`` as usual.
+
+        Raises:
+            OSError: the writer has failed (nothing more is written).
+        """
+        cdef size_t nh = PyBytes_GET_SIZE(head)
+        cdef size_t nc = PyBytes_GET_SIZE(cold)
+        cdef size_t no = PyBytes_GET_SIZE(ops)
+        cdef size_t body = nh + nc + no
+        cdef size_t total = 16 + body
+        cdef size_t done = 0
+        cdef size_t skip, k
+        cdef ssize_t r
+        cdef int first = 0
+        cdef int i
+        cdef uint32_t crc
+        cdef bint wake
+        cdef char hdr[16]
+        cdef iovec iov[4]
+        cdef char* w
+        pthread_mutex_lock(&self.mu)
+        if self.err:
+            pthread_mutex_unlock(&self.mu)
+            raise OSError(self.err, "log writer failed")
+        if not self._direct_ok():
+            pthread_mutex_unlock(&self.mu)
+            self.append_record(lsn, head, cold, ops, ticket)
+            return False
+        crc = _crc32(0, <const unsigned char*>PyBytes_AS_STRING(head), nh)
+        crc = _crc32(crc, <const unsigned char*>PyBytes_AS_STRING(cold), nc)
+        crc = _crc32(crc, <const unsigned char*>PyBytes_AS_STRING(ops), no)
+        _put_le(hdr, 4 + body, 4)
+        _put_le(hdr + 4, lsn, 8)
+        _put_le(hdr + 12, crc, 4)
+        iov[0].iov_base = hdr
+        iov[0].iov_len = 16
+        iov[1].iov_base = PyBytes_AS_STRING(head)
+        iov[1].iov_len = nh
+        iov[2].iov_base = PyBytes_AS_STRING(cold)
+        iov[2].iov_len = nc
+        iov[3].iov_base = PyBytes_AS_STRING(ops)
+        iov[3].iov_len = no
+        while done < total:
+            r = c_writev(self.fd, &iov[first], 4 - first)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                break  # the writer retries it, with its pauses
+            done += <size_t>r
+            self.bytes_written += <uint64_t>r
+            while first < 4 and <size_t>r >= iov[first].iov_len:
+                r -= iov[first].iov_len
+                first += 1
+            if first < 4:
+                iov[first].iov_base = <char*>iov[first].iov_base + r
+                iov[first].iov_len -= <size_t>r
+        if done:
+            wake = not self.ddirty
+            self.ddirty = True
+            self.dbytes += done
+        else:
+            wake = False
+        if done == total:
+            self._written = ticket
+            self.appended = ticket
+            self.direct_writes += 1
+            pthread_mutex_unlock(&self.mu)
+            if wake:  # the writer's fdatasync is now due within interval
+                pthread_cond_signal(&self.cv)
+            return True
+        # Short or failed: the writer thread writes the rest (CRC included).
+        if self._reserve(total - done):
+            pthread_mutex_unlock(&self.mu)
+            raise MemoryError()
+        w = self.buf + self.blen
+        for i in range(first, 4):
+            memcpy(w, iov[i].iov_base, iov[i].iov_len)
+            w += iov[i].iov_len
+        self.blen += total - done
+        self.appended = ticket
+        pthread_mutex_unlock(&self.mu)
+        pthread_cond_signal(&self.cv)
+        return False
+
+    def advance(self, uint64_t ticket) -> bool:
+        """An append of nothing but ``ticket`` (its changes cancelled out),
+        taken as written at once when :meth:`write_record` could write now;
+        otherwise queued as by :meth:`append`. True: ``written`` is
+        ``ticket``."""
+        pthread_mutex_lock(&self.mu)
+        if self.err:
+            pthread_mutex_unlock(&self.mu)
+            raise OSError(self.err, "log writer failed")
+        if self._direct_ok():
+            self._written = ticket
+            self.appended = ticket
+            pthread_mutex_unlock(&self.mu)
+            return True
+        self.appended = ticket
+        pthread_mutex_unlock(&self.mu)
+        pthread_cond_signal(&self.cv)
+        return False
 
     def append(self, const unsigned char[::1] data, uint64_t ticket):
         """Queue ``data`` (may be empty) for the file; ``ticket`` is what the
@@ -485,6 +633,8 @@ cdef class LogWriter:
         cdef bint dirty = False  # written but not fsynced
         cdef bint closing
         cdef bint told
+        cdef uint64_t synced_upto, before
+        cdef size_t dsnap
         cdef double last_sync = _now()
         cdef double deadline
         cdef timespec ts
@@ -496,7 +646,7 @@ cdef class LogWriter:
                 if not self.paused and (self.appended != self._written
                                         or self.next_path != NULL):
                     break
-                if dirty and not self.sync and not self.paused:
+                if (dirty or self.ddirty) and not self.sync and not self.paused:
                     deadline = last_sync + self.interval
                     if _now() >= deadline:
                         break
@@ -526,6 +676,8 @@ cdef class LogWriter:
             path = self.next_path
             self.next_path = NULL
             sw = self.switch_at
+            self.writing = n > 0 or path != NULL
+            before = self._written
             pthread_mutex_unlock(&self.mu)
 
             i = 0
@@ -561,29 +713,52 @@ cdef class LogWriter:
             if rc == 0 and n:
                 self.writes += 1
             told = False
+            pthread_mutex_lock(&self.mu)
+            # write_record may write again (batch), also while this step's
+            # fdatasync runs; it moves _written past target meanwhile.
+            self.writing = False
             if rc == 0 and n and not self.sync:
                 # batch: acknowledgements wait for the write only; tell them
                 # now, not after the periodic fdatasync that may follow.
-                pthread_mutex_lock(&self.mu)
-                self._written = target
-                pthread_mutex_unlock(&self.mu)
-                self._signal()
+                if target > self._written:
+                    self._written = target
                 told = True
-            if rc == 0 and dirty and (self.sync or closing
-                                      or _now() - last_sync >= self.interval):
+            pthread_mutex_unlock(&self.mu)
+            if told:
+                self._signal()
+            synced_upto = 0
+            if rc == 0 and (dirty or self.ddirty) and (self.sync or closing
+                                                       or _now() - last_sync >= self.interval):
+                pthread_mutex_lock(&self.mu)
+                # What this fdatasync covers: everything written before it
+                # starts, by this thread (target) or by write_record.
+                synced_upto = self._written if self._written > target else target
+                self.ddirty = False
+                dsnap = self.dbytes
+                pthread_mutex_unlock(&self.mu)
                 rc = self._datasync(self.fd)
+                pthread_mutex_lock(&self.mu)
                 if rc == 0:
                     dirty = False
                     last_sync = _now()
+                    self.dbytes -= dsnap
+                else:
+                    self.ddirty = True
+                pthread_mutex_unlock(&self.mu)
             pthread_mutex_lock(&self.mu)
             if rc:
                 self.err = rc
             else:
-                self._written = target
-                if not dirty:
-                    self._synced = target
+                if target > self._written:
+                    self._written = target
+                if not dirty and not self.ddirty:
+                    self._synced = self._written  # nothing written since the fdatasync
+                elif synced_upto > self._synced:
+                    self._synced = synced_upto
             pthread_mutex_unlock(&self.mu)
-            if rc or not told:  # (batch: ``synced`` is read, never waited on)
+            # (batch: ``synced`` is read, never waited on, so a periodic
+            # fdatasync of write_record's bytes alone is not announced.)
+            if rc or not (told or (not self.sync and target == before)):
                 self._signal()
             if rc:
                 return

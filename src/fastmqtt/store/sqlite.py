@@ -101,7 +101,10 @@ failure.
 ``batch``: ``durable()`` returns after the write (announced before any
 fsync that follows it); the writer fsyncs at most every ``batch_interval``:
 a power failure or kernel crash loses at most that window, a process crash
-nothing.
+nothing. A flush on the trio thread writes its record there itself when the
+writer is idle (``LogWriter.write_record``: a page-cache write) and commits
+its ticket at once, waking the waiters it covers without the writer's
+round trip.
 
 A new segment is begun once the current one holds ``SEGMENT_BYTES``; the old
 one is fsynced and closed first, the data directory fsynced after the new
@@ -867,6 +870,9 @@ class SqliteStore(Recorder):
         self.log_path = os.path.join(self.data_dir, LOG_NAME)
         self.durability = durability
         self.batch_interval = max(0, batch_interval_ms) / 1000.0
+        # batch: the trio thread writes each record itself when the writer
+        # thread is idle (a page-cache write; the disk is the writer's).
+        self._direct = durability == "batch"
         self.stats = stats
         self._clock = clock
         # Recorder: _lock (the current batch; flushes, in append order),
@@ -1277,8 +1283,8 @@ class SqliteStore(Recorder):
             if self._thread is None:
                 raise StoreError("store is not open")
             ev = trio.Event()
-            self._wait(ticket, ev.set)
-            await ev.wait()
+            if self._wait(ticket, ev.set):
+                await ev.wait()
 
     @property
     def committed(self) -> int:
@@ -1297,15 +1303,19 @@ class SqliteStore(Recorder):
         """
         if self._committed >= ticket or self._error is not None or self._thread is None:
             return False
-        self._wait(ticket, callback)
-        return True
+        return self._wait(ticket, callback)
 
-    def _wait(self, ticket: int, callback) -> None:
+    def _wait(self, ticket: int, callback) -> bool:
+        """Register ``callback`` for ``ticket``; False (nothing registered)
+        if the flush done here made it durable already."""
         self._ensure_watch()
         if ticket >= self._first and not self._flush_scheduled:
             self._flush()  # recorded while no flush could be scheduled
+            if self._committed >= ticket:
+                return False
         self._waiter_count += 1
         heapq.heappush(self._waiters, (ticket, self._waiter_count, callback))
+        return True
 
     def wait_durable(self, ticket: int | None = None, timeout: float = 10.0) -> bool:
         """:meth:`durable` for code outside trio (tools, tests): blocking.
@@ -1614,11 +1624,24 @@ class SqliteStore(Recorder):
             self._trio_ident = None
 
     def _flush(self, force: bool = False) -> None:
+        """Turn the current batch into a log record. On the trio thread
+        (``force`` False) in ``batch`` mode the record is written there and
+        then, when the writer is idle (:meth:`LogWriter.write_record`): its
+        ticket is committed at once and the waiters it covers are woken
+        here, with no round trip through the writer thread."""
+        done = self._flush_locked(force)
+        if done > self._committed:
+            self._committed = done
+            self._notify()
+
+    def _flush_locked(self, force: bool) -> int:
+        """:meth:`_flush` under the lock; the ticket written (0: none)."""
+        direct = self._direct and not force
         with self._lock:
             self._flush_scheduled = False
             seq = self._seq
             if seq < self._first:
-                return  # nothing recorded since the last flush
+                return 0  # nothing recorded since the last flush
             wal = self._wal
             if wal is not None and not force and wal.pending > PENDING_LIMIT:
                 # _progress flushes once the writer catches up. (Never held
@@ -1630,7 +1653,7 @@ class SqliteStore(Recorder):
                 self._arm = seq + 1  # the next change schedules this again
                 self._flush_held = True
                 self._ensure_watch()
-                return
+                return 0
             b = self._batch
             self._batch = _Batch()
             ops = self.take_ops()
@@ -1638,12 +1661,16 @@ class SqliteStore(Recorder):
             b.seq = seq
             self._first = self._arm = seq + 1
             if wal is None or self._error is not None:
-                return  # closed or failed: nothing is written any more
+                return 0  # closed or failed: nothing is written any more
             t0 = time.perf_counter()
+            done = 0
             try:
                 if not ops and b.empty():
-                    wal.append(b"", seq)  # all cancelled out: only the ticket
-                    return
+                    # All cancelled out: only the ticket.
+                    if direct:
+                        return seq if wal.advance(seq) else 0
+                    wal.append(b"", seq)
+                    return 0
                 head, cold = _encode_parts(b, self._blob)
                 b.lsn = lsn = self._lsn + 1
                 if self._seg_bytes >= SEGMENT_BYTES:
@@ -1652,9 +1679,13 @@ class SqliteStore(Recorder):
                         with self._compact_cv:
                             self._segments.append((lsn, path))
                         self._seg_bytes = 0
-                wal.append_record(lsn, head, cold, ops, seq)
+                if direct:
+                    if wal.write_record(lsn, head, cold, ops, seq):
+                        done = seq
+                else:
+                    wal.append_record(lsn, head, cold, ops, seq)
             except OSError:
-                return  # the writer failed; the watcher reports it
+                return 0  # the writer failed; the watcher reports it
             self._lsn = lsn
             self._seg_bytes += _FRAME.size + 4 + len(head) + len(cold) + len(ops)
             dt = time.perf_counter() - t0
@@ -1664,6 +1695,7 @@ class SqliteStore(Recorder):
                 self.stats.store_commits += 1
                 self.stats.store_commit_seconds += dt
             self._to_compactor(b)
+            return done
 
     def _flusher(self) -> None:
         """Flusher thread, for changes recorded while no trio loop is known

@@ -1428,6 +1428,50 @@ def test_damaged_ops_raise_value_error_only(data):
         pass
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(topic=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
+       payload=st.binary(max_size=200), qos=st.integers(0, 2), retain=st.booleans(),
+       expires=st.one_of(st.none(), st.floats(0, 1e10)))
+def test_message_recorded_as_fields_decodes_to_its_stored_form(topic, payload, qos, retain,
+                                                                expires):
+    """A message without properties is recorded as its fields (an MSGF op:
+    no encoding on the event loop); decode_ops then gives exactly the stored
+    form the encoder makes, as for a message recorded encoded (MSG). A topic
+    the encoder would refuse (wildcards, U+0000) is encoded when recorded,
+    and so refused there, never in the compactor."""
+    from fastmqtt._codec import encode_stored_fields
+    from fastmqtt._record import Batch, decode_ops
+
+    with tempfile.TemporaryDirectory() as d:
+        s = SqliteStore(d)
+        s.open(now=NOW)
+        try:
+            s.take_ops()
+            s.put_message_fields(7, topic, payload, qos, retain, None, expires)
+            ops = s.take_ops()
+        finally:
+            s.close()
+    valid = not any(c in topic for c in "+#\x00")
+    if not valid:
+        assert ops == b""  # refused (and logged) when recorded
+        return
+    assert ops[0] == 7  # MSGF
+    b = Batch()
+    decode_ops(ops, b)
+    blob, exp = b.messages[7]
+    assert bytes(blob) == encode_stored_fields(topic, payload, qos, retain, None)
+    assert exp == expires
+    # and it decodes back to the message.
+    assert decode_publish(bytes(blob)) == Publish(topic, payload, qos, retain, False, 0, {})
+
+
+def test_message_with_properties_is_recorded_encoded(sq):
+    sq.take_ops()
+    sq.put_message_fields(1, "a/b", b"x", 1, False, {PropertyId.CONTENT_TYPE: "t"}, None)
+    ops = sq.take_ops()
+    assert ops[0] == 1  # MSG: the stored form, encoded when recorded
+
+
 def test_changes_by_fields_are_the_records_ones(tmp_path):
     """put_message_fields, add_delivery_fields, update_delivery_fields and
     put_message_add_delivery (the core's hot path) store exactly what

@@ -24,10 +24,18 @@ Ops, little endian, back to back::
     5 DEL     str client, u64 msg_id
     6 CASCADE str client                   (delete_session: the client's
                                             earlier delivery changes go)
+    7 MSGF    u64 msg_id, f64 expires_at, u8 qos | retain << 2, str topic,
+              u32 n, n bytes payload   (a message without properties, as its
+                                        fields: MSG once decoded)
 
 ``str`` is a u16 length and UTF-8, ``str8`` a u8 length and ASCII. ``fresh``:
 the client had no delivery of that message (else the add may replace a row
 in the tables).
+
+A message without properties (most chat messages) is recorded as MSGF, its
+topic and payload copied as they are: the stored form (an encoded PUBLISH)
+is made by :func:`decode_ops`, in the compactor and at recovery, not on the
+broker's event loop. Other messages are encoded when recorded (MSG).
 """
 
 cimport cython
@@ -35,7 +43,7 @@ from cpython.dict cimport PyDict_SetDefault
 from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
@@ -61,6 +69,18 @@ DEF OP_ADD = 3
 DEF OP_UPD = 4
 DEF OP_DEL = 5
 DEF OP_CASCADE = 6
+DEF OP_MSGF = 7
+
+#: ``f(topic, payload, qos, retain, properties)``: the stored form of a
+#: message (set by fastmqtt.store.sqlite: publish_fields_encoder()), for
+#: decode_ops to turn MSGF ops into what MSG ops hold.
+_fields_encoder = None
+
+
+def set_fields_encoder(encoder) -> None:
+    """Set the encoder :func:`decode_ops` makes MSGF ops' stored form with."""
+    global _fields_encoder
+    _fields_encoder = encoder
 
 
 cdef class Lock:
@@ -334,6 +354,24 @@ cdef class Recorder:
 
     cdef int _put_fields(self, msg_id, topic, payload, qos, retain, properties,
                          expires_at) except -1:
+        cdef Py_ssize_t tn
+        cdef const char* t
+        if (not properties and type(topic) is str and type(payload) is bytes
+                and (qos == 0 or qos == 1 or qos == 2)):
+            # Its fields as they are (MSGF): decode_ops encodes it, off the
+            # loop. Only what the encoder takes: a non-empty topic name
+            # without wildcards or U+0000, in UTF-8, that fits its u16
+            # length; anything else is encoded here (and refused if bad).
+            try:
+                t = PyUnicode_AsUTF8AndSize(topic, &tn)
+            except UnicodeError:
+                t = NULL
+            if (t != NULL and 0 < tn < 0x10000 and PyBytes_GET_SIZE(payload) < 0x10000000
+                    and memchr(t, b'+', tn) == NULL and memchr(t, b'#', tn) == NULL
+                    and memchr(t, 0, tn) == NULL):
+                self._put_raw(msg_id, t, tn, payload, qos, retain,
+                              _new_msg(topic, payload, qos, retain, properties, expires_at))
+                return 0
         # A message that cannot be encoded is logged and not stored (a
         # delivery naming it is then reported as for any unknown message).
         try:
@@ -361,6 +399,42 @@ cdef class Recorder:
                 if self._released_old:
                     self._released_old.pop(msg_id, None)
             self._op_msg(msg_id, blob, m.expires_at)
+            if self._seq == self._arm:
+                self._schedule()
+        finally:
+            self._lock.give()
+        return 0
+
+    cdef int _put_raw(self, msg_id, const char* topic, Py_ssize_t tn, bytes payload,
+                      int qos, bint retain, _Msg m) except -1:
+        """:meth:`_put` recording an MSGF op (the message's fields) rather
+        than an MSG op (its stored form)."""
+        cdef _Msg old
+        cdef Py_ssize_t pn = PyBytes_GET_SIZE(payload)
+        cdef char* w
+        self._lock.take()
+        try:
+            self._seq += 1
+            old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
+            if old is not m:
+                m.refs = old.refs
+                self._msgs[msg_id] = m
+            else:
+                if self._refs:
+                    m.refs = self._refs.pop(msg_id, 0)
+                if self._released:
+                    self._released.pop(msg_id, None)
+                if self._released_old:
+                    self._released_old.pop(msg_id, None)
+            w = self._room(24 + tn + pn)
+            w[0] = OP_MSGF
+            _put_uint(w + 1, msg_id, 8)
+            _put_f64(w + 9, NAN if m.expires_at is None else <double>m.expires_at)
+            w[17] = <char>((qos & 3) | (4 if retain else 0))
+            _put_uint(w + 18, tn, 2)
+            memcpy(w + 20, topic, tn)
+            _put_uint(w + 20 + tn, pn, 4)
+            memcpy(w + 24 + tn, PyBytes_AS_STRING(payload), pn)
             if self._seq == self._arm:
                 self._schedule()
         finally:
@@ -580,6 +654,7 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
     """
     cdef _Cursor c = _Cursor()
     cdef unsigned char op
+    cdef unsigned char flags
     cdef dict dl = None  # the last client's delivery changes (ops come in runs)
     cdef const unsigned char* cid_raw = NULL
     cdef Py_ssize_t cid_n = -1
@@ -602,6 +677,21 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             # bytearray: the sqlite3 module binds it without its adapter
             # lookup (see _apply_tables); the stored form is read as any bytes.
             blob = PyByteArray_FromStringAndSize(<const char*>c.take(n), n)
+            b.messages[mid] = (blob, None if isnan(exp) else exp)
+            if b.msg_del:
+                b.msg_del.discard(mid)
+        elif op == OP_MSGF:
+            mid = c.uint(8)
+            memcpy(&exp, c.take(8), 8)
+            flags = c.take(1)[0]
+            topic = c.text(2)
+            n = <Py_ssize_t>c.uint(4)
+            payload = PyBytes_FromStringAndSize(<const char*>c.take(n), n)
+            if _fields_encoder is None:
+                raise RuntimeError("decode_ops: no fields encoder set (set_fields_encoder)")
+            stored = _fields_encoder(topic, payload, flags & 3, bool(flags & 4), None)
+            blob = PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored),
+                                                 PyBytes_GET_SIZE(stored))
             b.messages[mid] = (blob, None if isnan(exp) else exp)
             if b.msg_del:
                 b.msg_del.discard(mid)

@@ -156,7 +156,7 @@ from typing import Any
 import trio
 
 from .._record import Batch as _Batch
-from .._record import Recorder, decode_ops
+from .._record import Recorder, decode_ops, set_fields_encoder
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
@@ -164,6 +164,9 @@ from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
                    publish_fields_encoder)
 
 __all__ = ["SqliteStore", "DB_NAME", "SEGMENT_PREFIX", "SCHEMA_VERSION"]
+
+# decode_ops makes the stored form of messages recorded as their fields.
+set_fields_encoder(publish_fields_encoder())
 
 DB_NAME = "fastmqtt.db"
 #: The log's segment files: ``fastmqtt-log.<first record's lsn, 16 hex digits>``.

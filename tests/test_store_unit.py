@@ -1607,14 +1607,34 @@ def test_stored_message_shares_the_payload_not_a_copy(sq):
 
 # ------------------------------------------------ the writer thread's CRC-32
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=300), st.integers(0, 0xFFFFFFFF))
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.binary(min_size=1000, max_size=5000)),
+       st.integers(0, 0xFFFFFFFF))
 def test_writer_crc32_is_zlibs(data, start):
+    """Both ways: carry-less multiplication (64 bytes and more, where the CPU
+    has it) and the tables."""
     import zlib
 
     from fastmqtt._wal import crc32
 
     assert crc32(data, start) == zlib.crc32(data, start)
+    assert crc32(data, start, tables=True) == zlib.crc32(data, start)
+
+
+def test_writer_crc32_across_the_folding_boundaries():
+    import zlib
+
+    from fastmqtt._wal import CRC_CLMUL, crc32
+
+    data = bytes(range(256)) * 8
+    for n in [*range(0, 200), 255, 256, 257, 1023, 1024, 1025, 2048]:
+        for start in (0, 1, 0xFFFFFFFF, 0x12345678):
+            assert crc32(data[:n], start) == zlib.crc32(data[:n], start), (n, start)
+            assert crc32(data[3:3 + n], start) == zlib.crc32(data[3:3 + n], start)  # unaligned
+    import platform
+    if platform.machine() in ("x86_64", "AMD64"):
+        with open("/proc/cpuinfo") as f:
+            assert CRC_CLMUL == (" pclmulqdq" in f.read())  # the fast way is used where it can be
 
 
 def test_append_record_writes_the_framed_record(tmp_path):

@@ -1,6 +1,9 @@
 """Type stubs for the compiled log writer (``_wal.pyx``)."""
 
-def crc32(data: bytes, value: int = 0) -> int:
+#: True when CRC-32 uses carry-less multiplication on this CPU (else tables).
+CRC_CLMUL: bool
+
+def crc32(data: bytes, value: int = 0, tables: bool = False) -> int:
     """CRC-32 of ``data`` (equal to ``zlib.crc32(data, value)``)."""
 
 class LogWriter:

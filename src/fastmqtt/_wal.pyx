@@ -127,9 +127,82 @@ cdef inline void _put_le(char* w, uint64_t v, int width) noexcept nogil:
         v >>= 8
 
 
-cdef uint32_t _crc32(uint32_t crc, const unsigned char* p, size_t n) noexcept nogil:
+# Carry-less multiplication (PCLMULQDQ, x86-64) folds the data 64 bytes per
+# step into four 128-bit lanes, then into one, keeping it congruent modulo
+# the CRC polynomial; the table finishes on those 16 bytes and the tail.
+# About ten times the tables' speed on long records (the event loop
+# checksums what it writes itself in batch mode). The fold constants are
+# x^d mod P (bit-reflected, as the CRC is) for the distances folded: 512
+# +/- 32 bits across the four lanes, 128 +/- 32 bits within one.
+cdef extern from *:
+    """
+    #include <stddef.h>
+    #include <stdint.h>
+    #if defined(__x86_64__) && defined(__GNUC__)
+    #include <immintrin.h>
+    #define FM_CLMUL_BUILT 1
+    static inline __attribute__((target("pclmul,sse2"))) __m128i
+    fm_fold(__m128i x, __m128i k)
+    {
+        return _mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00),
+                             _mm_clmulepi64_si128(x, k, 0x11));
+    }
+    /* n >= 64. reg: the CRC register (inverted, as the table loop keeps it).
+       Writes the folded 16 bytes to out; returns the bytes consumed (a
+       multiple of 16, at most n). */
+    static __attribute__((target("pclmul,sse2"))) size_t
+    fm_clmul_fold(uint32_t reg, const unsigned char *p, size_t n, unsigned char *out)
+    {
+        const __m128i k512 = _mm_set_epi64x(0x1c6e41596LL, 0x154442bd4LL);
+        const __m128i k128 = _mm_set_epi64x(0x0ccaa009eLL, 0x1751997d0LL);
+        __m128i a = _mm_loadu_si128((const __m128i *)p);
+        __m128i b = _mm_loadu_si128((const __m128i *)(p + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(p + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(p + 48));
+        size_t off = 64;
+        a = _mm_xor_si128(a, _mm_cvtsi32_si128((int)reg));
+        while (n - off >= 64) {
+            a = _mm_xor_si128(fm_fold(a, k512), _mm_loadu_si128((const __m128i *)(p + off)));
+            b = _mm_xor_si128(fm_fold(b, k512), _mm_loadu_si128((const __m128i *)(p + off + 16)));
+            c = _mm_xor_si128(fm_fold(c, k512), _mm_loadu_si128((const __m128i *)(p + off + 32)));
+            d = _mm_xor_si128(fm_fold(d, k512), _mm_loadu_si128((const __m128i *)(p + off + 48)));
+            off += 64;
+        }
+        a = _mm_xor_si128(fm_fold(a, k128), b);
+        a = _mm_xor_si128(fm_fold(a, k128), c);
+        a = _mm_xor_si128(fm_fold(a, k128), d);
+        while (n - off >= 16) {
+            a = _mm_xor_si128(fm_fold(a, k128), _mm_loadu_si128((const __m128i *)(p + off)));
+            off += 16;
+        }
+        _mm_storeu_si128((__m128i *)out, a);
+        return off;
+    }
+    static int fm_have_clmul(void)
+    {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse2");
+    }
+    #else
+    #define FM_CLMUL_BUILT 0
+    static size_t fm_clmul_fold(uint32_t reg, const unsigned char *p, size_t n,
+                                unsigned char *out) { return 0; }
+    static int fm_have_clmul(void) { return 0; }
+    #endif
+    """
+    size_t fm_clmul_fold(uint32_t reg, const unsigned char* p, size_t n,
+                         unsigned char* out) noexcept nogil
+    int fm_have_clmul() noexcept nogil
+
+cdef bint _clmul = fm_have_clmul()
+
+#: True when CRC-32 uses carry-less multiplication on this CPU (else tables).
+CRC_CLMUL = bool(_clmul)
+
+
+cdef uint32_t _crc_tables(uint32_t crc, const unsigned char* p, size_t n) noexcept nogil:
+    """The CRC register (inverted) after ``p[:n]``, eight bytes a step."""
     cdef uint32_t a, b
-    crc = ~crc
     while n >= 8:
         a = _le32(p) ^ crc
         b = _le32(p + 4)
@@ -143,14 +216,31 @@ cdef uint32_t _crc32(uint32_t crc, const unsigned char* p, size_t n) noexcept no
         crc = CRC_TABLE[0][(crc ^ p[0]) & 0xFF] ^ (crc >> 8)
         p += 1
         n -= 1
-    return ~crc
+    return crc
 
 
-def crc32(const unsigned char[::1] data, uint32_t value=0) -> int:
-    """CRC-32 of ``data`` (equal to ``zlib.crc32(data, value)``), as the
-    writer thread computes it for :meth:`LogWriter.append_record`."""
+cdef uint32_t _crc32(uint32_t crc, const unsigned char* p, size_t n) noexcept nogil:
+    cdef unsigned char folded[16]
+    cdef size_t used
+    crc = ~crc
+    if _clmul and n >= 64:
+        used = fm_clmul_fold(crc, p, n, folded)
+        # The folded lanes stand for everything consumed, the register
+        # included: their CRC from a zero register continues it.
+        crc = _crc_tables(0, folded, 16)
+        p += used
+        n -= used
+    return ~_crc_tables(crc, p, n)
+
+
+def crc32(const unsigned char[::1] data, uint32_t value=0, bint tables=False) -> int:
+    """CRC-32 of ``data`` (equal to ``zlib.crc32(data, value)``), as the log
+    writer computes it; ``tables``: without carry-less multiplication (the
+    fallback on other CPUs), for tests."""
     if data.shape[0] == 0:
         return value
+    if tables:
+        return ~_crc_tables(~value, &data[0], data.shape[0]) & 0xFFFFFFFF
     return _crc32(value, &data[0], data.shape[0])
 
 

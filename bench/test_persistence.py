@@ -30,6 +30,14 @@ Three levels, each measured side by side in the same run:
   removed on its PUBACK: a chat client that is online), timed until it has
   every message.
 
+* **paired**: the in-memory, ``batch`` and ``sync`` brokers side by side,
+  offline and online, one round on each in turn (the order rotating), for
+  several rounds; each round's ratio is taken against the in-memory round
+  next to it, and the median of those ratios printed. On a shared machine
+  whose speed drifts over tens of seconds, rounds run next to each other
+  see the same machine: this ratio moves less between runs than the ratio
+  of the separate medians above.
+
 Speed is never asserted; a table of messages/s and ratios is printed at the
 end. With ``CI=true`` the workloads are scaled down.
 
@@ -92,6 +100,7 @@ class _Table:
     def __init__(self) -> None:
         self.rates: dict[tuple[str, str], float] = {}
         self.loop_us: dict[tuple[str, str], float] = {}
+        self.paired: dict[tuple[str, str], list[float]] = {}
 
     def add(self, level: str, impl: str, seconds: float, messages: int) -> None:
         if seconds > 0:
@@ -101,6 +110,10 @@ class _Table:
         """Median event-loop CPU per message (µs) over the rounds."""
         if samples:
             self.loop_us[(level, impl)] = sorted(samples)[len(samples) // 2]
+
+    def add_paired(self, level: str, impl: str, ratios: list[float]) -> None:
+        """Per-round ratios to the in-memory round next to each."""
+        self.paired[(level, impl)] = sorted(ratios)
 
     def render(self) -> str:
         lines = ["", "persistent QoS 1 throughput (median of rounds; higher is better;",
@@ -120,6 +133,14 @@ class _Table:
                 loop = self.loop_us.get((level, impl))
                 loop_s = f"{loop:>12.2f}" if loop is not None else f"{'-':>12}"
                 lines.append(f"{level:<8} {impl:<14} {rate:>12,.0f} {ratio} {loop_s}")
+        if self.paired:
+            lines += ["", "paired rounds: each round's ratio to the in-memory round next to it",
+                      f"{'level':<8} {'storage':<14} {'median':>8} {'quartiles':>13} {'rounds':>7}",
+                      "-" * 54]
+            for (level, impl), r in self.paired.items():
+                q = len(r) // 4
+                lines.append(f"{level:<8} {impl:<14} {r[len(r) // 2]:>7.2f}x"
+                             f" {r[q]:>6.2f}-{r[-q - 1]:.2f} {len(r):>7}")
         return "\n".join(lines)
 
 
@@ -127,7 +148,7 @@ class _Table:
 def table(request):
     t = _Table()
     yield t
-    if t.rates:
+    if t.rates or t.paired:
         capture = request.config.pluginmanager.getplugin("capturemanager")
         reporter = request.config.pluginmanager.getplugin("terminalreporter")
         with capture.global_and_fixture_disabled():
@@ -414,3 +435,63 @@ def test_broker_throughput_online(benchmark, table, impl, tmp_path):
             table.add_loop_cpu("online", impl, loop)
     finally:
         broker.close()
+
+
+PAIRED_IMPLS = ["memory", "batch", "sync"]
+PAIRED_ROUNDS = 1 if CI else 9
+
+
+@pytest.mark.benchmark(group="persistence paired")
+def test_broker_paired_ratios(benchmark, table, tmp_path):
+    """The three brokers side by side, offline and online (fresh brokers for
+    each level), a round on each in turn: the ratio of ``batch`` and
+    ``sync`` to in memory, per round."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    n = BROKER_MESSAGES
+    brokers: dict[str, BrokerProc] = {}
+
+    def offline(impl: str) -> float:
+        t0 = time.perf_counter()
+        broker_run(brokers[impl].port, n)
+        return n / (time.perf_counter() - t0)
+
+    def online(impl: str) -> float:
+        ready, done = ctx.Queue(), ctx.Queue()
+        proc = ctx.Process(target=_acking_subscriber,
+                           args=(brokers[impl].port, n, ready, done), daemon=True)
+        proc.start()
+        ready.get(timeout=60)  # untimed: the subscriber resumes its session
+        t0 = time.perf_counter()
+        broker_run(brokers[impl].port, n)
+        err = done.get(timeout=300)
+        rate = n / (time.perf_counter() - t0)
+        proc.join(30)
+        if err:
+            raise RuntimeError(f"subscriber failed: {err}")
+        return rate
+
+    ratios: dict[tuple[str, str], list[float]] = {}
+
+    def run():
+        for level, measure in (("offline", offline), ("online", online)):
+            try:
+                for impl in PAIRED_IMPLS:
+                    brokers[impl] = BrokerProc(impl, str(tmp_path / level / impl))
+                    _make_persistent_subscriber(brokers[impl].port)
+                for i in range(PAIRED_ROUNDS):
+                    k = i % len(PAIRED_IMPLS)
+                    order = PAIRED_IMPLS[k:] + PAIRED_IMPLS[:k]  # rotating
+                    rates = {impl: measure(impl) for impl in order}
+                    for impl in PAIRED_IMPLS[1:]:
+                        ratios.setdefault((level, impl), []).append(
+                            rates[impl] / rates["memory"])
+            finally:
+                for b in brokers.values():
+                    b.close()
+                brokers.clear()
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    for (level, impl), r in ratios.items():
+        table.add_paired(level, impl, r)

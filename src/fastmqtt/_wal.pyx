@@ -130,7 +130,7 @@ cdef inline void _put_le(char* w, uint64_t v, int width) noexcept nogil:
 # Carry-less multiplication (PCLMULQDQ, x86-64) folds the data 64 bytes per
 # step into four 128-bit lanes, then into one, keeping it congruent modulo
 # the CRC polynomial; the table finishes on those 16 bytes and the tail.
-# About ten times the tables' speed on long records (the event loop
+# About four times the tables' speed on long records (the event loop
 # checksums what it writes itself in batch mode). The fold constants are
 # x^d mod P (bit-reflected, as the CRC is) for the distances folded: 512
 # +/- 32 bits across the four lanes, 128 +/- 32 bits within one.

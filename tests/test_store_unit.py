@@ -1465,6 +1465,27 @@ def test_message_recorded_as_fields_decodes_to_its_stored_form(topic, payload, q
     assert decode_publish(bytes(blob)) == Publish(topic, payload, qos, retain, False, 0, {})
 
 
+def test_fields_op_decodes_without_the_store_imported():
+    """decode_ops finds the encoder itself when fastmqtt.store.sqlite (which
+    registers it) was never imported: a tool reading the log alone."""
+    import subprocess
+
+    code = (
+        "import struct, sys\n"
+        "from fastmqtt._record import Batch, decode_ops\n"
+        "assert 'fastmqtt.store.sqlite' not in sys.modules\n"
+        "t, p = b'a/b', b'xyz'\n"
+        "op = (bytes([7]) + struct.pack('<Qd', 5, 9.5) + bytes([1 | 4]) + struct.pack('<H', 3)"
+        " + t + struct.pack('<I', 3) + p)\n"
+        "b = Batch(); decode_ops(op, b)\n"
+        "from fastmqtt._codec import encode_stored_fields\n"
+        "assert bytes(b.messages[5][0]) == encode_stored_fields('a/b', p, 1, True, None)\n"
+        "assert b.messages[5][1] == 9.5\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_message_with_properties_is_recorded_encoded(sq):
     sq.take_ops()
     sq.put_message_fields(1, "a/b", b"x", 1, False, {PropertyId.CONTENT_TYPE: "t"}, None)

@@ -687,8 +687,9 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             topic = c.text(2)
             n = <Py_ssize_t>c.uint(4)
             payload = PyBytes_FromStringAndSize(<const char*>c.take(n), n)
-            if _fields_encoder is None:
-                raise RuntimeError("decode_ops: no fields encoder set (set_fields_encoder)")
+            if _fields_encoder is None:  # (fastmqtt.store.sqlite sets it on import)
+                from fastmqtt.store.base import publish_fields_encoder
+                set_fields_encoder(publish_fields_encoder())
             stored = _fields_encoder(topic, payload, flags & 3, bool(flags & 4), None)
             blob = PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored),
                                                  PyBytes_GET_SIZE(stored))

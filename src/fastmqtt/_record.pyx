@@ -287,6 +287,19 @@ cdef class Recorder:
         memcpy(w + 21, PyBytes_AS_STRING(blob), n)
         return 0
 
+    cdef int _op_msgf(self, msg_id, const char* t, Py_ssize_t tn, _Msg m) except -1:
+        cdef Py_ssize_t pn = PyBytes_GET_SIZE(m.payload)
+        cdef char* w = self._room(24 + tn + pn)
+        w[0] = OP_MSGF
+        _put_uint(w + 1, msg_id, 8)
+        _put_f64(w + 9, NAN if m.expires_at is None else <double>m.expires_at)
+        w[17] = <char>((m.qos & 3) | (4 if m.retain else 0))
+        _put_uint(w + 18, tn, 2)
+        memcpy(w + 20, t, tn)
+        _put_uint(w + 20 + tn, pn, 4)
+        memcpy(w + 24 + tn, PyBytes_AS_STRING(m.payload), pn)
+        return 0
+
     cdef int _op_client(self, unsigned char op, client_id, msg_id) except -1:
         self._room(1)[0] = op
         self._str(client_id, 2)
@@ -369,7 +382,7 @@ cdef class Recorder:
             if (t != NULL and 0 < tn < 0x10000 and PyBytes_GET_SIZE(payload) < 0x10000000
                     and memchr(t, b'+', tn) == NULL and memchr(t, b'#', tn) == NULL
                     and memchr(t, 0, tn) == NULL):
-                self._put_raw(msg_id, t, tn, payload, qos, retain,
+                self._put_raw(msg_id, t, tn,
                               _new_msg(topic, payload, qos, retain, properties, expires_at))
                 return 0
         # A message that cannot be encoded is logged and not stored (a
@@ -383,21 +396,10 @@ cdef class Recorder:
         return 0
 
     cdef int _put(self, msg_id, bytes blob, _Msg m) except -1:
-        cdef _Msg old
         self._lock.take()
         try:
             self._seq += 1
-            old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
-            if old is not m:
-                m.refs = old.refs  # stored again: the deliveries still count
-                self._msgs[msg_id] = m
-            else:
-                if self._refs:  # deliveries named it before it was stored
-                    m.refs = self._refs.pop(msg_id, 0)
-                if self._released:
-                    self._released.pop(msg_id, None)
-                if self._released_old:
-                    self._released_old.pop(msg_id, None)
+            self._keep(msg_id, m)
             self._op_msg(msg_id, blob, m.expires_at)
             if self._seq == self._arm:
                 self._schedule()
@@ -405,40 +407,33 @@ cdef class Recorder:
             self._lock.give()
         return 0
 
-    cdef int _put_raw(self, msg_id, const char* topic, Py_ssize_t tn, bytes payload,
-                      int qos, bint retain, _Msg m) except -1:
-        """:meth:`_put` recording an MSGF op (the message's fields) rather
-        than an MSG op (its stored form)."""
-        cdef _Msg old
-        cdef Py_ssize_t pn = PyBytes_GET_SIZE(payload)
-        cdef char* w
+    cdef int _put_raw(self, msg_id, const char* topic, Py_ssize_t tn, _Msg m) except -1:
+        """:meth:`_put` recording an MSGF op (the message's fields, ``topic``
+        its UTF-8, checked for the encoder) rather than an MSG op."""
         self._lock.take()
         try:
             self._seq += 1
-            old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
-            if old is not m:
-                m.refs = old.refs
-                self._msgs[msg_id] = m
-            else:
-                if self._refs:
-                    m.refs = self._refs.pop(msg_id, 0)
-                if self._released:
-                    self._released.pop(msg_id, None)
-                if self._released_old:
-                    self._released_old.pop(msg_id, None)
-            w = self._room(24 + tn + pn)
-            w[0] = OP_MSGF
-            _put_uint(w + 1, msg_id, 8)
-            _put_f64(w + 9, NAN if m.expires_at is None else <double>m.expires_at)
-            w[17] = <char>((qos & 3) | (4 if retain else 0))
-            _put_uint(w + 18, tn, 2)
-            memcpy(w + 20, topic, tn)
-            _put_uint(w + 20 + tn, pn, 4)
-            memcpy(w + 24 + tn, PyBytes_AS_STRING(payload), pn)
+            self._keep(msg_id, m)
+            self._op_msgf(msg_id, topic, tn, m)
             if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
+        return 0
+
+    cdef inline int _keep(self, msg_id, _Msg m) except -1:
+        """``m`` is the message stored under ``msg_id`` (lock held)."""
+        cdef _Msg old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
+        if old is not m:
+            m.refs = old.refs  # stored again: the deliveries still count
+            self._msgs[msg_id] = m
+        else:
+            if self._refs:  # deliveries named it before it was stored
+                m.refs = self._refs.pop(msg_id, 0)
+            if self._released:
+                self._released.pop(msg_id, None)
+            if self._released_old:
+                self._released_old.pop(msg_id, None)
         return 0
 
     def add_delivery(self, client_id, delivery) -> None:

@@ -140,7 +140,6 @@ cdef extern from *:
     #include <stdint.h>
     #if defined(__x86_64__) && defined(__GNUC__)
     #include <immintrin.h>
-    #define FM_CLMUL_BUILT 1
     static inline __attribute__((target("pclmul,sse2"))) __m128i
     fm_fold(__m128i x, __m128i k)
     {
@@ -184,7 +183,6 @@ cdef extern from *:
         return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse2");
     }
     #else
-    #define FM_CLMUL_BUILT 0
     static size_t fm_clmul_fold(uint32_t reg, const unsigned char *p, size_t n,
                                 unsigned char *out) { return 0; }
     static int fm_have_clmul(void) { return 0; }
@@ -410,6 +408,18 @@ cdef class LogWriter:
             self.bcap = cap
         return 0
 
+    cdef int _lock_working(self) except -1:
+        """Take the mutex, unless the writer has failed.
+
+        Raises:
+            OSError: the writer has failed (the mutex is not held then).
+        """
+        pthread_mutex_lock(&self.mu)
+        if self.err:
+            pthread_mutex_unlock(&self.mu)
+            raise OSError(self.err, "log writer failed")
+        return 0
+
     def append_record(self, uint64_t lsn, bytes head, bytes cold, bytes ops,
                       uint64_t ticket):
         """Queue one framed record: ``<I length><Q lsn><I crc>`` then
@@ -427,10 +437,7 @@ cdef class LogWriter:
         cdef size_t* grown
         cdef size_t cap
         cdef char* w
-        pthread_mutex_lock(&self.mu)
-        if self.err:
-            pthread_mutex_unlock(&self.mu)
-            raise OSError(self.err, "log writer failed")
+        self._lock_working()
         if self.ncrcs + 2 > self.crcs_cap:
             cap = self.crcs_cap * 2 if self.crcs_cap else 64
             grown = <size_t*>realloc(self.crcs, cap * sizeof(size_t))
@@ -492,7 +499,6 @@ cdef class LogWriter:
         cdef size_t body = nh + nc + no
         cdef size_t total = 16 + body
         cdef size_t done = 0
-        cdef size_t skip, k
         cdef ssize_t r
         cdef int first = 0
         cdef int i
@@ -501,10 +507,7 @@ cdef class LogWriter:
         cdef char hdr[16]
         cdef iovec iov[4]
         cdef char* w
-        pthread_mutex_lock(&self.mu)
-        if self.err:
-            pthread_mutex_unlock(&self.mu)
-            raise OSError(self.err, "log writer failed")
+        self._lock_working()
         if not self._direct_ok():
             pthread_mutex_unlock(&self.mu)
             self.append_record(lsn, head, cold, ops, ticket)
@@ -570,10 +573,7 @@ cdef class LogWriter:
         taken as written at once when :meth:`write_record` could write now;
         otherwise queued as by :meth:`append`. True: ``written`` is
         ``ticket``."""
-        pthread_mutex_lock(&self.mu)
-        if self.err:
-            pthread_mutex_unlock(&self.mu)
-            raise OSError(self.err, "log writer failed")
+        self._lock_working()
         if self._direct_ok():
             self._written = ticket
             self.appended = ticket
@@ -592,10 +592,7 @@ cdef class LogWriter:
             OSError: the writer has failed (nothing more is written).
         """
         cdef size_t n = data.shape[0]
-        pthread_mutex_lock(&self.mu)
-        if self.err:
-            pthread_mutex_unlock(&self.mu)
-            raise OSError(self.err, "log writer failed")
+        self._lock_working()
         if n:
             if self._reserve(n):
                 pthread_mutex_unlock(&self.mu)

@@ -392,6 +392,23 @@ def _acking_subscriber(port: int, n: int, ready, done) -> None:
         done.put(repr(e))
 
 
+def _start_acking(ctx, port: int, n: int):
+    """Start :func:`_acking_subscriber` in its own process and wait (untimed)
+    until it has resumed its session. Returns (process, its done queue)."""
+    ready, done = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_acking_subscriber, args=(port, n, ready, done), daemon=True)
+    proc.start()
+    ready.get(timeout=60)
+    return proc, done
+
+
+def _end_acking(proc, err) -> None:
+    """Reap the subscriber's process; raise what it reported."""
+    proc.join(30)
+    if err:
+        raise RuntimeError(f"subscriber failed: {err}")
+
+
 @pytest.mark.parametrize("impl", [pytest.param(i, marks=pytest.mark.benchmark(group="persistence online"))
                                   for i in BROKER_IMPLS])
 def test_broker_throughput_online(benchmark, table, impl, tmp_path):
@@ -406,26 +423,19 @@ def test_broker_throughput_online(benchmark, table, impl, tmp_path):
     try:
         _make_persistent_subscriber(broker.port)
         n = BROKER_MESSAGES
-        ready, done = ctx.Queue(), ctx.Queue()
 
         def setup():
             # Untimed: the subscriber's process starts and resumes its session.
-            proc = ctx.Process(target=_acking_subscriber, args=(broker.port, n, ready, done),
-                               daemon=True)
-            proc.start()
-            ready.get(timeout=60)
-            return (proc,), {}
+            return _start_acking(ctx, broker.port, n), {}
 
         loop: list[float] = []
 
-        def run(proc):
+        def run(proc, done):
             c0 = _loop_cpu(broker.proc.pid)
             broker_run(broker.port, n)
             err = done.get(timeout=300)
             c1 = _loop_cpu(broker.proc.pid)
-            proc.join(30)
-            if err:
-                raise RuntimeError(f"subscriber failed: {err}")
+            _end_acking(proc, err)
             if c0 is not None and c1 is not None:
                 loop.append(1e6 * (c1 - c0) / n)
 
@@ -458,18 +468,12 @@ def test_broker_paired_ratios(benchmark, table, tmp_path):
         return n / (time.perf_counter() - t0)
 
     def online(impl: str) -> float:
-        ready, done = ctx.Queue(), ctx.Queue()
-        proc = ctx.Process(target=_acking_subscriber,
-                           args=(brokers[impl].port, n, ready, done), daemon=True)
-        proc.start()
-        ready.get(timeout=60)  # untimed: the subscriber resumes its session
+        proc, done = _start_acking(ctx, brokers[impl].port, n)  # untimed
         t0 = time.perf_counter()
         broker_run(brokers[impl].port, n)
         err = done.get(timeout=300)
         rate = n / (time.perf_counter() - t0)
-        proc.join(30)
-        if err:
-            raise RuntimeError(f"subscriber failed: {err}")
+        _end_acking(proc, err)
         return rate
 
     ratios: dict[tuple[str, str], list[float]] = {}

@@ -16,7 +16,7 @@ import time
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fastmqtt.broker.interfaces import DeliveryRecord, NullStore, SubscriptionRecord
@@ -431,9 +431,22 @@ OPS = st.lists(st.one_of(
 ), max_size=40)
 
 
+_CLIENT_OPS = {"session", "del_session", "sub", "unsub", "add", "upd", "rm", "q2", "will"}
+_CIDS = {"a": "client-a", "b": "client-b", "c": "client-c"}
+
+
+def _cid(c, i):
+    # Every other op names its client with a string object of its own (equal,
+    # not identical): the recorder tells a client's deliveries apart by
+    # identity first, then by value.
+    return "client-" + c if i % 2 else _CIDS[c]
+
+
 def apply_ops(store, ops, flush, compact=lambda s: None):
-    for op in ops:
+    for i, op in enumerate(ops):
         kind = op[0]
+        if kind in _CLIENT_OPS:
+            op = (kind, _cid(op[1], i), *op[2:])
         if kind == "session":
             store.put_session(op[1], op[2], 5, op[3])
         elif kind == "del_session":
@@ -1234,6 +1247,64 @@ def test_released_message_handed_out_again_is_stored_again(reopener):
     assert snap.messages[1][0].payload == b"retained"
 
 
+def test_a_client_is_known_by_its_id_not_by_the_string_object(sq):
+    """The recorder matches a client's deliveries by identity first, then by
+    value: equal strings that are other objects name the same client."""
+    sq.put_session("client-1", NEVER, 5, None)
+    sq.put_message(1, pub(), None)
+    sq.add_delivery("client-" + str(1), DeliveryRecord(1, 1))
+    sq.add_delivery("client-" + str(1), DeliveryRecord(1, 1, 3, "sent"))  # a re-add
+    wait_committed(sq)
+    sq.remove_delivery("client-" + str(1), 1)  # its one delivery: the row goes
+    wait_committed(sq)
+    assert rows(sq, "messages") == 0 and rows(sq, "deliveries") == 0
+
+
+def test_deleting_a_session_releases_the_messages_only_it_had(sq):
+    for c in ("c", "d"):
+        sq.put_session(c, NEVER, 5, None)
+    for mid in (1, 2, 3):
+        sq.put_message(mid, pub(payload=b"%d" % mid), None)
+    sq.add_delivery("c", DeliveryRecord(1, 1))
+    sq.add_delivery("c", DeliveryRecord(2, 1))  # c first, d second
+    sq.add_delivery("d", DeliveryRecord(2, 1))
+    sq.add_delivery("d", DeliveryRecord(3, 1))  # d first, c second
+    sq.add_delivery("c", DeliveryRecord(3, 1))
+    wait_committed(sq)
+    assert rows(sq, "messages") == 3
+    sq.delete_session("c")
+    wait_committed(sq)
+    assert rows(sq, "messages") == 2  # 1 went with c; d still has 2 and 3
+    sq.remove_delivery("d", 2)
+    sq.remove_delivery("d", 3)
+    wait_committed(sq)
+    assert rows(sq, "messages") == 0
+
+
+def test_deliveries_named_before_their_message_is_stored_carry_over(sq, caplog):
+    unknown = "delivery of message 5, which was never stored"
+    for c in ("c", "d"):
+        sq.put_session(c, NEVER, 5, None)
+    sq.add_delivery("c", DeliveryRecord(5, 1))
+    sq.add_delivery("d", DeliveryRecord(5, 1))
+    sq.add_delivery("d", DeliveryRecord(5, 1))  # a re-add: not reported again
+    assert caplog.text.count(unknown) == 2
+    sq.put_message(5, pub(payload=b"late"), None)  # both deliveries count
+    sq.remove_delivery("c", 5)
+    wait_committed(sq)
+    assert rows(sq, "messages") == 1
+    sq.remove_delivery("d", 5)
+    wait_committed(sq)
+    assert rows(sq, "messages") == 0
+    sq.add_delivery("c", DeliveryRecord(5, 1))  # released a moment ago: stored again
+    assert caplog.text.count(unknown) == 2
+    wait_committed(sq)
+    assert rows(sq, "messages") == 1
+    sq.add_delivery("c", DeliveryRecord(6, 1))  # never stored: its count alone
+    sq.remove_delivery("c", 6)
+    assert 6 not in sq._msgs and 6 not in sq._released
+
+
 async def test_waiters_registered_out_of_order_all_wake(sq):
     held = HeldWriter(sq)
     tickets = []
@@ -1463,6 +1534,9 @@ def test_damaged_ops_raise_value_error_only(data):
 @given(topic=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40),
        payload=st.binary(max_size=200), qos=st.integers(0, 2), retain=st.booleans(),
        expires=st.one_of(st.none(), st.floats(0, 1e10)))
+@example("a\x00b", b"", 1, False, None)
+@example("a/+", b"", 1, False, None)
+@example("#", b"", 0, True, None)
 def test_message_recorded_as_fields_decodes_to_its_stored_form(topic, payload, qos, retain,
                                                                 expires):
     """A message without properties is recorded as its fields (an MSGF op:
@@ -1522,6 +1596,46 @@ def test_message_with_properties_is_recorded_encoded(sq):
     sq.put_message_fields(1, "a/b", b"x", 1, False, {PropertyId.CONTENT_TYPE: "t"}, None)
     ops = sq.take_ops()
     assert ops[0] == 1  # MSG: the stored form, encoded when recorded
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(topic=st.text(max_size=24), payload=st.binary(max_size=40), qos=st.integers(0, 2),
+       retain=st.booleans(), exp=st.one_of(st.none(), st.floats(allow_nan=False)),
+       client=st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+       dqos=st.integers(0, 2), pid=st.integers(0, 0xFFFF),
+       state=st.sampled_from(["queued", "sent", "released"]),
+       before=st.sampled_from(["nothing", "stored", "named", "released"]))
+def test_hot_path_records_what_the_two_calls_do(topic, payload, qos, retain, exp, client,
+                                                dqos, pid, state, before):
+    """put_message_add_delivery's one-pass path (a message without properties,
+    a delivery without extra) records the same ops, byte for byte, as
+    put_message_fields then add_delivery_fields, whatever the message's past
+    (stored with this client's delivery: a re-add; named by a delivery before
+    it was stored; released)."""
+    with tempfile.TemporaryDirectory() as d:
+        fused, pair = SqliteStore(d + "/a"), SqliteStore(d + "/b")
+        for s in (fused, pair):
+            if before == "stored":
+                s.put_message_fields(7, "t", b"old", 1, False, None, None)
+                s.add_delivery_fields(client, 7, 1, 0, "queued")
+            elif before == "named":
+                s.add_delivery_fields(client, 7, 1, 0, "queued")
+                s.add_delivery_fields(client + "2", 7, 1, 0, "queued")
+            elif before == "released":
+                s.put_message_fields(7, "t", b"old", 1, False, None, None)
+                s.add_delivery_fields(client, 7, 1, 0, "queued")
+                s.remove_delivery(client, 7)
+            s.take_ops()
+        fused.put_message_add_delivery(7, topic, payload, qos, retain, None, exp, client, dqos,
+                                       pid, state)
+        pair.put_message_fields(7, topic, payload, qos, retain, None, exp)
+        pair.add_delivery_fields(client, 7, dqos, pid, state)
+        assert fused.take_ops() == pair.take_ops()
+        assert fused._seq == pair._seq
+        fused.remove_delivery(client, 7)  # the same deliveries are left
+        pair.remove_delivery(client, 7)
+        assert fused.take_ops() == pair.take_ops()
+        assert (7 in fused._msgs, 7 in fused._released) == (7 in pair._msgs, 7 in pair._released)
 
 
 def test_changes_by_fields_are_the_records_ones(tmp_path):

@@ -40,10 +40,9 @@ broker's event loop. Other messages are encoded when recorded (MSG).
 
 cimport cython
 from cpython.dict cimport PyDict_SetDefault
-from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memcmp, memcpy
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
@@ -170,16 +169,24 @@ cdef inline dict _deliveries(Batch b, client_id):
     return dl
 
 
-@cython.no_gc  # refers to strings, bytes and a properties dict: no cycle runs through it
+@cython.no_gc  # refers to strings, bytes, a set of strings and a properties dict: no cycle
 @cython.final
 cdef class _Msg:
     """A stored message, as the broker holds it (its fields, sharing the
     payload with the broker's own copy rather than keeping the encoded form),
-    and how many deliveries refer to it. Encoded again only if it is stored
-    again after its last delivery went (a re-delivery under the same id)."""
+    and the clients with a delivery of it: ``first`` (or None) and the
+    ``others`` (a set, or None: most messages have one persistent receiver),
+    ``refs`` of them. Encoded again only if it is stored again after its last
+    delivery went (a re-delivery under the same id).
+
+    A *ghost* (``stored`` false, no fields) stands for a message that
+    deliveries name but that was never stored (reported when they were
+    added): it only keeps their count, so its MSGDEL comes with the last."""
     cdef object topic, payload, props, expires_at
+    cdef object first
+    cdef set others
     cdef int qos
-    cdef bint retain
+    cdef bint retain, stored
     cdef Py_ssize_t refs
 
 
@@ -191,8 +198,54 @@ cdef inline _Msg _new_msg(topic, payload, int qos, bint retain, props, expires_a
     m.retain = retain
     m.props = props
     m.expires_at = expires_at
+    m.first = None
+    m.others = None
+    m.stored = True
     m.refs = 0
     return m
+
+
+cdef inline _Msg _ghost():
+    cdef _Msg m = _Msg.__new__(_Msg)
+    m.first = None
+    m.others = None
+    m.stored = False
+    m.refs = 0
+    return m
+
+
+cdef inline bint _holds(_Msg m, client_id) except -1:
+    """``client_id`` has a delivery of ``m``. The broker passes the same
+    string object for a client every time: an identity test, mostly."""
+    f = m.first
+    if f is client_id:
+        return True
+    if f is not None and f == client_id:
+        return True
+    return m.others is not None and client_id in m.others
+
+
+cdef inline int _hold(_Msg m, client_id) except -1:
+    """``client_id`` (not holding ``m``) has a delivery of it now."""
+    if m.first is None:
+        m.first = client_id
+    else:
+        if m.others is None:
+            m.others = set()
+        m.others.add(client_id)
+    m.refs += 1
+    return 0
+
+
+cdef inline int _unhold(_Msg m, client_id) except -1:
+    """``client_id`` (holding ``m``) has no delivery of it any more."""
+    f = m.first
+    if f is client_id or (f is not None and f == client_id):
+        m.first = None
+    else:
+        m.others.discard(client_id)
+    m.refs -= 1
+    return 0
 
 
 cdef class Recorder:
@@ -212,11 +265,12 @@ cdef class Recorder:
     cdef public long long _first   # seq of the first change of the current batch
     cdef public long long _arm     # the change that schedules a flush (normally _first)
     cdef public long long _dseq    # delivery order base (after recovered ones)
-    # msg_id -> _Msg (stored form and reference count) while stored: one
-    # lookup per change, and nothing in it for the cyclic GC to walk.
+    # msg_id -> _Msg (its fields and the clients with a delivery of it)
+    # while stored or named by a delivery: one lookup per change, and nothing
+    # in it for the cyclic GC to walk. Which messages a client has is asked
+    # only by delete_session, which walks it (no per-client set to keep up
+    # for every delivery).
     cdef public dict _msgs
-    cdef public dict _refs         # msg_id -> deliveries, for ids not in _msgs (unknown)
-    cdef public dict _client_msgs  # client_id -> set of msg_ids delivered
     # Messages whose last delivery went, msg_id -> _Msg, kept a
     # while for a re-delivery under the same id: two generations of plain
     # dicts; once the newer holds _released_kept, it becomes the older and
@@ -237,8 +291,6 @@ cdef class Recorder:
         self._seq = 0
         self._first = self._arm = 1
         self._dseq = 0
-        self._refs = {}
-        self._client_msgs = {}
         self._msgs = {}
         self._released = {}
         self._released_old = {}
@@ -362,8 +414,80 @@ cdef class Recorder:
         """:meth:`put_message_fields` then :meth:`add_delivery_fields` in one
         call: a message's first persistent receiver (the broker core's
         hottest path)."""
-        self._put_fields(msg_id, topic, payload, qos, retain, properties, expires_at)
-        self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+        cdef Py_ssize_t tn, pn, cn, sn
+        cdef const char* t = NULL
+        cdef const char* c
+        cdef const char* st
+        cdef char* w
+        cdef int q, dq, pid
+        cdef bint fresh
+        cdef _Msg m, old
+        # One pass, one lock, one _room for both ops when the message goes as
+        # MSGF and the delivery has no extra; the rest as two calls.
+        if (not properties and not dretain and not subids and type(topic) is str
+                and type(payload) is bytes and type(client_id) is str and type(state) is str):
+            t = _utf8_or_null(topic, &tn)
+        if t == NULL or not _msgf_topic(t, tn):
+            self._put_fields(msg_id, topic, payload, qos, retain, properties, expires_at)
+            self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+            return
+        q = qos
+        dq = dqos
+        pid = packet_id
+        pn = PyBytes_GET_SIZE(payload)
+        c = PyUnicode_AsUTF8AndSize(client_id, &cn)
+        st = PyUnicode_AsUTF8AndSize(state, &sn)
+        if (not 0 <= q <= 2 or not 0 <= dq <= 255 or not 0 <= pid <= 0xFFFF
+                or pn >= 0x10000000 or cn >= 0x10000 or sn >= 0x100):
+            self._put_fields(msg_id, topic, payload, qos, retain, properties, expires_at)
+            self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+            return
+        m = _new_msg(topic, payload, q, retain, properties, expires_at)
+        self._lock.take()
+        try:
+            old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
+            if old is not m:  # stored again, or named before (see _keep)
+                m.first = old.first
+                m.others = old.others
+                m.refs = old.refs
+                self._msgs[msg_id] = m
+                fresh = not _holds(m, client_id)
+            else:
+                if self._released:
+                    self._released.pop(msg_id, None)
+                if self._released_old:
+                    self._released_old.pop(msg_id, None)
+                fresh = True
+            if fresh:
+                _hold(m, client_id)
+            self._seq += 2
+            # MSGF (see _op_msgf), then ADD (see _add)
+            w = self._room(24 + tn + pn + 28 + cn + sn)
+            w[0] = OP_MSGF
+            _put_uint(w + 1, msg_id, 8)
+            _put_f64(w + 9, NAN if expires_at is None else <double>expires_at)
+            w[17] = <char>(q | (4 if retain else 0))
+            _put_uint(w + 18, tn, 2)
+            memcpy(w + 20, t, tn)
+            _put_uint(w + 20 + tn, pn, 4)
+            memcpy(w + 24 + tn, PyBytes_AS_STRING(payload), pn)
+            w += 24 + tn + pn
+            w[0] = OP_ADD
+            _put_uint(w + 1, cn, 2)
+            memcpy(w + 3, c, cn)
+            w += 3 + cn
+            _put_uint(w, msg_id, 8)
+            w[8] = fresh
+            _put_uint(w + 9, self._dseq + self._seq, 8)
+            w[17] = <char>dq
+            _put_uint(w + 18, pid, 2)
+            w[20] = <char>sn
+            memcpy(w + 21, st, sn)
+            _put_uint(w + 21 + sn, 0xFFFFFFFF, 4)
+            if self._seq - 1 <= self._arm <= self._seq:
+                self._schedule()
+        finally:
+            self._lock.give()
 
     cdef int _put_fields(self, msg_id, topic, payload, qos, retain, properties,
                          expires_at) except -1:
@@ -379,9 +503,7 @@ cdef class Recorder:
                 t = PyUnicode_AsUTF8AndSize(topic, &tn)
             except UnicodeError:
                 t = NULL
-            if (t != NULL and 0 < tn < 0x10000 and PyBytes_GET_SIZE(payload) < 0x10000000
-                    and memchr(t, b'+', tn) == NULL and memchr(t, b'#', tn) == NULL
-                    and memchr(t, 0, tn) == NULL):
+            if t != NULL and _msgf_topic(t, tn) and PyBytes_GET_SIZE(payload) < 0x10000000:
                 self._put_raw(msg_id, t, tn,
                               _new_msg(topic, payload, qos, retain, properties, expires_at))
                 return 0
@@ -425,11 +547,13 @@ cdef class Recorder:
         """``m`` is the message stored under ``msg_id`` (lock held)."""
         cdef _Msg old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
         if old is not m:
-            m.refs = old.refs  # stored again: the deliveries still count
+            # Stored again, or deliveries named it before it was stored (a
+            # ghost): its deliveries carry over.
+            m.first = old.first
+            m.others = old.others
+            m.refs = old.refs
             self._msgs[msg_id] = m
         else:
-            if self._refs:  # deliveries named it before it was stored
-                m.refs = self._refs.pop(msg_id, 0)
             if self._released:
                 self._released.pop(msg_id, None)
             if self._released_old:
@@ -451,28 +575,22 @@ cdef class Recorder:
         self._update(client_id, msg_id, qos, packet_id, state)
 
     cdef int _add(self, client_id, mid, qos, pid, state, retain, subids) except -1:
-        cdef set ms
         cdef char* w
-        cdef Py_ssize_t n
         cdef bint fresh
         extra = self._extra(retain, subids) if retain or subids else None
         self._lock.take()
         try:
             self._seq += 1
-            ms = self._client_msgs.get(client_id)
-            if ms is None:
-                ms = self._client_msgs[client_id] = set()
-            n = PySet_GET_SIZE(ms)
-            PySet_Add(ms, mid)
-            fresh = PySet_GET_SIZE(ms) != n
-            if fresh:  # else a re-add: a row may be in the tables
-                m = self._msgs.get(mid)
-                if m is None:
-                    m = self._revive(mid)
-                if m is not None:
-                    (<_Msg>m).refs += 1
-                else:
-                    self._refs[mid] = self._refs.get(mid, 0) + 1
+            m = self._msgs.get(mid)
+            if m is None:
+                m = self._revive(mid)
+                fresh = True
+            else:  # else a re-add: a row may be in the tables
+                fresh = not _holds(<_Msg>m, client_id)
+                if fresh and not (<_Msg>m).stored:
+                    self._unknown_message(mid)
+            if fresh:
+                _hold(<_Msg>m, client_id)
             self._op_client(OP_ADD, client_id, mid)
             w = self._room(9)
             w[0] = fresh
@@ -497,8 +615,8 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            ms = self._client_msgs.get(client_id)
-            if ms is not None and mid in <set>ms:
+            m = self._msgs.get(mid)
+            if m is not None and _holds(<_Msg>m, client_id):
                 self._op_client(OP_UPD, client_id, mid)
                 self._op_state(qos, pid, state)
             # else: unknown delivery, nothing to update
@@ -512,61 +630,64 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            ms = self._client_msgs.get(client_id)
-            if ms is not None and msg_id in <set>ms:
-                (<set>ms).discard(msg_id)
+            m = self._msgs.get(msg_id)
+            if m is not None and _holds(<_Msg>m, client_id):
+                _unhold(<_Msg>m, client_id)
                 self._op_client(OP_DEL, client_id, msg_id)
-                self._drop_ref(msg_id)
+                if (<_Msg>m).refs == 0:
+                    self._release(msg_id, <_Msg>m)
             if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
 
-    def _decref(self, msg_id) -> None:
-        """One delivery of ``msg_id`` fewer; the row goes with the last one
-        (lock held)."""
-        self._drop_ref(msg_id)
+    def _drop_client(self, client_id) -> None:
+        """``client_id`` has no delivery any more (``delete_session``, lock
+        held, its CASCADE op recorded): messages whose last delivery that was
+        go. Walks every message: sessions are deleted far more rarely than
+        deliveries change."""
+        cdef list held = [(mid, m) for mid, m in self._msgs.items()
+                          if _holds(<_Msg>m, client_id)]
+        for mid, m in held:
+            _unhold(<_Msg>m, client_id)
+            if (<_Msg>m).refs == 0:
+                self._release(mid, <_Msg>m)
 
-    cdef int _drop_ref(self, msg_id) except -1:
-        # _decref without a Python-level call (remove_delivery's hot path).
-        m = self._msgs.get(msg_id)
-        if m is not None:
-            (<_Msg>m).refs -= 1
-            if (<_Msg>m).refs > 0:
-                return 0
-            del self._msgs[msg_id]
+    cdef int _release(self, msg_id, _Msg m) except -1:
+        """``m``'s last delivery went: its row goes (MSGDEL), and a stored
+        message is kept a while for a re-delivery under its id."""
+        del self._msgs[msg_id]
+        if m.stored:
             released = self._released
             released[msg_id] = m
             if len(released) >= self._released_kept:
                 self._released_old = released
                 self._released = {}
-        else:  # a message never stored (reported when it was added)
-            n = self._refs.get(msg_id, 1) - 1
-            if n > 0:
-                self._refs[msg_id] = n
-                return 0
-            self._refs.pop(msg_id, None)
         cdef char* w = self._room(9)
         w[0] = OP_MSGDEL
         _put_uint(w + 1, msg_id, 8)
         return 0
 
-    cdef object _revive(self, msg_id):
-        """A delivery names a message whose row was dropped (its last delivery
-        went): store it again if it is still known (its _Msg), else report it
-        (None; lock held)."""
+    cdef _Msg _revive(self, msg_id):
+        """A delivery names a message not in ``_msgs``: store it again if its
+        row was dropped a while ago (its last delivery went; its _Msg is
+        still kept), else report it and put a ghost in its place (lock
+        held)."""
         m = self._released.pop(msg_id, None)
         if m is None and self._released_old:
             m = self._released_old.pop(msg_id, None)
         if m is not None:
             blob = self._stored_form(msg_id, <_Msg>m)
-            if blob is None:
-                return None  # cannot be encoded (logged): not stored
-            self._msgs[msg_id] = m
-            self._op_msg(msg_id, blob, (<_Msg>m).expires_at)
+            if blob is not None:
+                self._op_msg(msg_id, blob, (<_Msg>m).expires_at)
+                self._msgs[msg_id] = m
+                return <_Msg>m
+            # cannot be encoded (logged): not stored
         else:
             self._unknown_message(msg_id)
-        return m
+        m = _ghost()
+        self._msgs[msg_id] = m
+        return <_Msg>m
 
     cdef object _stored_form(self, msg_id, _Msg m):
         """``m`` encoded again (a released message stored anew), or None
@@ -582,20 +703,44 @@ cdef class Recorder:
         ``client_msgs`` {client_id: msg_ids delivered}."""
         cdef dict msgs = {mid: _new_msg(p.topic, p.payload, p.qos, p.retain, p.properties, exp)
                           for mid, (p, exp) in messages.items()}
-        cdef dict refs = {}
-        self._client_msgs = {}
         for cid, mids in client_msgs.items():
-            ms = self._client_msgs[cid] = set(mids)
-            for mid in ms:
+            for mid in set(mids):
                 m = msgs.get(mid)
-                if m is not None:
-                    (<_Msg>m).refs += 1
-                else:
-                    refs[mid] = refs.get(mid, 0) + 1
+                if m is None:
+                    m = msgs[mid] = _ghost()
+                _hold(<_Msg>m, cid)
         self._msgs = msgs
-        self._refs = refs
         self._released.clear()
         self._released_old.clear()
+
+
+cdef extern from "Python.h":
+    # Without Cython's exception check: NULL (error cleared by the caller).
+    const char* _PyUnicode_AsUTF8AndSize_raw "PyUnicode_AsUTF8AndSize" (object, Py_ssize_t*)
+    void PyErr_Clear()
+
+
+cdef inline const char* _utf8_or_null(s, Py_ssize_t* n):
+    """``s``'s UTF-8, or NULL if it has none (a lone surrogate), no exception
+    raised (a try block costs the hot path more than this)."""
+    cdef const char* u = _PyUnicode_AsUTF8AndSize_raw(s, n)
+    if u == NULL:
+        PyErr_Clear()
+    return u
+
+
+cdef inline bint _msgf_topic(const char* t, Py_ssize_t n):
+    """A topic name the stored form's encoder takes (UTF-8 ``t``): not empty,
+    fits its u16 length, no wildcard, no U+0000."""
+    cdef Py_ssize_t i
+    cdef char ch
+    if not 0 < n < 0x10000:
+        return False
+    for i in range(n):
+        ch = t[i]
+        if ch == b'+' or ch == b'#' or ch == 0:
+            return False
+    return True
 
 
 cdef inline void _put_uint(char* w, unsigned long long v, int width):

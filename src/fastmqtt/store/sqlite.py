@@ -880,7 +880,7 @@ class SqliteStore(Recorder):
         self._clock = clock
         # Recorder: _lock (the current batch; flushes, in append order),
         # _batch, _seq (last recorded change), _first (seq of the first change
-        # of the current batch, to come), _dseq, _refs, _client_msgs, _msgs,
+        # of the current batch, to come), _dseq, _msgs,
         # _released: see fastmqtt._record.
         self._extra = delivery_extra
         self._encode = publish_encoder()
@@ -1489,8 +1489,7 @@ class SqliteStore(Recorder):
             for d in (b.sessions, b.subs, b.deliv, b.qos2, b.wills):
                 d.pop(client_id, None)
             self._op_cascade(client_id)
-            for mid in self._client_msgs.pop(client_id, ()):
-                self._decref(mid)
+            self._drop_client(client_id)
 
     def put_subscription(self, client_id: str, sub: SubscriptionRecord) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ def close_without_compacting(store):
     """Close a SqliteStore the way a crash leaves it: every change appended to
     the log (the writer drains its batch), none of what the compactor had not
     folded yet in the tables. Recovery must replay the log."""
-    def refuse(conn, dirty):
+    def refuse(conn, dirty, hold=False):
         raise sqlite3.OperationalError("test: no compaction")
 
     store._compact = refuse
@@ -927,11 +927,11 @@ def test_compaction_failure_keeps_everything_in_the_log(tmp_path, caplog):
     fails = []
     inner = s._compact
 
-    def flaky(conn, dirty):
+    def flaky(conn, dirty, hold=False):
         if not fails:
             fails.append(dirty.lsn)
             raise sqlite3.OperationalError("database or disk is full")
-        inner(conn, dirty)
+        return inner(conn, dirty, hold)
 
     s._compact = flaky
     s.put_session("c", NEVER, 5, None)
@@ -941,6 +941,62 @@ def test_compaction_failure_keeps_everything_in_the_log(tmp_path, caplog):
     assert fails and rows(s, "sessions") == 1
     assert "compaction failed" in caplog.text
     s.close()
+
+
+def test_fold_holding_back_skips_what_the_next_records_undo(tmp_path):
+    """A periodic fold holds the records it reads back for the next one, and
+    folds those the last one held without what the newer records undo: a
+    delivery added and acknowledged a moment later, and its message, never
+    reach the tables (no insert, no delete); the rest does. Recovery replays
+    the held records after the compacted lsn as ever. Records that delete
+    little (subscribers offline) are folded at once."""
+    d = str(tmp_path)
+    s = SqliteStore(d)
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    for i in (1, 2, 3):
+        s.put_message(i, pub(payload=b"%d" % i), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+    wait_committed(s)
+    lsn0 = log_records(d)[-1][0]
+    s.remove_delivery("c", 1)  # deliveries are being acknowledged: worth holding
+    s.put_message(4, pub(payload=b"acked"), None)
+    s.add_delivery("c", DeliveryRecord(4, 1))
+    s.put_message(5, pub(payload=b"kept"), None)
+    s.add_delivery("c", DeliveryRecord(5, 1))
+    s.add_delivery("c", DeliveryRecord(3, 1, 9, "sent"))  # a re-add of a row in the tables
+    wait_committed(s)
+    lsn1 = log_records(d)[-1][0]
+    s.remove_delivery("c", 4)  # acknowledged: the last delivery of 4
+    s.remove_delivery("c", 3)
+    wait_committed(s)
+    lsn2 = log_records(d)[-1][0]
+    close_without_compacting(s)
+
+    def table(conn, sql):
+        return sorted(conn.execute(sql).fetchall())
+
+    conn = sqlite_mod._connect(s.path, "FULL")
+    done = []
+    conn.set_trace_callback(done.append)
+    f = sqlite_mod._Folder(conn, d, s.path)
+    assert f.fold(lsn0, hold=True)[0] == lsn0  # nothing deleted: folded at once
+    assert table(conn, "SELECT msg_id FROM messages") == [(1,), (2,), (3,)]
+    assert f.fold(lsn1, hold=True) == (lsn0, 0)  # held back
+    assert table(conn, "SELECT msg_id FROM messages") == [(1,), (2,), (3,)]
+    lsn, _ = f.fold(lsn2, hold=True)  # folds up to lsn1, holds the removals
+    assert lsn == lsn1
+    assert table(conn, "SELECT msg_id FROM messages") == [(2,), (3,), (5,)]
+    assert table(conn, "SELECT msg_id, state FROM deliveries") == [
+        (2, "queued"), (3, "queued"), (5, "queued")]  # 3's re-add: its delete is due
+    assert not any("(4," in x or ",4," in x for x in done if x.startswith("INSERT"))
+    f.reader.close()
+    conn.close()
+    s2 = SqliteStore(d)  # a crash now: the held records are replayed
+    snap = s2.open(now=NOW)
+    s2.close()
+    assert [x.msg_id for x in snap.sessions[0].deliveries] == [2, 5]
+    assert sorted(snap.messages) == [2, 5]
 
 
 def test_a_compactor_process_that_died_is_replaced(tmp_path, caplog):
@@ -1545,7 +1601,7 @@ def test_message_recorded_as_fields_decodes_to_its_stored_form(topic, payload, q
     the encoder would refuse (wildcards, U+0000) is encoded when recorded,
     and so refused there, never in the compactor."""
     from fastmqtt._codec import encode_stored_fields
-    from fastmqtt._record import Batch, decode_ops
+    from fastmqtt._record import Batch, decode_ops, encode_pending
 
     with tempfile.TemporaryDirectory() as d:
         s = SqliteStore(d)
@@ -1563,6 +1619,8 @@ def test_message_recorded_as_fields_decodes_to_its_stored_form(topic, payload, q
     assert ops[0] == 7  # MSGF
     b = Batch()
     decode_ops(ops, b)
+    assert b.messages[7] == ((topic, payload, qos | (4 if retain else 0)), expires)
+    encode_pending(b.messages)  # the stored form of what is left
     blob, exp = b.messages[7]
     assert bytes(blob) == encode_stored_fields(topic, payload, qos, retain, None)
     assert exp == expires
@@ -1571,18 +1629,18 @@ def test_message_recorded_as_fields_decodes_to_its_stored_form(topic, payload, q
 
 
 def test_fields_op_decodes_without_the_store_imported():
-    """decode_ops finds the encoder itself when fastmqtt.store.sqlite (which
-    registers it) was never imported: a tool reading the log alone."""
+    """encode_pending finds the encoder itself when fastmqtt.store.sqlite
+    (which registers it) was never imported: a tool reading the log alone."""
     import subprocess
 
     code = (
         "import struct, sys\n"
-        "from fastmqtt._record import Batch, decode_ops\n"
+        "from fastmqtt._record import Batch, decode_ops, encode_pending\n"
         "assert 'fastmqtt.store.sqlite' not in sys.modules\n"
         "t, p = b'a/b', b'xyz'\n"
         "op = (bytes([7]) + struct.pack('<Qd', 5, 9.5) + bytes([1 | 4]) + struct.pack('<H', 3)"
         " + t + struct.pack('<I', 3) + p)\n"
-        "b = Batch(); decode_ops(op, b)\n"
+        "b = Batch(); decode_ops(op, b); encode_pending(b.messages)\n"
         "from fastmqtt._codec import encode_stored_fields\n"
         "assert bytes(b.messages[5][0]) == encode_stored_fields('a/b', p, 1, True, None)\n"
         "assert b.messages[5][1] == 9.5\n"

@@ -8,6 +8,7 @@ class Lock:
 
 class Batch:
     ops: int
+    dels: int
     seq: int
     lsn: int
     cascade: set[str]
@@ -66,4 +67,5 @@ class Recorder:
     def _unstorable(self, kind: str, key: Any, error: BaseException) -> None: ...
 
 def decode_ops(data: bytes | bytearray | memoryview, b: Batch) -> None: ...
+def encode_pending(messages: dict[int, tuple[Any, float | None]]) -> None: ...
 def set_fields_encoder(encoder: Callable[[str, bytes, int, bool, Any], bytes]) -> None: ...

@@ -26,7 +26,8 @@ Ops, little endian, back to back::
                                             earlier delivery changes go)
     7 MSGF    u64 msg_id, f64 expires_at, u8 qos | retain << 2, str topic,
               u32 n, n bytes payload   (a message without properties, as its
-                                        fields: MSG once decoded)
+                                        fields: MSG once decoded and
+                                        encode_pending has run)
 
 ``str`` is a u16 length and UTF-8, ``str8`` a u8 length and ASCII. ``fresh``:
 the client had no delivery of that message (else the add may replace a row
@@ -34,8 +35,9 @@ in the tables).
 
 A message without properties (most chat messages) is recorded as MSGF, its
 topic and payload copied as they are: the stored form (an encoded PUBLISH)
-is made by :func:`decode_ops`, in the compactor and at recovery, not on the
-broker's event loop. Other messages are encoded when recorded (MSG).
+is made by :func:`encode_pending` for what is left of a batch once
+:func:`decode_ops` has netted it, in the compactor and at recovery, not on
+the broker's event loop. Other messages are encoded when recorded (MSG).
 """
 
 cimport cython
@@ -125,6 +127,7 @@ cdef class Batch:
     (messages already in their stored form)."""
 
     cdef public long long ops
+    cdef public long long dels     # DEL and MSGDEL ops decoded into it
     cdef public long long seq
     cdef public long long lsn
     cdef public set cascade
@@ -140,7 +143,7 @@ cdef class Batch:
     cdef public set hist_del
 
     def __init__(self):
-        self.ops = self.seq = self.lsn = 0
+        self.ops = self.dels = self.seq = self.lsn = 0
         self.cascade = set()
         self.sessions = {}
         self.subs = {}
@@ -827,17 +830,15 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             topic = c.text(2)
             n = <Py_ssize_t>c.uint(4)
             payload = PyBytes_FromStringAndSize(<const char*>c.take(n), n)
-            if _fields_encoder is None:  # (fastmqtt.store.sqlite sets it on import)
-                from fastmqtt.store.base import publish_fields_encoder
-                set_fields_encoder(publish_fields_encoder())
-            stored = _fields_encoder(topic, payload, flags & 3, bool(flags & 4), None)
-            blob = PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored),
-                                                 PyBytes_GET_SIZE(stored))
-            b.messages[mid] = (blob, None if isnan(exp) else exp)
+            # Its fields for now: encode_pending makes the stored form of
+            # the messages that are left once the ops are net (most of a
+            # connected subscriber's never reach the tables).
+            b.messages[mid] = ((topic, payload, flags), None if isnan(exp) else exp)
             if b.msg_del:
                 b.msg_del.discard(mid)
         elif op == OP_MSGDEL:
             mid = c.uint(8)
+            b.dels += 1
             if b.messages.pop(mid, None) is None:
                 b.msg_del.add(mid)
         elif op == OP_CASCADE:
@@ -877,12 +878,32 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
                 else:
                     dl[mid] = [UPD, 0, qos, pid, state]
             else:
+                b.dels += 1
                 if old is not None and (<list>old)[0] == ADD:
                     del dl[mid]  # added and acknowledged before reaching the tables
                 else:
                     dl[mid] = [DEL]
         else:
             raise ValueError(f"unknown op {op} at byte {c.off - 1}")
+
+
+def encode_pending(dict messages) -> None:
+    """Give the messages that :func:`decode_ops` left as their fields (MSGF
+    ops) their stored form, in place: ``{msg_id: (stored form, expires_at)}``
+    as for MSG ops, the stored form a bytearray."""
+    cdef tuple f
+    for mid, v in messages.items():
+        data = (<tuple>v)[0]
+        if type(data) is not tuple:
+            continue
+        if _fields_encoder is None:  # (fastmqtt.store.sqlite sets it on import)
+            from fastmqtt.store.base import publish_fields_encoder
+            set_fields_encoder(publish_fields_encoder())
+        f = <tuple>data
+        stored = _fields_encoder(f[0], f[1], f[2] & 3, bool(f[2] & 4), None)
+        messages[mid] = (PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored),
+                                                       PyBytes_GET_SIZE(stored)),
+                         (<tuple>v)[1])
 
 
 cdef str _state(_Cursor c):

@@ -12,6 +12,8 @@ the broker only waits for its answer on a pipe.
 Protocol, one line each way (ASCII, over the child's stdin and stdout)::
 
     parent: fold <lsn>          fold every record up to <lsn> (written already)
+    parent: fold <lsn> hold     read them, but fold only those the last
+                                "hold" read (see _Folder.fold)
     child:  done <lsn> <ops>    the tables hold everything up to <lsn>
     child:  fail <reason>       nothing folded (what was read is kept; ask again)
 
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd != b"fold":
             reply = f"fail unknown command {line[:40]!r}"
         else:
+            upto, _, hold = arg.partition(b" ")
             try:
-                lsn, ops = folder.fold(int(arg))
+                lsn, ops = folder.fold(int(upto), hold == b"hold")
             except Exception as e:
                 reply = f"fail {type(e).__name__}: {e}"
             else:

@@ -156,7 +156,7 @@ from typing import Any
 import trio
 
 from .._record import Batch as _Batch
-from .._record import Recorder, decode_ops, set_fields_encoder
+from .._record import Recorder, decode_ops, encode_pending, set_fields_encoder
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
@@ -191,7 +191,11 @@ LOG_SCHEMA_VERSION = 1
 #: tables) and make fewer, larger transactions; recovery after a crash replays
 #: at most about this much log.
 COMPACT_PERIOD = 1.0
-COMPACT_OPS = 100_000
+#: (A message queued for one subscriber and acknowledged is five changes, so
+#: at 100,000 a second the period decides; fewer would cut the window a
+#: subscriber less than a second behind needs for its deliveries to cancel
+#: out. The compactor holds two such windows decoded: tens of MB.)
+COMPACT_OPS = 400_000
 #: Size of the tables' WAL that triggers a checkpoint (looked at after each
 #: compaction, by the compactor).
 CHECKPOINT_BYTES = 8 * 1024 * 1024
@@ -390,11 +394,23 @@ class _Folder:
         self.compacted = int(row[0]) if row is not None else 0
         self.reader = _LogReader(data_dir, self.compacted)
         self.dirty = _Batch()  # read, not yet in the tables (kept across failures)
+        self.held = _Batch()  # read by the last fold(hold=True), folded by the next
 
-    def fold(self, upto: int) -> tuple[int, int]:
+    def fold(self, upto: int, hold: bool = False) -> tuple[int, int]:
         """Fold every record up to ``upto`` (written by the log writer) into the
         tables in one transaction, then checkpoint the tables' WAL if it has
         grown.
+
+        ``hold``: fold only the records the previous call held back, and hold
+        back the ones read now. What they undo of the folded ones, those never
+        reach the tables: a delivery added then acknowledged a moment later (a
+        connected subscriber that is a fold's worth behind) costs neither an
+        insert nor a delete, only its records, which recovery replays after
+        the compacted lsn anyway (a delete of a row that is not there changes
+        nothing). Only worth it while deliveries are being acknowledged: when
+        the records read now delete less than a quarter as many as they store
+        (subscribers offline, queues growing), nothing would be undone, and
+        everything is folded at once as without ``hold``.
 
         Returns:
             ``(compacted lsn, changes folded)``.
@@ -404,10 +420,24 @@ class _Folder:
             ValueError: a record is missing or damaged.
         """
         dirty = self.dirty
+        new = _Batch()
         for lsn, rec in self.reader.read(upto):
             b = _decode_record(rec)
             b.lsn = lsn
-            _merge(dirty, b)
+            _merge(new, b)
+        held = self.held
+        if hold and new.dels * 4 < len(new.messages):
+            hold = False
+        if hold:
+            _cancel_ahead(held, new)
+            self.held = new
+            new = held
+        else:
+            if held.lsn:
+                _merge(dirty, held)
+            self.held = _Batch()
+        if new.lsn:
+            _merge(dirty, new)
         if dirty.lsn <= self.compacted:
             return self.compacted, 0
         conn = self.conn
@@ -622,7 +652,9 @@ def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
                     hist[hid] = (hid, t, ts, exp, data)
             b.hist_put = hist
         # Messages and deliveries in b come from ops folded in while the disk
-        # stalled: already in their stored form.
+        # stalled: in their stored form once encode_pending has run.
+        if b.messages:
+            encode_pending(b.messages)
         cold = pickle.dumps((1, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages,
                              b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del), 5)
     return _RECORD_HEAD.pack(_RECORD_VERSION, len(cold)), cold
@@ -674,6 +706,7 @@ def _merge(into: _Batch, b: _Batch) -> None:
     keeping ``into`` the net effect of both on the tables. ``b`` must not be
     used afterwards (its dicts may be taken over)."""
     into.ops += b.ops
+    into.dels += b.dels
     into.seq = b.seq
     into.lsn = b.lsn
     for cid in b.cascade:
@@ -743,6 +776,30 @@ def _merge(into: _Batch, b: _Batch) -> None:
         into.hist_del.difference_update(b.hist_put)
 
 
+def _cancel_ahead(done: _Batch, ahead: _Batch) -> None:
+    """Drop from ``done`` (about to be folded) the delivery changes and stored
+    messages that ``ahead`` (recorded after it, folded later) deletes. A
+    delivery ``done`` adds as new (never in the tables) and its delete in
+    ``ahead`` both go; for one that may be in the tables, the delete stays.
+    A message and its MSGDEL both go, as they do inside one batch."""
+    deliv = done.deliv
+    if deliv:
+        for cid, d in ahead.deliv.items():
+            t = deliv.get(cid)
+            if not t:
+                continue
+            gone = [mid for mid, e in d.items() if e[0] == _DEL and mid in t]
+            for mid in gone:
+                if t.pop(mid)[0] == _ADD:
+                    del d[mid]
+    msgs = done.messages
+    if msgs and ahead.msg_del:
+        gone = [mid for mid in ahead.msg_del if mid in msgs]
+        for mid in gone:
+            del msgs[mid]
+        ahead.msg_del.difference_update(gone)
+
+
 def _put_or_delete(c: sqlite3.Connection, table: str, key: str, changes: dict) -> None:
     """Write stored-form ``{key: None (deleted) | (blob, time)}`` changes to a
     ``(key, publish, time)`` table."""
@@ -755,8 +812,10 @@ def _put_or_delete(c: sqlite3.Connection, table: str, key: str, changes: dict) -
 
 
 def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
-    """Write a stored-form batch into the tables, inside the caller's
-    transaction."""
+    """Write a batch into the tables, inside the caller's transaction (its
+    messages get their stored form first: see encode_pending)."""
+    if b.messages:
+        encode_pending(b.messages)
     # Records written before sessions kept a username have 4 fields.
     sessions = [s if len(s) == 5 else (*s, None) for s in b.sessions.values()]
     sub_put, sub_del = [], []
@@ -770,7 +829,7 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     # module runs its adapter lookup for any other value (None, bytes), which
     # costs about as much as binding the rest of the row (measured: 370 ns a
     # delivery row, 670 with a None in it). A NULL column is left out of the
-    # column list instead (its default is NULL), and decode_ops gives the
+    # column list instead (its default is NULL), and encode_pending gives the
     # messages as bytearray.
     d_ins, d_ins_x, d_upd = [], [], []
     d_del: dict[str, list[int]] = {}
@@ -1807,7 +1866,9 @@ class SqliteStore(Recorder):
                          or (due.lsn and t - first_at >= COMPACT_PERIOD))
                 if due.lsn and ready and (t >= retry_at or stop or now_asked):
                     try:
-                        self._compact(conn, due)
+                        # Periodic folds hold the newest records back for the
+                        # next (see _Folder.fold); asked or stopping, all go.
+                        lsn = self._compact(conn, due, hold=not (stop or now_asked))
                     except (sqlite3.Error, ValueError, OSError) as e:
                         failures += 1
                         delay = delays[min(failures, len(delays)) - 1] if delays else 0.0
@@ -1818,7 +1879,11 @@ class SqliteStore(Recorder):
                             break  # the log has it all; recovery replays it
                     else:
                         failures = 0
+                        held = due.lsn if lsn < due.lsn else 0
                         due = _Due()
+                        if held:  # folded by the next fold, a period from now at the latest
+                            due.lsn = held
+                            first_at = time.monotonic()
                         self._trim_segments()
                 if now_asked:
                     with self._compact_cv:
@@ -1837,29 +1902,32 @@ class SqliteStore(Recorder):
             with self._compact_cv:
                 self._compact_cv.notify_all()
 
-    def _compact(self, conn: sqlite3.Connection, due: "_Due") -> None:
+    def _compact(self, conn: sqlite3.Connection, due: "_Due", hold: bool = False) -> int:
         """Fold the records up to ``due.lsn`` into the tables (compactor
-        thread). Raises sqlite3.Error, ValueError or OSError on failure."""
+        thread; ``hold``: see :meth:`_Folder.fold`). Returns the lsn the
+        tables now have. Raises sqlite3.Error, ValueError or OSError on
+        failure."""
         t0 = time.perf_counter()
         if self._child is None:
             self._ensure_child()
         if self.compactor == "thread":
             if self._folder is None:
                 self._folder = _Folder(conn, self.data_dir, self.path)
-            lsn, _ = self._folder.fold(due.lsn)
+            lsn, _ = self._folder.fold(due.lsn, hold)
         else:
-            lsn = self._child_fold(due.lsn)
-        if lsn < due.lsn:  # pragma: no cover - a bug
+            lsn = self._child_fold(due.lsn, hold)
+        if lsn < due.lsn and not hold:  # pragma: no cover - a bug
             raise ValueError(f"folded up to record {lsn}, not {due.lsn}")
         self._compacted_lsn = lsn
         self.compactions += 1
         log.debug("persistence: compacted up to record %d (%d changes) in %.1f ms",
                   lsn, due.ops, 1000 * (time.perf_counter() - t0))
+        return lsn
 
-    def _child_fold(self, upto: int) -> int:
+    def _child_fold(self, upto: int, hold: bool = False) -> int:
         child = self._start_child()
         try:
-            child.stdin.write(b"fold %d\n" % upto)
+            child.stdin.write(b"fold %d%s\n" % (upto, b" hold" if hold else b""))
             child.stdin.flush()
             reply = child.stdout.readline().decode("ascii", "replace").strip()
         except OSError as e:

@@ -463,6 +463,7 @@ PAIRED_ROUNDS = 1 if CI else 7
 
 
 @pytest.mark.benchmark(group="persistence paired")
+@pytest.mark.timeout(1800)  # full mode: 42 rounds of 600,000 messages
 def test_broker_paired_ratios(benchmark, table, tmp_path):
     """The three brokers side by side, offline and online, a round on each
     in turn (a fresh broker each, started, warmed up and killed untimed):

@@ -437,8 +437,7 @@ _CIDS = {"a": "client-a", "b": "client-b", "c": "client-c"}
 
 def _cid(c, i):
     # Every other op names its client with a string object of its own (equal,
-    # not identical): the recorder tells a client's deliveries apart by
-    # identity first, then by value.
+    # not identical): a client is its id's value, whichever object holds it.
     return "client-" + c if i % 2 else _CIDS[c]
 
 
@@ -1304,8 +1303,8 @@ def test_released_message_handed_out_again_is_stored_again(reopener):
 
 
 def test_a_client_is_known_by_its_id_not_by_the_string_object(sq):
-    """The recorder matches a client's deliveries by identity first, then by
-    value: equal strings that are other objects name the same client."""
+    """A client's deliveries are matched by its id's value: equal strings
+    that are other objects name the same client."""
     sq.put_session("client-1", NEVER, 5, None)
     sq.put_message(1, pub(), None)
     sq.add_delivery("client-" + str(1), DeliveryRecord(1, 1))

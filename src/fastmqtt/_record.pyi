@@ -33,6 +33,7 @@ class Recorder:
     _arm: int
     _dseq: int
     _msgs: dict[int, object]
+    _client_msgs: dict[str, set[int]]
     _released: dict[int, object]
     _released_old: dict[int, object]
     _released_kept: int

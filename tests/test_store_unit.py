@@ -1336,6 +1336,88 @@ def test_deleting_a_session_releases_the_messages_only_it_had(sq):
     assert rows(sq, "messages") == 0
 
 
+@pytest.mark.parametrize("gap", ["same batch", "folded between"])
+def test_message_stored_again_then_released_leaves_no_row(sq, gap):
+    """A message released (its row deleted), stored again under its id and
+    released again within the records one fold nets: the second release
+    still deletes the row, which the first fold may have left in the tables
+    (before, the put and its delete cancelled out and the row stayed)."""
+    sq.put_session("c", NEVER, 5, None)
+    sq.put_message(1, pub(), None)
+    sq.add_delivery("c", DeliveryRecord(1, 1))
+    wait_committed(sq)
+    assert rows(sq, "messages") == 1
+    sq.remove_delivery("c", 1)  # released
+    if gap == "folded between":
+        wait_committed(sq)
+        assert rows(sq, "messages") == 0
+    sq.add_delivery("c", DeliveryRecord(1, 1))  # stored again (the same id)
+    sq.remove_delivery("c", 1)  # released again
+    wait_committed(sq)
+    assert rows(sq, "messages") == 0
+
+
+def test_fold_holding_back_keeps_the_delete_of_a_message_put_over_a_row(tmp_path):
+    from fastmqtt._record import Batch, decode_ops
+
+    d = str(tmp_path)
+    s = SqliteStore(d)
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    s.put_message(1, pub(), None)
+    s.add_delivery("c", DeliveryRecord(1, 1))
+    wait_committed(s)
+    assert s.compact()  # the row is in the tables
+    s.remove_delivery("c", 1)  # released...
+    s.add_delivery("c", DeliveryRecord(1, 1))  # ...stored again, over the row
+    s.put_message(2, pub(), None)  # (a delete for each put: worth holding)
+    s.add_delivery("c", DeliveryRecord(2, 1))
+    s.remove_delivery("c", 2)
+    wait_committed(s)
+    lsn1 = log_records(d)[-1][0]
+    s.remove_delivery("c", 1)  # released again, in the next window
+    wait_committed(s)
+    lsn2 = log_records(d)[-1][0]
+    close_without_compacting(s)
+    conn = sqlite_mod._connect(s.path, "FULL")
+    f = sqlite_mod._Folder(conn, d, s.path)
+    assert f.fold(lsn1, hold=True)[1] == 0  # held
+    assert f.fold(lsn2, hold=True)[0] == lsn1
+    assert f.fold(lsn2)[0] == lsn2
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    f.reader.close()
+    conn.close()
+
+
+def test_what_delete_session_needs_stays_bounded_and_right(sq):
+    """Per client, the recorder lists the messages it was given (nothing is
+    done per acknowledgement): the list is filtered as it grows, so a client
+    that acknowledges as it goes keeps a short one, and delete_session
+    releases exactly what the client still had, re-adds included."""
+    for c in ("c", "d"):
+        sq.put_session(c, NEVER, 5, None)
+    for i in range(1, 5001):  # online: each acknowledged at once
+        sq.put_message_add_delivery(i, "a/b", b"x", 1, False, None, None, "c", 1, 0, "queued")
+        sq.remove_delivery("c", i)
+    assert sq.held_sizes["c"] <= 1024
+    for i in range(5001, 8001):  # offline: 3,000 kept, d has every third too
+        sq.put_message_add_delivery(i, "a/b", b"y", 1, False, None, None, "c", 1, 0, "queued")
+        if i % 3 == 0:
+            sq.add_delivery_fields("d", i, 1, 0, "queued")
+    for i in range(5001, 8001, 2):  # half acknowledged, then given again
+        sq.remove_delivery("c", i)
+        sq.add_delivery_fields("c", i, 1, 0, "queued")
+    for i in range(5003, 8001, 4):  # and some of those acknowledged for good
+        sq.remove_delivery("c", i)
+    left = {i for i in range(5001, 8001)} - set(range(5003, 8001, 4))
+    assert sq.held_sizes["c"] <= 2 * len(left) + 1024
+    sq.delete_session("c")
+    kept = {i for i in range(5001, 8001) if i % 3 == 0}  # d's
+    assert set(sq._msgs) == kept
+    wait_committed(sq)
+    assert rows(sq, "messages") == len(kept)
+
+
 def test_deliveries_named_before_their_message_is_stored_carry_over(sq, caplog):
     unknown = "delivery of message 5, which was never stored"
     for c in ("c", "d"):

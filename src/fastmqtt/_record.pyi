@@ -18,6 +18,7 @@ class Batch:
     qos2: dict[str, dict[int, bool]]
     messages: dict[int, tuple[Any, float | None]]
     msg_del: set[int]
+    reput: set[int]
     retained: dict[str, tuple | None]
     wills: dict[str, tuple | None]
     hist_put: dict[int, tuple]
@@ -33,7 +34,9 @@ class Recorder:
     _arm: int
     _dseq: int
     _msgs: dict[int, object]
-    _client_msgs: dict[str, set[int]]
+    _held: dict[str, object]
+    @property
+    def held_sizes(self) -> dict[str, int]: ...
     _released: dict[int, object]
     _released_old: dict[int, object]
     _released_kept: int

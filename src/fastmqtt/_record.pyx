@@ -42,7 +42,6 @@ the broker's event loop. Other messages are encoded when recorded (MSG).
 
 cimport cython
 from cpython.dict cimport PyDict_SetDefault
-from cpython.set cimport PySet_Add, PySet_GET_SIZE
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
@@ -138,6 +137,7 @@ cdef class Batch:
     cdef public dict qos2
     cdef public dict messages
     cdef public set msg_del
+    cdef public set reput          # messages put over a row that may be in the tables
     cdef public dict retained
     cdef public dict wills
     cdef public dict hist_put
@@ -152,6 +152,7 @@ cdef class Batch:
         self.qos2 = {}
         self.messages = {}
         self.msg_del = set()
+        self.reput = set()
         self.retained = {}
         self.wills = {}
         self.hist_put = {}
@@ -173,18 +174,22 @@ cdef inline dict _deliveries(Batch b, client_id):
     return dl
 
 
-@cython.no_gc  # refers to strings, bytes and a properties dict: no cycle runs through it
+@cython.no_gc  # refers to strings, bytes, a set of strings and a properties dict: no cycle
 @cython.final
 cdef class _Msg:
     """A stored message, as the broker holds it (its fields, sharing the
     payload with the broker's own copy rather than keeping the encoded form),
-    and how many deliveries refer to it. Encoded again only if it is stored
-    again after its last delivery went (a re-delivery under the same id).
+    and the clients with a delivery of it: ``first`` (or None) and the
+    ``others`` (a set, or None: most messages have one persistent receiver),
+    ``refs`` of them. Encoded again only if it is stored again after its last
+    delivery went (a re-delivery under the same id).
 
     A *ghost* (``stored`` false, no fields) stands for a message that
     deliveries name but that was never stored (reported when they were
-    added): it only counts them, so its MSGDEL comes with the last."""
+    added): it only keeps their count, so its MSGDEL comes with the last."""
     cdef object topic, payload, props, expires_at
+    cdef object first
+    cdef set others
     cdef int qos
     cdef bint retain, stored
     cdef Py_ssize_t refs
@@ -198,6 +203,8 @@ cdef inline _Msg _new_msg(topic, payload, int qos, bint retain, props, expires_a
     m.retain = retain
     m.props = props
     m.expires_at = expires_at
+    m.first = None
+    m.others = None
     m.stored = True
     m.refs = 0
     return m
@@ -205,9 +212,57 @@ cdef inline _Msg _new_msg(topic, payload, int qos, bint retain, props, expires_a
 
 cdef inline _Msg _ghost():
     cdef _Msg m = _Msg.__new__(_Msg)
+    m.first = None
+    m.others = None
     m.stored = False
     m.refs = 0
     return m
+
+
+cdef inline bint _holds(_Msg m, client_id) except -1:
+    """``client_id`` has a delivery of ``m``. The broker passes the same
+    string object for a client every time: an identity test, mostly."""
+    f = m.first
+    if f is client_id:
+        return True
+    if f is not None and f == client_id:
+        return True
+    return m.others is not None and client_id in m.others
+
+
+cdef inline int _hold(_Msg m, client_id) except -1:
+    """``client_id`` (not holding ``m``) has a delivery of it now."""
+    if m.first is None:
+        m.first = client_id
+    else:
+        if m.others is None:
+            m.others = set()
+        m.others.add(client_id)
+    m.refs += 1
+    return 0
+
+
+cdef inline int _unhold(_Msg m, client_id) except -1:
+    """``client_id`` (holding ``m``) has no delivery of it any more."""
+    f = m.first
+    if f is client_id or (f is not None and f == client_id):
+        m.first = None
+    else:
+        m.others.discard(client_id)
+    m.refs -= 1
+    return 0
+
+
+@cython.final
+cdef class _Held:
+    """The message ids a client was given deliveries of, for delete_session:
+    appended to as deliveries are added, never removed from as they go (a
+    message's own ``first``/``others`` say whether the client still has it),
+    filtered once it reaches ``limit`` entries (then twice what is left, at
+    least 1,024): an append per delivery, nothing per acknowledgement, and
+    delete_session visits only what the client was given."""
+    cdef list mids
+    cdef Py_ssize_t limit
 
 
 cdef class Recorder:
@@ -227,13 +282,15 @@ cdef class Recorder:
     cdef public long long _first   # seq of the first change of the current batch
     cdef public long long _arm     # the change that schedules a flush (normally _first)
     cdef public long long _dseq    # delivery order base (after recovered ones)
-    # msg_id -> _Msg (its fields and how many deliveries refer to it) while
-    # stored or named by a delivery: one lookup per change, and nothing in
-    # it for the cyclic GC to walk.
+    # msg_id -> _Msg (its fields and the clients with a delivery of it)
+    # while stored or named by a delivery: one lookup per change, and nothing
+    # in it for the cyclic GC to walk.
     cdef public dict _msgs
-    # client_id -> set of the msg_ids it has a delivery of: which deliveries
-    # exist, and what delete_session releases (without walking every message).
-    cdef public dict _client_msgs
+    # client_id -> _Held (what delete_session releases), and the last one
+    # looked up (the broker passes the same string for a client each time).
+    cdef public dict _held
+    cdef object _last_cid
+    cdef _Held _last_held
     # Messages whose last delivery went, msg_id -> _Msg, kept a
     # while for a re-delivery under the same id: two generations of plain
     # dicts; once the newer holds _released_kept, it becomes the older and
@@ -255,7 +312,9 @@ cdef class Recorder:
         self._first = self._arm = 1
         self._dseq = 0
         self._msgs = {}
-        self._client_msgs = {}
+        self._held = {}
+        self._last_cid = None
+        self._last_held = None
         self._released = {}
         self._released_old = {}
         self._released_kept = 10_000
@@ -411,16 +470,20 @@ cdef class Recorder:
         try:
             old = <_Msg>PyDict_SetDefault(self._msgs, msg_id, m)
             if old is not m:  # stored again, or named before (see _keep)
+                m.first = old.first
+                m.others = old.others
                 m.refs = old.refs
                 self._msgs[msg_id] = m
+                fresh = not _holds(m, client_id)
             else:
                 if self._released:
                     self._released.pop(msg_id, None)
                 if self._released_old:
                     self._released_old.pop(msg_id, None)
-            fresh = self._add_holder(client_id, msg_id)
+                fresh = True
             if fresh:
-                m.refs += 1
+                _hold(m, client_id)
+                self._note(client_id, msg_id)
             self._seq += 2
             # MSGF (see _op_msgf), then ADD (see _add)
             w = self._room(24 + tn + pn + 28 + cn + sn)
@@ -510,6 +573,8 @@ cdef class Recorder:
         if old is not m:
             # Stored again, or deliveries named it before it was stored (a
             # ghost): its deliveries carry over.
+            m.first = old.first
+            m.others = old.others
             m.refs = old.refs
             self._msgs[msg_id] = m
         else:
@@ -540,14 +605,17 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            fresh = self._add_holder(client_id, mid)
-            if fresh:  # else a re-add: a row may be in the tables
-                m = self._msgs.get(mid)
-                if m is None:
-                    m = self._revive(mid)
-                elif not (<_Msg>m).stored:
+            m = self._msgs.get(mid)
+            if m is None:
+                m = self._revive(mid)
+                fresh = True
+            else:  # else a re-add: a row may be in the tables
+                fresh = not _holds(<_Msg>m, client_id)
+                if fresh and not (<_Msg>m).stored:
                     self._unknown_message(mid)
-                (<_Msg>m).refs += 1
+            if fresh:
+                _hold(<_Msg>m, client_id)
+                self._note(client_id, mid)
             self._op_client(OP_ADD, client_id, mid)
             w = self._room(9)
             w[0] = fresh
@@ -572,8 +640,8 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            ms = self._client_msgs.get(client_id)
-            if ms is not None and mid in <set>ms:
+            m = self._msgs.get(mid)
+            if m is not None and _holds(<_Msg>m, client_id):
                 self._op_client(OP_UPD, client_id, mid)
                 self._op_state(qos, pid, state)
             # else: unknown delivery, nothing to update
@@ -587,40 +655,67 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            ms = self._client_msgs.get(client_id)
-            if ms is not None and msg_id in <set>ms:
-                (<set>ms).discard(msg_id)
+            m = self._msgs.get(msg_id)
+            if m is not None and _holds(<_Msg>m, client_id):
+                _unhold(<_Msg>m, client_id)
                 self._op_client(OP_DEL, client_id, msg_id)
-                self._drop_ref(msg_id)
+                if (<_Msg>m).refs == 0:
+                    self._release(msg_id, <_Msg>m)
             if self._seq == self._arm:
                 self._schedule()
         finally:
             self._lock.give()
 
-    cdef inline bint _add_holder(self, client_id, mid) except -1:
-        """``client_id`` has a delivery of ``mid``; True if it had none
-        (lock held)."""
-        cdef set ms = self._client_msgs.get(client_id)
-        if ms is None:
-            ms = self._client_msgs[client_id] = set()
-        cdef Py_ssize_t n = PySet_GET_SIZE(ms)
-        PySet_Add(ms, mid)
-        return PySet_GET_SIZE(ms) != n
+    cdef int _note(self, client_id, mid) except -1:
+        """``client_id`` was given a delivery of ``mid`` (see _Held)."""
+        cdef _Held h
+        if client_id is self._last_cid:
+            h = self._last_held
+        else:
+            h = self._held.get(client_id)
+            if h is None:
+                h = _Held.__new__(_Held)
+                h.mids = []
+                h.limit = 1024
+                self._held[client_id] = h
+            self._last_cid = client_id
+            self._last_held = h
+        h.mids.append(mid)
+        if len(h.mids) >= h.limit:
+            h.mids = self._still_held(client_id, h.mids)
+            h.limit = max(1024, 2 * len(h.mids))
+        return 0
+
+    cdef list _still_held(self, client_id, list mids):
+        """``mids`` that ``client_id`` still has a delivery of, once each."""
+        cdef list out = []
+        cdef set seen = set()
+        for mid in mids:
+            m = self._msgs.get(mid)
+            if m is not None and mid not in seen and _holds(<_Msg>m, client_id):
+                seen.add(mid)
+                out.append(mid)
+        return out
 
     def _drop_client(self, client_id) -> None:
         """``client_id`` has no delivery any more (``delete_session``, lock
         held, its CASCADE op recorded): messages whose last delivery that was
         go."""
-        for mid in self._client_msgs.pop(client_id, ()):
-            self._drop_ref(mid)
+        self._last_cid = None
+        self._last_held = None
+        h = self._held.pop(client_id, None)
+        if h is None:
+            return
+        for mid in self._still_held(client_id, (<_Held>h).mids):
+            m = self._msgs[mid]
+            _unhold(<_Msg>m, client_id)
+            if (<_Msg>m).refs == 0:
+                self._release(mid, <_Msg>m)
 
-    cdef int _drop_ref(self, msg_id) except -1:
-        """One delivery of ``msg_id`` fewer (lock held)."""
-        cdef _Msg m = <_Msg>self._msgs[msg_id]  # a delivery names it: it is there
-        m.refs -= 1
-        if m.refs == 0:
-            self._release(msg_id, m)
-        return 0
+    @property
+    def held_sizes(self) -> dict:
+        """{client_id: entries in its _Held list} (tests: memory stays bounded)."""
+        return {c: len((<_Held>h).mids) for c, h in self._held.items()}
 
     cdef int _release(self, msg_id, _Msg m) except -1:
         """``m``'s last delivery went: its row goes (MSGDEL), and a stored
@@ -672,14 +767,20 @@ cdef class Recorder:
         ``client_msgs`` {client_id: msg_ids delivered}."""
         cdef dict msgs = {mid: _new_msg(p.topic, p.payload, p.qos, p.retain, p.properties, exp)
                           for mid, (p, exp) in messages.items()}
-        self._client_msgs = {}
+        cdef _Held h
+        self._held = {}
+        self._last_cid = None
+        self._last_held = None
         for cid, mids in client_msgs.items():
-            ms = self._client_msgs[cid] = set(mids)
-            for mid in ms:
+            h = _Held.__new__(_Held)
+            h.mids = list(set(mids))
+            h.limit = max(1024, 2 * len(h.mids))
+            self._held[cid] = h
+            for mid in h.mids:
                 m = msgs.get(mid)
                 if m is None:
                     m = msgs[mid] = _ghost()
-                (<_Msg>m).refs += 1
+                _hold(<_Msg>m, cid)
         self._msgs = msgs
         self._released.clear()
         self._released_old.clear()
@@ -789,8 +890,9 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             # lookup (see _apply_tables); the stored form is read as any bytes.
             blob = PyByteArray_FromStringAndSize(<const char*>c.take(n), n)
             b.messages[mid] = (blob, None if isnan(exp) else exp)
-            if b.msg_del:
-                b.msg_del.discard(mid)
+            if b.msg_del and mid in b.msg_del:
+                b.msg_del.discard(mid)  # the insert replaces the row
+                b.reput.add(mid)
         elif op == OP_MSGF:
             mid = c.uint(8)
             memcpy(&exp, c.take(8), 8)
@@ -802,12 +904,15 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             # the messages that are left once the ops are net (most of a
             # connected subscriber's never reach the tables).
             b.messages[mid] = ((topic, payload, flags), None if isnan(exp) else exp)
-            if b.msg_del:
-                b.msg_del.discard(mid)
+            if b.msg_del and mid in b.msg_del:
+                b.msg_del.discard(mid)  # the insert replaces the row
+                b.reput.add(mid)
         elif op == OP_MSGDEL:
             mid = c.uint(8)
             b.dels += 1
-            if b.messages.pop(mid, None) is None:
+            # A message put in this batch cancels out, unless the put was
+            # over a row (released earlier, then stored again): that row goes.
+            if b.messages.pop(mid, None) is None or (b.reput and mid in b.reput):
                 b.msg_del.add(mid)
         elif op == OP_CASCADE:
             b.deliv.pop(c.text(2), None)

@@ -757,13 +757,20 @@ def _merge(into: _Batch, b: _Batch) -> None:
                 e[0] = _ADD if ok == _ADD else _ADDR
                 t[mid] = e
     msgs = into.messages
+    reput = into.reput
     for mid in b.msg_del:
-        if msgs.pop(mid, None) is None:
+        # Cancels a put in ``into``, unless that put was over a row.
+        if msgs.pop(mid, None) is None or mid in reput:
             into.msg_del.add(mid)
+    if b.reput:
+        reput.update(b.reput)
     if b.messages:
         msgs.update(b.messages)
         if into.msg_del:
-            into.msg_del.difference_update(b.messages)
+            over = into.msg_del.intersection(b.messages)
+            if over:  # put again after a delete: the insert replaces the row
+                reput.update(over)
+                into.msg_del.difference_update(over)
     if b.retained:
         into.retained.update(b.retained)
     if b.wills:
@@ -781,7 +788,8 @@ def _cancel_ahead(done: _Batch, ahead: _Batch) -> None:
     messages that ``ahead`` (recorded after it, folded later) deletes. A
     delivery ``done`` adds as new (never in the tables) and its delete in
     ``ahead`` both go; for one that may be in the tables, the delete stays.
-    A message and its MSGDEL both go, as they do inside one batch."""
+    A message and its MSGDEL both go, as they do inside one batch, unless
+    the message was put over a row (``reput``): then the delete stays."""
     deliv = done.deliv
     if deliv:
         for cid, d in ahead.deliv.items():
@@ -797,7 +805,8 @@ def _cancel_ahead(done: _Batch, ahead: _Batch) -> None:
         gone = [mid for mid in ahead.msg_del if mid in msgs]
         for mid in gone:
             del msgs[mid]
-        ahead.msg_del.difference_update(gone)
+        # A put over a row (see Batch.reput): the row still goes.
+        ahead.msg_del.difference_update([m for m in gone if m not in done.reput])
 
 
 def _put_or_delete(c: sqlite3.Connection, table: str, key: str, changes: dict) -> None:

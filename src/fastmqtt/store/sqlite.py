@@ -948,7 +948,7 @@ class SqliteStore(Recorder):
         self._clock = clock
         # Recorder: _lock (the current batch; flushes, in append order),
         # _batch, _seq (last recorded change), _first (seq of the first change
-        # of the current batch, to come), _dseq, _msgs,
+        # of the current batch, to come), _dseq, _msgs, _held,
         # _released: see fastmqtt._record.
         self._extra = delivery_extra
         self._encode = publish_encoder()

@@ -1389,6 +1389,29 @@ def test_fold_holding_back_keeps_the_delete_of_a_message_put_over_a_row(tmp_path
     conn.close()
 
 
+def test_a_client_that_keeps_everything_costs_no_filtering(sq):
+    """An offline client's list holds only messages it still has (its count
+    says so), so growing it never scans it; delete_session then releases
+    all of them."""
+    sq.put_session("c", NEVER, 5, None)
+    for i in range(1, 10_001):
+        sq.put_message_add_delivery(i, "a/b", b"x", 1, False, None, None, "c", 1, 0, "queued")
+    for i in range(10_001, 10_101):
+        sq.put_message_fields(i, "a/b", b"y", 1, False, None, None)
+        sq.add_delivery_fields("c", i, 1, 0, "queued")
+    assert sq.held_sizes["c"] == 10_100
+    assert sq._held_scanned == 0
+    sq.remove_delivery("c", 5)
+    sq.add_delivery_fields("c", 5, 1, 0, "queued")  # a second entry for 5
+    for i in range(10_101, 20_300):
+        sq.put_message_add_delivery(i, "a/b", b"x", 1, False, None, None, "c", 1, 0, "queued")
+    assert sq._held_scanned > 0  # the limit came with a stale entry: filtered
+    sq.delete_session("c")
+    assert not sq._msgs
+    wait_committed(sq)
+    assert rows(sq, "messages") == 0
+
+
 def test_what_delete_session_needs_stays_bounded_and_right(sq):
     """Per client, the recorder lists the messages it was given (nothing is
     done per acknowledgement): the list is filtered as it grows, so a client
@@ -1411,6 +1434,7 @@ def test_what_delete_session_needs_stays_bounded_and_right(sq):
         sq.remove_delivery("c", i)
     left = {i for i in range(5001, 8001)} - set(range(5003, 8001, 4))
     assert sq.held_sizes["c"] <= 2 * len(left) + 64
+    assert sq._held_scanned > 0
     sq.delete_session("c")
     kept = {i for i in range(5001, 8001) if i % 3 == 0}  # d's
     assert set(sq._msgs) == kept

@@ -260,18 +260,23 @@ cdef class _Held:
     appended to as deliveries are added, never removed from as they go (a
     message's own ``first``/``others`` say whether the client still has it),
     filtered once it reaches ``limit`` entries (then twice what is left, at
-    least HELD_MIN). An append per delivery, nothing per acknowledgement, on
-    average at most two lookups per delivery when filtering; delete_session
+    least HELD_MIN). An append per delivery, a decrement per
+    acknowledgement; filtering, on average at most two lookups per
+    delivery, is skipped while ``count`` (the messages the client holds)
+    says every entry is one it holds, once (a client that keeps its
+    messages, offline: the list only doubles its limit). delete_session
     visits only what the client was given. A client keeps at most about
     HELD_MIN ids it no longer has (some 2.5 KB) beyond twice those it has."""
     cdef list mids
     cdef Py_ssize_t limit
+    cdef Py_ssize_t count
 
 
 cdef inline _Held _new_held(list mids):
     cdef _Held h = _Held.__new__(_Held)
     h.mids = mids
     h.limit = max(HELD_MIN, 2 * len(mids))
+    h.count = len(mids)  # each held (callers pass held ids, once each)
     return h
 
 
@@ -301,6 +306,9 @@ cdef class Recorder:
     cdef public dict _held
     cdef object _last_cid
     cdef _Held _last_held
+    # Entries _still_held has looked at (tests: filtering is skipped while
+    # a client holds everything it was given).
+    cdef public long long _held_scanned
     # Messages whose last delivery went, msg_id -> _Msg, kept a
     # while for a re-delivery under the same id: two generations of plain
     # dicts; once the newer holds _released_kept, it becomes the older and
@@ -656,6 +664,7 @@ cdef class Recorder:
             m = self._msgs.get(msg_id)
             if m is not None and _holds(<_Msg>m, client_id):
                 _unhold(<_Msg>m, client_id)
+                self._unnote(client_id)
                 self._op_client(OP_DEL, client_id, msg_id)
                 if (<_Msg>m).refs == 0:
                     self._release(msg_id, <_Msg>m)
@@ -676,15 +685,28 @@ cdef class Recorder:
             self._last_cid = client_id
             self._last_held = h
         h.mids.append(mid)
+        h.count += 1
         if len(h.mids) >= h.limit:
-            h.mids = self._still_held(client_id, h.mids)
+            if h.count != len(h.mids):  # else nothing to drop
+                h.mids = self._still_held(client_id, h.mids)
             h.limit = max(HELD_MIN, 2 * len(h.mids))
+        return 0
+
+    cdef inline int _unnote(self, client_id) except -1:
+        """``client_id`` no longer has a delivery it had (see _Held)."""
+        if client_id is self._last_cid:
+            h = self._last_held
+        else:
+            h = self._held.get(client_id)
+        if h is not None:
+            (<_Held>h).count -= 1
         return 0
 
     cdef list _still_held(self, client_id, list mids):
         """``mids`` that ``client_id`` still has a delivery of, once each."""
         cdef list out = []
         cdef set seen = set()
+        self._held_scanned += len(mids)
         for mid in mids:
             m = self._msgs.get(mid)
             if m is not None and mid not in seen and _holds(<_Msg>m, client_id):
@@ -767,7 +789,7 @@ cdef class Recorder:
         self._last_cid = None
         self._last_held = None
         for cid, mids in client_msgs.items():
-            h = self._held[cid] = _new_held(list(set(mids)))
+            h = self._held[cid] = _new_held(list(set(mids)))  # all held, once
             for mid in h.mids:
                 m = msgs.get(mid)
                 if m is None:

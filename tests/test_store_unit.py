@@ -1678,6 +1678,61 @@ async def test_stalled_disk_keeps_changes_in_the_batch_not_in_records(tmp_path, 
     assert [d.msg_id for d in snap.sessions[0].deliveries] == list(range(1, 201))
 
 
+def test_pickled_part_of_a_record_from_before_reput_still_decodes():
+    """Records written before the pickled batch carried ``reput`` (12
+    fields) decode as before, with no such marks."""
+    import pickle
+
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    old = pickle.dumps((1, set(), {"c": ("c", 5, 5, None, None)}, {}, {}, {}, {}, {7},
+                        {}, {}, {}, set()), 5)
+    b = sqlite_mod._decode_cold(old)
+    assert b.msg_del == {7} and "c" in b.sessions and b.reput == set()
+
+
+async def test_stalled_batch_keeps_a_put_over_a_row_then_a_later_release_deletes_it(
+        tmp_path, monkeypatch):
+    """While the disk stalls, ops are folded into the batch, and that batch
+    is written as the record's pickled part once the stall clears. A message
+    released there and stored again over its row (Batch.reput) keeps that
+    mark in the pickle, so its release in a later record, folded with it,
+    still deletes the row (without the mark the put and the delete cancel
+    out and the old row stays until the next start)."""
+    from fastmqtt.store import sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "PENDING_LIMIT", 4096)
+    monkeypatch.setattr(sqlite_mod, "COMPACT_PERIOD", 3600.0)  # folds only when asked
+    s = SqliteStore(str(tmp_path))
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    s.put_message(1, pub(), None)
+    s.add_delivery("c", DeliveryRecord(1, 1))
+    await s.durable(s.mark())
+    assert s.compact()  # message 1 has a row in the tables
+    held = HeldWriter(s)
+    for i in range(2, 202):  # records until the writer is PENDING_LIMIT behind
+        s.put_message(i, pub(payload=b"x" * 200), None)
+        s.add_delivery("c", DeliveryRecord(i, 1))
+        await trio.testing.wait_all_tasks_blocked()
+    assert s._wal.pending > 4096 and s._flush_held
+    s.remove_delivery("c", 1)  # released: its row is to go...
+    await trio.testing.wait_all_tasks_blocked()
+    s.add_delivery("c", DeliveryRecord(1, 1))  # ...stored again over it, in the batch
+    await trio.testing.wait_all_tasks_blocked()
+    assert 1 in s._batch.reput
+    with trio.fail_after(10):
+        held.release()
+        await s.durable(s.mark())  # the batch, pickled, is a record now
+    s.remove_delivery("c", 1)  # released again, in a later record
+    with trio.fail_after(10):
+        await s.durable(s.mark())
+    assert s.compact()  # one fold nets both records
+    with sqlite3.connect(s.path) as db:
+        assert db.execute("SELECT count(*) FROM messages WHERE msg_id=1").fetchone()[0] == 0
+    await s.aclose()
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_damaged_ops_raise_value_error_only(data):

@@ -656,7 +656,8 @@ def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
         if b.messages:
             encode_pending(b.messages)
         cold = pickle.dumps((1, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages,
-                             b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del), 5)
+                             b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del,
+                             b.reput), 5)
     return _RECORD_HEAD.pack(_RECORD_VERSION, len(cold)), cold
 
 
@@ -692,8 +693,11 @@ def _decode_cold(data: bytes) -> _Batch:
     if not isinstance(t, tuple) or not t or t[0] != 1:
         raise ValueError(f"unknown record version {t[0] if isinstance(t, tuple) and t else t!r}")
     b = _Batch()
+    # Records written before batches kept reput have 12 fields.
     (_, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages, b.msg_del,
-     b.retained, b.wills, b.hist_put, b.hist_del) = t
+     b.retained, b.wills, b.hist_put, b.hist_del) = t[:12]
+    if len(t) > 12:
+        b.reput = t[12]
     for d in b.deliv.values():
         for e in d.values():
             if len(e) == 5:

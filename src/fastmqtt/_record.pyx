@@ -673,17 +673,24 @@ cdef class Recorder:
         finally:
             self._lock.give()
 
+    @cython.final
+    cdef inline _Held _held_of(self, client_id, bint create):
+        """``client_id``'s _Held (made if ``create``, else None if it has
+        none), through the last-client cache."""
+        if client_id is self._last_cid:
+            return self._last_held
+        h = self._held.get(client_id)
+        if h is None:
+            if not create:
+                return None
+            h = self._held[client_id] = _new_held([])
+        self._last_cid = client_id
+        self._last_held = <_Held>h
+        return <_Held>h
+
     cdef int _note(self, client_id, mid) except -1:
         """``client_id`` was given a delivery of ``mid`` (see _Held)."""
-        cdef _Held h
-        if client_id is self._last_cid:
-            h = self._last_held
-        else:
-            h = self._held.get(client_id)
-            if h is None:
-                h = self._held[client_id] = _new_held([])
-            self._last_cid = client_id
-            self._last_held = h
+        cdef _Held h = self._held_of(client_id, True)
         h.mids.append(mid)
         h.count += 1
         if len(h.mids) >= h.limit:
@@ -694,12 +701,9 @@ cdef class Recorder:
 
     cdef inline int _unnote(self, client_id) except -1:
         """``client_id`` no longer has a delivery it had (see _Held)."""
-        if client_id is self._last_cid:
-            h = self._last_held
-        else:
-            h = self._held.get(client_id)
+        cdef _Held h = self._held_of(client_id, False)
         if h is not None:
-            (<_Held>h).count -= 1
+            h.count -= 1
         return 0
 
     cdef list _still_held(self, client_id, list mids):

@@ -1856,6 +1856,121 @@ def test_hot_path_records_what_the_two_calls_do(topic, payload, qos, retain, exp
         assert (7 in fused._msgs, 7 in fused._released) == (7 in pair._msgs, 7 in pair._released)
 
 
+class _Src:
+    """The broker's message as the recorder reads ``src`` (core.Message's
+    attributes)."""
+
+    def __init__(self, topic, payload, qos=1, retain=False, props=None, expires_at=None):
+        self.topic, self.payload, self.qos, self.retain = topic, payload, qos, retain
+        self.props, self.expires_at = props, expires_at
+
+
+_SRCS = {1: _Src("a/1", b"one"), 2: _Src("a/2", b"two", 2, True, None, 5.5),
+         3: _Src("a/3", b"", 0), 4: _Src("a/4", b"four" * 10, 1, False, None, 7.0)}
+
+
+def test_a_message_one_client_has_is_kept_lite_and_grows_full_for_a_second(sq):
+    """With ``src`` (the core's message), a message that one client has a
+    delivery of costs the recorder no object of its own: its entry is that
+    client's id. A second client makes it a full entry, with the fields
+    taken from ``src``; the last delivery going releases it either way."""
+    m = _SRCS[1]
+    sq.put_message_add_delivery(1, m.topic, m.payload, 1, False, None, None, "c1", 1, 0,
+                                "queued", False, (), m)
+    assert sq._msgs[1] == "c1" and type(sq._msgs[1]) is str
+    sq.add_delivery_fields("c2", 1, 1, 0, "queued", False, (), m)
+    assert type(sq._msgs[1]) is not str  # full now
+    sq.remove_delivery("c1", 1)
+    assert 1 in sq._msgs  # c2 still has it
+    sq.take_ops()
+    sq.remove_delivery("c2", 1)
+    assert 1 not in sq._msgs
+    assert sq.take_ops().count(bytes([2]) + struct.pack("<Q", 1)) == 1  # MSGDEL
+    # The full entry had src's fields: kept after its release like any
+    # other, so a delivery without src stores it again.
+    assert 1 in sq._released
+    sq.add_delivery_fields("c3", 1, 1, 0, "queued")
+    ops = sq.take_ops()
+    assert ops[0] == 1  # MSG
+    b = sqlite_mod._Batch()
+    sqlite_mod.decode_ops(ops, b)
+    assert decode_publish(bytes(b.messages[1][0])) == Publish("a/1", b"one", 1, False, False, 0)
+
+
+def test_a_lite_message_released_then_handed_out_again_is_stored_again_from_src(sq):
+    """A lite entry keeps no fields, and nothing is kept once it is released
+    (no ``_released`` entry): a later delivery of the same message (a
+    retained message given to a new subscriber, say) stores it again from
+    the ``src`` it brings. Without ``src`` that delivery would name a
+    message the store no longer has."""
+    m = _SRCS[2]
+    sq.put_message_add_delivery(2, m.topic, m.payload, 2, True, None, 5.5, "c1", 1, 0,
+                                "queued", False, (), m)
+    sq.remove_delivery("c1", 2)
+    assert 2 not in sq._msgs and 2 not in sq._released
+    sq.take_ops()
+    sq.add_delivery_fields("c2", 2, 1, 0, "queued", False, (), m)
+    ops = sq.take_ops()
+    assert ops[0] == 1  # MSG: stored again, encoded from src's fields
+    b = sqlite_mod._Batch()
+    sqlite_mod.decode_ops(ops, b)
+    assert decode_publish(bytes(b.messages[2][0])) == Publish("a/2", b"two", 2, True, False, 0)
+    assert b.messages[2][1] == 5.5
+    assert sq._msgs[2] is not None and 2 in b.deliv["c2"]
+
+
+_LITE_STEPS = st.lists(st.tuples(st.sampled_from(["put_add", "add", "update", "remove",
+                                                  "drop"]),
+                                 st.integers(1, 4), st.sampled_from(["a", "b", "c"])),
+                       max_size=40)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=_LITE_STEPS)
+def test_lite_entries_record_what_full_ones_do(steps):
+    """Any sequence of the core's calls records the same ops, byte for byte,
+    and keeps the same messages, with ``src`` (lite entries where one client
+    has a message) as without (a full entry for every message): stored
+    again, re-added, a second client, released, sessions deleted. As in the
+    broker, a delivery names only a message that was stored before."""
+    with tempfile.TemporaryDirectory() as d:
+        lite, full = SqliteStore(d + "/a"), SqliteStore(d + "/b")
+        put = set()
+        for what, mid, client in steps:
+            m = _SRCS[mid]
+            for s, src in ((lite, m), (full, None)):
+                if what == "put_add":
+                    s.put_message_add_delivery(mid, m.topic, m.payload, m.qos, m.retain, None,
+                                               m.expires_at, client, 1, 3, "queued", False, (),
+                                               src)
+                elif what == "add" and mid in put:
+                    s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), src)
+                elif what == "update":
+                    s.update_delivery_fields(client, mid, 1, 9, "sent")
+                elif what == "remove":
+                    s.remove_delivery(client, mid)
+                elif what == "drop":
+                    s.delete_session(client)
+            if what == "put_add":
+                put.add(mid)
+            assert lite.take_ops() == full.take_ops(), (what, mid, client)
+            assert set(lite._msgs) == set(full._msgs)
+            for k in sorted(lite._msgs):  # the same clients hold each message
+                for c in "abc":
+                    assert _held_by(lite, k, c) == _held_by(full, k, c), (k, c)
+
+
+def _held_by(store, mid, client) -> bool:
+    """``client`` has a delivery of ``mid`` by the recorder's state (through
+    what update_delivery records: an UPD op only for a delivery it knows)."""
+    store.take_ops()
+    seq = store._seq
+    store.update_delivery_fields(client, mid, 1, 1, "sent")
+    known = bool(store.take_ops())
+    assert store._seq == seq + 1
+    return known
+
+
 def test_changes_by_fields_are_the_records_ones(tmp_path):
     """put_message_fields, add_delivery_fields, update_delivery_fields and
     put_message_add_delivery (the core's hot path) store exactly what

@@ -954,13 +954,13 @@ class BrokerCore:
                 if cs.persisted:
                     mid = msg.msg_id
                     if mid:
-                        self._add_delivery(cs.client_id, mid, q, pid, "sent", retain, subids)
+                        self._add_delivery(cs.client_id, mid, q, pid, "sent", retain, subids, msg)
                     else:  # _persist_msg and _add_delivery, inlined: once per message
                         mid = msg.msg_id = self.next_msg_id
                         self.next_msg_id = mid + 1
                         self._put_and_add(mid, msg.topic, msg.payload, msg.qos, msg.retain,
                                           msg.props, msg.expires_at, cs.client_id, q, pid,
-                                          "sent", retain, subids)
+                                          "sent", retain, subids, msg)
             outbox = conn.outbox
             outbox.append(data)
             conn.out_bytes += len(data)
@@ -1020,7 +1020,7 @@ class BrokerCore:
                                       pid, "sent")
             else:
                 self._add_delivery(cs.client_id, msg.msg_id or self._persist_msg(msg), og.qos,
-                                   pid, "sent", og.retain, og.subids)
+                                   pid, "sent", og.retain, og.subids, msg)
         return True
 
     def _persist_msg(self, msg: Message) -> int:
@@ -1072,20 +1072,21 @@ class BrokerCore:
             msg = og.msg
             mid = msg.msg_id
             if mid:
-                self._add_delivery(cs.client_id, mid, og.qos, 0, "queued", og.retain, og.subids)
+                self._add_delivery(cs.client_id, mid, og.qos, 0, "queued", og.retain, og.subids,
+                                   msg)
             else:  # _persist_msg and _add_delivery, inlined: once per message
                 mid = msg.msg_id = self.next_msg_id
                 self.next_msg_id = mid + 1
                 self._put_and_add(mid, msg.topic, msg.payload, msg.qos, msg.retain, msg.props,
                                   msg.expires_at, cs.client_id, og.qos, 0, "queued",
-                                  og.retain, og.subids)
+                                  og.retain, og.subids, msg)
 
     def _put_and_add_record(self, msg_id: int, topic: str, payload: bytes, qos: int,
                             retain: bool, props, expires_at: float | None, client_id: str,
                             dqos: int, packet_id: int, state: str, dretain: bool = False,
-                            subids: tuple = ()) -> None:
+                            subids: tuple = (), src=None) -> None:
         self._put_message(msg_id, topic, payload, qos, retain, props, expires_at)
-        self._add_delivery(client_id, msg_id, dqos, packet_id, state, dretain, subids)
+        self._add_delivery(client_id, msg_id, dqos, packet_id, state, dretain, subids, src)
 
     def _put_record(self, msg_id: int, topic: str, payload: bytes, qos: int, retain: bool,
                     props, expires_at: float | None) -> None:
@@ -1093,7 +1094,8 @@ class BrokerCore:
                                expires_at)
 
     def _add_record(self, client_id: str, msg_id: int, qos: int, packet_id: int, state: str,
-                    retain: bool = False, subids: tuple = ()) -> None:
+                    retain: bool = False, subids: tuple = (), src=None) -> None:
+        # src (the Message itself): for stores with add_delivery_fields only
         self.store.add_delivery(client_id, DeliveryRecord(msg_id, qos, packet_id, state,
                                                           retain, subids))
 

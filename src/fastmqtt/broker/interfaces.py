@@ -107,7 +107,11 @@ class Store(Protocol):
     # expires_at), put_message without a Publish, and put_message_add_delivery
     # (those seven, then client_id, qos, packet_id, state, retain, subids of
     # the delivery): both for a message's first persistent receiver, in one
-    # call. The core uses them where a store has them (the SQLite store does).
+    # call. The core uses them where a store has them (the SQLite store does),
+    # and passes the message object itself last (``src``: its topic, payload,
+    # qos, retain, props and expires_at), to put_message_add_delivery and
+    # add_delivery_fields alike, so a store need not keep a copy of the
+    # fields to store a released message again.
 
     def put_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...
     def delete_incoming_qos2(self, client_id: str, packet_id: int) -> None: ...

@@ -695,6 +695,48 @@ def test_restore_from_store_resends_with_dup():
     assert core2.retained.get("r").payload == b"kept"
 
 
+def test_core_hands_its_message_to_the_sqlite_store_lite_entries(tmp_path):
+    """The core passes its Message with a delivery (src), so the SQLite
+    store keeps a message one client has as that client's id, no object of
+    its own, and keeps nothing once it is acknowledged. A retained message
+    given to a new persistent subscriber after that is stored again from
+    the core's Message: it survives a restart."""
+    from fastmqtt.broker.config import BrokerConfig
+    from fastmqtt.broker.core import BrokerCore
+    from fastmqtt.store import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "d"), compactor="thread")
+    store.open(now=1_000_100.0)
+    try:
+        core = BrokerCore(BrokerConfig(), store=store)
+        s = connected(core, "s", 4, clean_start=False)
+        subscribe(s, "r")
+        s.drop()
+        p = connected(core, "p", 4)
+        p.send(Publish("r", b"kept", 1, retain=True, packet_id=1))
+        mid = core.retained.get("r").msg_id
+        assert store._msgs[mid] == "s" and type(store._msgs[mid]) is str  # lite
+        s = Peer(core, 4)
+        pub = of(s.connect("s", clean_start=False), Publish)[0]
+        assert pub.payload == b"kept"
+        s.send(Puback(pub.packet_id))
+        assert mid not in store._msgs and mid not in store._released
+        t = connected(core, "t", 4, clean_start=False)
+        subscribe(t, "r")  # the retained message, delivered again: stored again
+        assert mid in store._msgs
+        assert store.wait_durable()
+    finally:
+        store.close()
+    again = SqliteStore(str(tmp_path / "d"))
+    snap = again.open(now=1_000_100.0)
+    try:
+        assert snap.messages[mid][0].payload == b"kept"
+        t_rec, = [r for r in snap.sessions if r.client_id == "t"]
+        assert [d.msg_id for d in t_rec.deliveries] == [mid]
+    finally:
+        again.close()
+
+
 def test_queued_and_retained_messages_are_left_out_of_the_cyclic_gc():
     # Messages waiting in offline queues and retained messages (live, and
     # restored from the store) are untracked: collections do not walk them.

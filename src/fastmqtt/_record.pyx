@@ -11,9 +11,9 @@ net effect (a delivery added and acknowledged again cancels out) is worked
 out later, by :func:`decode_ops`, in the compactor and at recovery. Which
 clients have a delivery of each message (a message one client has costs no
 object: see ``_msgs``) and the released messages kept for a re-delivery
-stay here (see :mod:`fastmqtt.store.sqlite`). The colder mutators stay in Python,
-fill a :class:`Batch` (net effects keyed by primary key) and take the same
-lock (:class:`Lock`, usable as ``with store._lock:``).
+stay here (see :mod:`fastmqtt.store.sqlite`). The colder mutators stay in
+Python, fill a :class:`Batch` (net effects keyed by primary key) and take
+the same lock (:class:`Lock`, usable as ``with store._lock:``).
 
 Ops, little endian, back to back::
 
@@ -264,13 +264,11 @@ cdef inline bint _entry_holds(entry, client_id) except -1:
 
 
 cdef inline _Msg _from_src(src):
-    """A _Msg with the fields of ``src`` (the broker's message: topic,
-    payload, qos, retain, props, expires_at), or one without fields (None:
-    it cannot be stored again once released)."""
+    """A stored message's _Msg with the fields of ``src`` (the broker's
+    message: topic, payload, qos, retain, props, expires_at), or without
+    fields if None (then it cannot be stored again once released)."""
     if src is None:
-        m = _new_msg(None, None, 0, False, None, None)
-        m.stored = False  # ... but not a ghost: see _full
-        return m
+        return _new_msg(None, None, 0, False, None, None)
     return _new_msg(src.topic, src.payload, src.qos, src.retain, src.props, src.expires_at)
 
 
@@ -818,15 +816,15 @@ cdef class Recorder:
             if len(released) >= self._released_kept:
                 self._released_old = released
                 self._released = {}
-        cdef char* w = self._room(9)
-        w[0] = OP_MSGDEL
-        _put_uint(w + 1, msg_id, 8)
-        return 0
+        return self._op_msgdel(msg_id)
 
     cdef int _release_lite(self, msg_id) except -1:
         """A lite entry's one delivery went: its row goes (MSGDEL). Nothing
         is kept for a re-delivery: that one brings its ``src`` again."""
         del self._msgs[msg_id]
+        return self._op_msgdel(msg_id)
+
+    cdef int _op_msgdel(self, msg_id) except -1:
         cdef char* w = self._room(9)
         w[0] = OP_MSGDEL
         _put_uint(w + 1, msg_id, 8)
@@ -837,7 +835,6 @@ cdef class Recorder:
         fields (without them if None: then it cannot be stored again once
         released), in its place in ``_msgs``."""
         cdef _Msg m = _from_src(src)
-        m.stored = True
         m.first = client
         m.refs = 1
         self._msgs[msg_id] = m
@@ -846,8 +843,8 @@ cdef class Recorder:
     cdef _Msg _revive(self, msg_id, src):
         """A delivery names a message not in ``_msgs``: store it again if its
         row was dropped a while ago (its last delivery went; its _Msg is
-        still kept), else report it and put a ghost in its place (lock
-        held)."""
+        still kept) or the delivery brings it (``src``), else report it and
+        put a ghost in its place (lock held)."""
         m = self._released.pop(msg_id, None)
         if m is None and self._released_old:
             m = self._released_old.pop(msg_id, None)

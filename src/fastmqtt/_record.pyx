@@ -221,15 +221,15 @@ cdef inline _Msg _ghost():
     return m
 
 
+cdef inline bint _same(a, client_id) except -1:
+    """``a`` (a client id, or None) is ``client_id``. The broker passes the
+    same string object for a client every time: an identity test, mostly."""
+    return a is client_id or (a is not None and a == client_id)
+
+
 cdef inline bint _holds(_Msg m, client_id) except -1:
-    """``client_id`` has a delivery of ``m``. The broker passes the same
-    string object for a client every time: an identity test, mostly."""
-    f = m.first
-    if f is client_id:
-        return True
-    if f is not None and f == client_id:
-        return True
-    return m.others is not None and client_id in m.others
+    """``client_id`` has a delivery of ``m``."""
+    return _same(m.first, client_id) or (m.others is not None and client_id in m.others)
 
 
 cdef inline int _hold(_Msg m, client_id) except -1:
@@ -246,8 +246,7 @@ cdef inline int _hold(_Msg m, client_id) except -1:
 
 cdef inline int _unhold(_Msg m, client_id) except -1:
     """``client_id`` (holding ``m``) has no delivery of it any more."""
-    f = m.first
-    if f is client_id or (f is not None and f == client_id):
+    if _same(m.first, client_id):
         m.first = None
     else:
         m.others.discard(client_id)
@@ -259,8 +258,22 @@ cdef inline bint _entry_holds(entry, client_id) except -1:
     """``client_id`` has a delivery of the message whose ``_msgs`` entry is
     ``entry`` (a _Msg, or a lite entry: the one client's id)."""
     if type(entry) is str:
-        return entry is client_id or entry == client_id
+        return _same(entry, client_id)
     return _holds(<_Msg>entry, client_id)
+
+
+cdef inline int _take_over(_Msg m, old) except -1:
+    """``m`` replaces the entry ``old`` (a _Msg, or a lite entry: the one
+    client's id): its clients carry over."""
+    if type(old) is str:
+        m.first = old
+        m.others = None
+        m.refs = 1
+    else:
+        m.first = (<_Msg>old).first
+        m.others = (<_Msg>old).others
+        m.refs = (<_Msg>old).refs
+    return 0
 
 
 cdef inline _Msg _from_src(src):
@@ -528,10 +541,7 @@ cdef class Recorder:
                 # New: a lite entry (nothing was kept under that id; the
                 # size says so, as the same client's lite entry would be the
                 # very object SetDefault returns here too).
-                if self._released:
-                    self._released.pop(msg_id, None)
-                if self._released_old:
-                    self._released_old.pop(msg_id, None)
+                self._forget_released(msg_id)
                 fresh = True
                 self._note(client_id, msg_id)
             else:
@@ -627,20 +637,18 @@ cdef class Recorder:
         if old is not m:
             # Stored again, or deliveries named it before it was stored (a
             # ghost): its deliveries carry over.
-            if type(old) is str:  # lite: one client
-                m.first = old
-                m.others = None
-                m.refs = 1
-            else:
-                m.first = (<_Msg>old).first
-                m.others = (<_Msg>old).others
-                m.refs = (<_Msg>old).refs
+            _take_over(m, old)
             self._msgs[msg_id] = m
         else:
-            if self._released:
-                self._released.pop(msg_id, None)
-            if self._released_old:
-                self._released_old.pop(msg_id, None)
+            self._forget_released(msg_id)
+        return 0
+
+    cdef inline int _forget_released(self, msg_id) except -1:
+        """``msg_id`` is stored anew: not kept as released any more."""
+        if self._released:
+            self._released.pop(msg_id, None)
+        if self._released_old:
+            self._released_old.pop(msg_id, None)
         return 0
 
     def add_delivery(self, client_id, delivery) -> None:
@@ -670,7 +678,7 @@ cdef class Recorder:
                 m = self._revive(mid, src)
                 fresh = True
             elif type(m) is str:  # lite
-                fresh = not (m is client_id or m == client_id)  # else a re-add
+                fresh = not _same(m, client_id)  # else a re-add
                 if fresh:  # a second client: a full entry from here on
                     m = self._full(mid, m, src)
             else:  # else a re-add: a row may be in the tables
@@ -720,19 +728,10 @@ cdef class Recorder:
         try:
             self._seq += 1
             m = self._msgs.get(msg_id)
-            if m is None:
-                pass
-            elif type(m) is str:  # lite: its one client
-                if m is client_id or m == client_id:
-                    self._unnote(client_id)
-                    self._op_client(OP_DEL, client_id, msg_id)
-                    self._release_lite(msg_id)
-            elif _holds(<_Msg>m, client_id):
-                _unhold(<_Msg>m, client_id)
+            if m is not None and _entry_holds(m, client_id):
                 self._unnote(client_id)
                 self._op_client(OP_DEL, client_id, msg_id)
-                if (<_Msg>m).refs == 0:
-                    self._release(msg_id, <_Msg>m)
+                self._let_go(msg_id, m, client_id)
             if self._seq == self._arm:
                 self._schedule()
         finally:
@@ -793,13 +792,7 @@ cdef class Recorder:
         if h is None:
             return
         for mid in self._still_held(client_id, (<_Held>h).mids):
-            m = self._msgs[mid]
-            if type(m) is str:
-                self._release_lite(mid)
-                continue
-            _unhold(<_Msg>m, client_id)
-            if (<_Msg>m).refs == 0:
-                self._release(mid, <_Msg>m)
+            self._let_go(mid, self._msgs[mid], client_id)
 
     @property
     def held_sizes(self) -> dict:
@@ -818,11 +811,18 @@ cdef class Recorder:
                 self._released = {}
         return self._op_msgdel(msg_id)
 
-    cdef int _release_lite(self, msg_id) except -1:
-        """A lite entry's one delivery went: its row goes (MSGDEL). Nothing
-        is kept for a re-delivery: that one brings its ``src`` again."""
-        del self._msgs[msg_id]
-        return self._op_msgdel(msg_id)
+    cdef inline int _let_go(self, msg_id, entry, client_id) except -1:
+        """``client_id``, which had a delivery of ``msg_id`` (its ``_msgs``
+        entry), has none now: the message is released if that was its last.
+        A lite entry's row goes with its one delivery (nothing is kept for a
+        re-delivery: that one brings its ``src`` again)."""
+        if type(entry) is str:
+            del self._msgs[msg_id]
+            return self._op_msgdel(msg_id)
+        _unhold(<_Msg>entry, client_id)
+        if (<_Msg>entry).refs == 0:
+            self._release(msg_id, <_Msg>entry)
+        return 0
 
     cdef int _op_msgdel(self, msg_id) except -1:
         cdef char* w = self._room(9)
@@ -835,8 +835,7 @@ cdef class Recorder:
         fields (without them if None: then it cannot be stored again once
         released), in its place in ``_msgs``."""
         cdef _Msg m = _from_src(src)
-        m.first = client
-        m.refs = 1
+        _take_over(m, client)
         self._msgs[msg_id] = m
         return m
 

@@ -772,9 +772,16 @@ def test_unencodable_message_is_logged_not_fatal(sq, caplog):
 
 # ------------------------------------------------------------ corrupt databases
 
-def make_db_with_session(data_dir):
+def make_db_with_session(data_dir, page_size=None):
     s = SqliteStore(data_dir)
-    s.open(now=NOW)
+    if page_size is None:
+        s.open(now=NOW)
+    else:  # as a version with other pages made it
+        saved, sqlite_mod.PAGE_SIZE = sqlite_mod.PAGE_SIZE, page_size
+        try:
+            s.open(now=NOW)
+        finally:
+            sqlite_mod.PAGE_SIZE = saved
     s.put_session("c", NEVER, 5, None)
     s.put_retained("r", Publish("r", b"v", 0, True), None)
     s.close()
@@ -1158,6 +1165,31 @@ def test_version_1_database_without_log_is_upgraded(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'"
                           ).fetchone() == (SCHEMA_VERSION,)
+
+
+def test_new_database_gets_the_large_page_size_an_existing_one_keeps_its_own(tmp_path):
+    new = str(tmp_path / "new")
+    s = SqliteStore(new)
+    s.open(now=NOW)
+    s.put_session("c", 60, 5, None)
+    s.close()
+    with sqlite3.connect(os.path.join(new, DB_NAME)) as db:
+        assert db.execute("PRAGMA page_size").fetchone() == (sqlite_mod.PAGE_SIZE,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # A database made with SQLite's default pages (by an earlier version)
+    # keeps them, and its contents.
+    old = str(tmp_path / "old")
+    path = make_db_with_session(old, page_size=4096)
+    s = SqliteStore(old)
+    snap = s.open(now=NOW)
+    s.put_session("d", 60, 5, None)
+    s.close()
+    assert [x.client_id for x in snap.sessions] == ["c"] and s.moved_aside is None
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA page_size").fetchone() == (4096,)
+    s = SqliteStore(old)
+    assert sorted(x.client_id for x in s.open(now=NOW).sessions) == ["c", "d"]
+    s.close()
 
 
 def test_undecodable_row_is_dropped_rest_recovered(tmp_path, caplog):
@@ -2399,3 +2431,105 @@ def test_recorder_lock_excludes_and_waits_without_the_gil():
         order.append("main in")
     t.join(5)
     assert order == ["holder out", "main in"]
+
+
+# ------------------------------------------------ rows written by a fold
+
+_KINDS = (sqlite_mod._ADD, sqlite_mod._ADDR, sqlite_mod._UPD, sqlite_mod._DEL)
+
+
+def _delivery_change(draw, seq):
+    kind = draw(st.sampled_from(_KINDS))
+    if kind == sqlite_mod._DEL:
+        return [kind]
+    # Few distinct values, so that a client's adds mostly share them (the
+    # grouped path) and sometimes do not (the per-row path).
+    qos = draw(st.sampled_from([1, 1, 1, 2]))
+    pid = draw(st.sampled_from([0, 0, 0, 7, 8]))
+    state = draw(st.sampled_from(["queued", "queued", "sent", "released"]))
+    if kind == sqlite_mod._UPD:
+        return [kind, 0, qos, pid, state]
+    extra = draw(st.sampled_from([None, None, None, "r", "1,2"]))
+    return [kind, seq, qos, pid, state, extra]
+
+
+@st.composite
+def _fold_batches(draw):
+    """Rows already in the tables, and a batch of changes to fold over them."""
+    clients = draw(st.lists(st.sampled_from(["a", "b", "c", "ü"]), min_size=1, max_size=3,
+                            unique=True))
+    before = {}  # (client, msg_id) -> row already in the tables
+    b = sqlite_mod._Batch()
+    seq = 0
+    for cid in clients:
+        n = draw(st.integers(0, 2 * sqlite_mod._SHARED_MIN + 5))
+        mids = draw(st.lists(st.integers(1, 80), min_size=n, max_size=n, unique=True))
+        changes = {}
+        for mid in mids:
+            seq += 1
+            e = changes[mid] = _delivery_change(draw, seq)
+            if e[0] == sqlite_mod._UPD or draw(st.booleans()):
+                # (an update names a row in the tables)
+                before[(cid, mid)] = (cid, mid, seq + 1000, 1, 3, "sent", None)
+        b.deliv[cid] = changes
+    for mid in draw(st.lists(st.integers(1, 80), max_size=40, unique=True)):
+        exp = draw(st.sampled_from([None, None, 1.5e9]))
+        if draw(st.booleans()):
+            data = (f"t/{mid}", b"p%d" % mid, draw(st.integers(0, 2)) | 4 * draw(st.booleans()))
+        else:
+            data = bytearray(encode_publish(Publish(f"s/{mid}", b"q", 1, False)))
+        b.messages[mid] = (data, exp)
+    return before, b
+
+
+def _reference_fold(db, b):
+    """What a fold must leave: the changes applied one row at a time."""
+    for cid, d in b.deliv.items():
+        for mid, e in d.items():
+            if e[0] == sqlite_mod._DEL:
+                db.execute("DELETE FROM deliveries WHERE client_id=? AND msg_id=?", (cid, mid))
+            elif e[0] == sqlite_mod._UPD:
+                db.execute("UPDATE deliveries SET qos=?, packet_id=?, state=? "
+                           "WHERE client_id=? AND msg_id=?", (e[2], e[3], e[4], cid, mid))
+            else:
+                db.execute("INSERT OR REPLACE INTO deliveries VALUES (?,?,?,?,?,?,?)",
+                           (cid, mid, *e[1:6]))
+    for mid, (data, exp) in b.messages.items():
+        if isinstance(data, tuple):
+            topic, payload, flags = data
+            data = encode_publish(Publish(topic, payload, flags & 3, bool(flags & 4)))
+        db.execute("INSERT OR REPLACE INTO messages VALUES (?,?,?)", (mid, bytes(data), exp))
+
+
+@given(_fold_batches())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_a_fold_writes_the_rows_one_row_at_a_time_would(case):
+    """The compactor's bulk statements (a client's adds that share qos,
+    packet id and state bound once for the group, the rest row by row;
+    messages encoded from their fields on the way) leave the tables as
+    applying each change on its own does."""
+    before, b = case
+    out = []
+    for apply in (sqlite_mod._apply_tables, _reference_fold):
+        db = sqlite3.connect(":memory:")
+        db.executescript(sqlite_mod._SCHEMA)
+        db.executemany("INSERT INTO deliveries VALUES (?,?,?,?,?,?,?)", before.values())
+        apply(db, b)
+        out.append((sorted(db.execute("SELECT * FROM deliveries"), key=repr),
+                    sorted((m, bytes(p), e) for m, p, e in db.execute("SELECT * FROM messages"))))
+        db.close()
+    assert out[0] == out[1]
+    assert all(type(v[0]) is tuple or type(v[0]) is bytearray for v in b.messages.values())
+
+
+def test_an_offline_queue_is_written_as_one_group_per_client():
+    b = sqlite_mod._Batch()
+    n = sqlite_mod._SHARED_MIN
+    b.deliv["q"] = {mid: [sqlite_mod._ADD, mid * 2, 1, 0, "queued", None] for mid in range(n)}
+    b.deliv["q"][99] = [sqlite_mod._ADD, 500, 2, 9, "sent", None]  # not like the others
+    b.deliv["few"] = {mid: [sqlite_mod._ADD, mid, 1, 0, "queued", None] for mid in range(n - 1)}
+    flat, shared = [], []
+    for cid, d in b.deliv.items():
+        assert sqlite_mod._delivery_rows(cid, d, flat, shared, n) == 0
+    assert shared == [("q", 1, 0, "queued", [x for mid in range(n) for x in (mid, mid * 2)])]
+    assert flat[:6] == ["q", 99, 500, 2, 9, "sent"] and len(flat) == 6 * n

@@ -1066,23 +1066,82 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             raise ValueError(f"unknown op {op} at byte {c.off - 1}")
 
 
+cdef inline object _stored(tuple f):
+    """The stored form (a bytearray) of a message decode_ops left as its
+    fields ``(topic, payload, qos | retain << 2)``."""
+    if _fields_encoder is None:  # (fastmqtt.store.sqlite sets it on import)
+        from fastmqtt.store.base import publish_fields_encoder
+        set_fields_encoder(publish_fields_encoder())
+    stored = _fields_encoder(f[0], f[1], f[2] & 3, bool(f[2] & 4), None)
+    return PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored), PyBytes_GET_SIZE(stored))
+
+
 def encode_pending(dict messages) -> None:
     """Give the messages that :func:`decode_ops` left as their fields (MSGF
     ops) their stored form, in place: ``{msg_id: (stored form, expires_at)}``
     as for MSG ops, the stored form a bytearray."""
-    cdef tuple f
     for mid, v in messages.items():
         data = (<tuple>v)[0]
-        if type(data) is not tuple:
+        if type(data) is tuple:
+            messages[mid] = (_stored(<tuple>data), (<tuple>v)[1])
+
+
+def message_rows(dict messages, list flat, list timed) -> None:
+    """The rows of a batch's messages, for the compactor's INSERTs: each
+    message without an expiry as ``msg_id, stored form`` appended to
+    ``flat``, the others as ``(msg_id, stored form, expires_at)`` to
+    ``timed``. Fields (MSGF ops) are encoded as by :func:`encode_pending`,
+    without writing the result back into ``messages``."""
+    for mid, v in messages.items():
+        data = (<tuple>v)[0]
+        if type(data) is tuple:
+            data = _stored(<tuple>data)
+        exp = (<tuple>v)[1]
+        if exp is None:
+            flat.append(mid)
+            flat.append(data)
+        else:
+            timed.append((mid, data, exp))
+
+
+def delivery_rows(client_id, dict changes, list flat, list shared,
+                  Py_ssize_t min_shared) -> int:
+    """The rows to insert for one client's delivery changes (``changes``,
+    as :func:`decode_ops` leaves them), for the compactor.
+
+    Adds without extra data (no RETAIN flag, no subscription ids): those
+    with the first one's ``(qos, packet_id, state)`` (an offline queue's:
+    all of them), when there are at least ``min_shared``, go to ``shared``
+    as one ``(client_id, qos, packet_id, state, [msg_id, seq, ...])``: one
+    statement binds the four once for every row. The rest go to ``flat`` as
+    ``client_id, msg_id, seq, qos, packet_id, state``.
+
+    Returns how many changes are left for the caller: adds with extra
+    data, updates and deletes."""
+    cdef list e
+    cdef list common = []
+    cdef Py_ssize_t rest = 0, i
+    cdef object qos = None, pid = None, state = None
+    cdef bint first = True
+    for mid, v in changes.items():
+        e = <list>v
+        if (<int>e[0]) > ADDR or e[5] is not None:
+            rest += 1
             continue
-        if _fields_encoder is None:  # (fastmqtt.store.sqlite sets it on import)
-            from fastmqtt.store.base import publish_fields_encoder
-            set_fields_encoder(publish_fields_encoder())
-        f = <tuple>data
-        stored = _fields_encoder(f[0], f[1], f[2] & 3, bool(f[2] & 4), None)
-        messages[mid] = (PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored),
-                                                       PyBytes_GET_SIZE(stored)),
-                         (<tuple>v)[1])
+        if first:
+            qos, pid, state = e[2], e[3], e[4]
+            first = False
+        elif not (e[2] == qos and e[3] == pid and e[4] == state):
+            flat += (client_id, mid, e[1], e[2], e[3], e[4])
+            continue
+        common.append(mid)
+        common.append(e[1])
+    if len(common) >= 2 * min_shared:
+        shared.append((client_id, qos, pid, state, common))
+    else:
+        for i in range(0, len(common), 2):
+            flat += (client_id, common[i], common[i + 1], qos, pid, state)
+    return rest
 
 
 cdef str _state(_Cursor c):

@@ -157,6 +157,8 @@ import trio
 
 from .._record import Batch as _Batch
 from .._record import Recorder, decode_ops, encode_pending, set_fields_encoder
+from .._record import delivery_rows as _delivery_rows
+from .._record import message_rows as _message_rows
 from .._wal import LogWriter
 from ..broker.interfaces import DeliveryRecord, Snapshot, SubscriptionRecord
 from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
@@ -199,6 +201,15 @@ COMPACT_OPS = 400_000
 #: Size of the tables' WAL that triggers a checkpoint (looked at after each
 #: compaction, by the compactor).
 CHECKPOINT_BYTES = 8 * 1024 * 1024
+#: Page size of a new tables database (SQLite's default is 4096). The
+#: compactor appends rows in bulk: with 16 KiB pages it writes a quarter as
+#: many WAL frames (a header and a checksum each, two ``pwrite`` calls) and
+#: splits B-tree pages a quarter as often. Folding an offline queue of
+#: 300,000 messages took 14 % less SQLite time (inserts, commit and
+#: checkpoint), and the persistence benchmark's offline level rose 1.4 to
+#: 3.8 % (4 pairs each, 900,000-message rounds); online it was unchanged.
+#: A database created with another page size keeps it.
+PAGE_SIZE = 16384
 #: Released messages remembered for a re-delivery under the same msg_id.
 RELEASED_KEPT = 10_000
 #: Records appended but not yet written (bytes) above which flushes stop
@@ -513,7 +524,10 @@ _DEL = 3  # delete of a row in the tables
 # go in statements of 64, 32, ... 1 rows, so a handful of SQL texts cover
 # every size and stay in the statement cache.
 _CHUNK = 128
-_SQL_CACHE: dict[tuple[str, int, int, str], str] = {}
+#: A client's delivery rows that share qos, packet id and state go as one
+#: group (see _write_shared) from this many.
+_SHARED_MIN = 16
+_SQL_CACHE: dict[tuple, str] = {}
 
 
 def _rows_sql(head: str, width: int, n: int, tail: str = "") -> str:
@@ -541,6 +555,44 @@ def _write_rows(c: sqlite3.Connection, head: str, width: int, rows: list,
     while i < len(flat):
         if (len(flat) - i) // width >= n:
             c.execute(_rows_sql(head, width, n, tail), flat[i:i + n * width])
+            i += n * width
+        n //= 2
+
+
+def _shared_sql(head: str, k: int, width: int, n: int) -> str:
+    key = (head, k, width, n)
+    sql = _SQL_CACHE.get(key)
+    if sql is None:
+        first = ",".join(f"?{i}" for i in range(1, k + 1))
+        rows = []
+        p = k + 1
+        for _ in range(n):
+            rows.append(f"({first},{','.join(f'?{i}' for i in range(p, p + width))})")
+            p += width
+        sql = _SQL_CACHE[key] = f"{head} VALUES {','.join(rows)}"
+    return sql
+
+
+def _write_shared(c: sqlite3.Connection, head: str, shared: tuple, width: int,
+                  flat: list) -> None:
+    """``head VALUES (shared, row), (shared, row), ...``: the values in
+    ``shared`` (the first columns of every row) bound once per statement,
+    each row's own ``width`` values taken from ``flat``; ``_CHUNK`` rows a
+    statement, as :func:`_write_rows`. (The delivery rows of an offline
+    queue differ only in msg_id and seq: binding the client id, qos, packet
+    id and state once instead of with every row made the deliveries'
+    inserts 40 % cheaper.)"""
+    k = len(shared)
+    step = width * _CHUNK
+    full = len(flat) // step * step
+    if full:
+        c.executemany(_shared_sql(head, k, width, _CHUNK),
+                      [(*shared, *flat[i:i + step]) for i in range(0, full, step)])
+    i = full
+    n = _CHUNK // 2
+    while i < len(flat):
+        if (len(flat) - i) // width >= n:
+            c.execute(_shared_sql(head, k, width, n), (*shared, *flat[i:i + n * width]))
             i += n * width
         n //= 2
 
@@ -825,10 +877,7 @@ def _put_or_delete(c: sqlite3.Connection, table: str, key: str, changes: dict) -
 
 
 def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
-    """Write a batch into the tables, inside the caller's transaction (its
-    messages get their stored form first: see encode_pending)."""
-    if b.messages:
-        encode_pending(b.messages)
+    """Write a batch into the tables, inside the caller's transaction."""
     # Records written before sessions kept a username have 4 fields.
     sessions = [s if len(s) == 5 else (*s, None) for s in b.sessions.values()]
     sub_put, sub_del = [], []
@@ -842,18 +891,15 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     # module runs its adapter lookup for any other value (None, bytes), which
     # costs about as much as binding the rest of the row (measured: 370 ns a
     # delivery row, 670 with a None in it). A NULL column is left out of the
-    # column list instead (its default is NULL), and encode_pending gives the
+    # column list instead (its default is NULL), and message_rows gives the
     # messages as bytearray.
-    d_ins, d_ins_x, d_upd = [], [], []
+    d_ins, d_shared, d_ins_x, d_upd = [], [], [], []
     d_del: dict[str, list[int]] = {}
     for cid, d in b.deliv.items():
-        # Comprehensions (the compactor's Python time, GIL time taken from the
-        # broker when it runs as a thread): adds with no RETAIN flag or
-        # subscription ids, by far the most entries, go in one pass.
-        before = len(d_ins)
-        d_ins += [x for mid, e in d.items() if e[0] <= _ADDR and e[5] is None
-                  for x in (cid, mid, e[1], e[2], e[3], e[4])]
-        if (len(d_ins) - before) // 6 < len(d):
+        # Adds with no RETAIN flag or subscription ids, by far the most
+        # entries, in one pass in C (delivery_rows): a client's many with
+        # the same qos, packet id and state (an offline queue) as one group.
+        if _delivery_rows(cid, d, d_ins, d_shared, _SHARED_MIN):
             d_ins_x += [(cid, mid, e[1], e[2], e[3], e[4], e[5]) for mid, e in d.items()
                         if e[0] <= _ADDR and e[5] is not None]
             d_upd += [(cid, mid, 0, e[2], e[3], e[4]) for mid, e in d.items() if e[0] == _UPD]
@@ -864,9 +910,10 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     for cid, d in b.qos2.items():
         for pid, put in d.items():
             (q_put if put else q_del).append((cid, pid))
-    msgs = [x for mid, (data, exp) in b.messages.items() if exp is None for x in (mid, data)]
-    msgs_exp = ([(mid, data, exp) for mid, (data, exp) in b.messages.items() if exp is not None]
-                if len(msgs) // 2 < len(b.messages) else None)
+    msgs: list = []
+    msgs_exp: list = []
+    if b.messages:
+        _message_rows(b.messages, msgs, msgs_exp)
     h_put = list(b.hist_put.values())
 
     ex = c.executemany
@@ -887,6 +934,10 @@ def _apply_tables(c: sqlite3.Connection, b: _Batch) -> None:
     if d_ins:
         _write_rows(c, "INSERT OR REPLACE INTO deliveries"
                     "(client_id, msg_id, seq, qos, packet_id, state)", 6, [], flat=d_ins)
+    for cid, qos, pid, state, flat in d_shared:
+        _write_shared(c, "INSERT OR REPLACE INTO deliveries"
+                      "(client_id, qos, packet_id, state, msg_id, seq)", (cid, qos, pid, state),
+                      2, flat)
     if d_ins_x:
         _write_rows(c, "INSERT OR REPLACE INTO deliveries", 7, d_ins_x)
     if d_upd:
@@ -1126,7 +1177,7 @@ class SqliteStore(Recorder):
                   "starting with an empty store", self.path, reason, dest)
 
     def _open_checked(self, path: str, schema: str, version: int, synchronous: str,
-                      what: str) -> sqlite3.Connection:
+                      what: str, page_size: int = 0) -> sqlite3.Connection:
         """Connect, check integrity and ownership, switch to WAL, create the
         schema. Raises _Unusable, StoreError or sqlite3.DatabaseError."""
         conn = _connect(path, synchronous)
@@ -1151,6 +1202,10 @@ class SqliteStore(Recorder):
                     raise _Unusable(f"{what}: not a fastmqtt database (no meta table)")
             # Only now that the file is known to be ours may it change
             # (switching to WAL rewrites the header of a foreign file).
+            if not has_meta and page_size:
+                # A new file: its page size can still be chosen (an existing
+                # one keeps its own; WAL mode cannot change it).
+                conn.execute(f"PRAGMA page_size={int(page_size)}")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise _Unusable(f"{what}: cannot switch to WAL mode (got {mode!r})")
@@ -1171,7 +1226,8 @@ class SqliteStore(Recorder):
         self._lsn = self._compacted_lsn = 0
         try:
             try:
-                conn = self._open_checked(self.path, _SCHEMA, SCHEMA_VERSION, "FULL", DB_NAME)
+                conn = self._open_checked(self.path, _SCHEMA, SCHEMA_VERSION, "FULL", DB_NAME,
+                                           PAGE_SIZE)
                 if "username" not in {r[1] for r in conn.execute("PRAGMA table_info(sessions)")}:
                     # Schema 2 -> 3: sessions remember their username...
                     conn.execute("ALTER TABLE sessions ADD COLUMN username TEXT")

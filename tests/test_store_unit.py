@@ -2533,3 +2533,68 @@ def test_an_offline_queue_is_written_as_one_group_per_client():
         assert sqlite_mod._delivery_rows(cid, d, flat, shared, n) == 0
     assert shared == [("q", 1, 0, "queued", [x for mid in range(n) for x in (mid, mid * 2)])]
     assert flat[:6] == ["q", 99, 500, 2, 9, "sent"] and len(flat) == 6 * n
+
+
+def _records_of(steps, cuts):
+    """The log records a store writes for ``steps`` (as in _LITE_STEPS),
+    a record ending after each step in ``cuts``."""
+    import zlib
+
+    recs = []
+    with tempfile.TemporaryDirectory() as d:
+        s = SqliteStore(d)
+        put = set()
+
+        def record():
+            b, s._batch = s._batch, sqlite_mod._Batch()
+            head, cold = sqlite_mod._encode_parts(b, s._blob)
+            body = head + cold + s.take_ops()
+            recs.append(zlib.crc32(body).to_bytes(4, "little") + body)
+
+        for i, (what, mid, client) in enumerate(steps):
+            m = _SRCS[mid]
+            if what == "put_add":
+                s.put_message_add_delivery(mid, m.topic, m.payload, m.qos, m.retain, None,
+                                           m.expires_at, client, 1, 0, "queued", False, (), m)
+                put.add(mid)
+            elif what == "add" and mid in put:
+                s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), m)
+            elif what == "update":
+                s.update_delivery_fields(client, mid, 1, 9, "sent")
+            elif what == "remove":
+                s.remove_delivery(client, mid)
+            elif what == "drop":
+                s.delete_session(client)
+            if i in cuts:
+                record()
+        record()
+    return recs
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=_LITE_STEPS, cuts=st.sets(st.integers(0, 40)))
+# stored, released and stored again, a record each: the row must stay
+@example(steps=[("put_add", 1, "a"), ("remove", 1, "a"), ("put_add", 1, "b")], cuts={0, 1})
+# acknowledged in one record, given again and updated in the next ones
+@example(steps=[("put_add", 2, "a"), ("add", 2, "b"), ("remove", 2, "a"), ("add", 2, "a"),
+                ("update", 2, "a"), ("drop", 2, "b")], cuts={1, 2, 4})
+def test_records_decoded_into_one_batch_fold_as_merged_batches_do(steps, cuts):
+    """A fold decodes records of ops alone straight into its batch
+    (_decode_into) rather than each into a batch of its own that it then
+    merges (_merge): the tables end up the same, whatever the records hold
+    (stored again, re-added, updated, acknowledged, sessions deleted, in
+    one record or across several)."""
+    recs = _records_of(steps, cuts)
+    direct, merged = sqlite_mod._Batch(), sqlite_mod._Batch()
+    for rec in recs:
+        sqlite_mod._decode_into(direct, rec)
+        sqlite_mod._merge(merged, sqlite_mod._decode_record(rec))
+    out = []
+    for b in (direct, merged):
+        db = sqlite3.connect(":memory:")
+        db.executescript(sqlite_mod._SCHEMA)
+        sqlite_mod._apply_tables(db, b)
+        out.append([sorted(db.execute(f"SELECT * FROM {t}"), key=repr)
+                    for t in ("sessions", "messages", "deliveries")])
+        db.close()
+    assert out[0] == out[1]

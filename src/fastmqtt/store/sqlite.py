@@ -433,9 +433,8 @@ class _Folder:
         dirty = self.dirty
         new = _Batch()
         for lsn, rec in self.reader.read(upto):
-            b = _decode_record(rec)
-            b.lsn = lsn
-            _merge(new, b)
+            _decode_into(new, rec)
+            new.lsn = lsn
         held = self.held
         if hold and new.dels * 4 < len(new.messages):
             hold = False
@@ -738,6 +737,32 @@ def _decode_record(rec: bytes) -> _Batch:
         raise
     except Exception as e:
         raise ValueError(f"{type(e).__name__}: {e}") from e
+
+
+def _decode_into(into: _Batch, rec: bytes) -> None:
+    """Fold the record ``rec`` (recorded after everything in ``into``) into
+    ``into``: ``_merge(into, _decode_record(rec))``, except that a record of
+    ops alone (no pickled part: nearly every one) is decoded straight into
+    ``into``, as :func:`decode_ops` keeps a batch net by the same rules, with
+    no batch of its own to build, merge and free. (Folding an offline queue:
+    about 0.2 us a message less.)
+
+    Raises:
+        ValueError: as :func:`_decode_record` (``into`` may then hold part of
+            the record).
+    """
+    if (len(rec) >= 4 + _RECORD_HEAD.size and rec[4] == _RECORD_VERSION
+            and _RECORD_HEAD.unpack_from(rec, 4)[1] == 0):
+        if int.from_bytes(rec[:4], "little") != _crc32(memoryview(rec)[4:]):
+            raise ValueError("checksum mismatch")
+        try:
+            decode_ops(memoryview(rec)[4 + _RECORD_HEAD.size:], into)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"{type(e).__name__}: {e}") from e
+        return
+    _merge(into, _decode_record(rec))
 
 
 def _decode_cold(data: bytes) -> _Batch:
@@ -1286,11 +1311,10 @@ class SqliteStore(Recorder):
                 raise _Unusable(f"{where}: log record {last + 1} is missing "
                                 f"(next is {lsn}; the tables end at {compacted})")
             try:
-                b = _decode_record(rec)
+                _decode_into(merged, rec)
             except ValueError as e:
                 raise _Unusable(f"{where}: log record {lsn} is damaged: {e}") from e
-            b.lsn = lsn
-            _merge(merged, b)
+            merged.lsn = lsn
             last = lsn
             records += 1
         if records:

@@ -2598,3 +2598,140 @@ def test_records_decoded_into_one_batch_fold_as_merged_batches_do(steps, cuts):
                     for t in ("sessions", "messages", "deliveries")])
         db.close()
     assert out[0] == out[1]
+
+
+# ------------------------------------------------ recycled log segments
+
+def _frame(lsn, body=b"\x02\x00\x00\x00\x00"):
+    """One framed log record (ops alone: an empty pickled part) as the
+    writer frames it."""
+    import zlib
+
+    rec = zlib.crc32(body).to_bytes(4, "little") + body
+    return struct.pack("<IQ", len(rec), lsn) + rec
+
+
+def _segment_file(data_dir, first, content):
+    path = os.path.join(data_dir, SEGMENT_PREFIX + f"{first:016x}")
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def _read(data_dir):
+    return [lsn for lsn, _, _ in
+            sqlite_mod._read_segments(sqlite_mod._list_segments(data_dir))]
+
+
+def test_recycled_segment_ends_where_its_own_records_end(tmp_path, caplog):
+    """A segment written over a folded one keeps what that one held after
+    its own records (until it is left): older records, usually not even
+    aligned with its own. Recovery reads its records and stops there,
+    quietly: nothing is damaged or torn."""
+    d = str(tmp_path)
+    old = b"".join(_frame(lsn, b"\x02\x00\x00\x00\x00" + bytes(40)) for lsn in range(1, 9))
+    new = b"".join(_frame(lsn) for lsn in (20, 21, 22))
+    _segment_file(d, 20, new + old[len(new):])  # misaligned: mid-frame of an old record
+    assert _read(d) == [20, 21, 22]
+    _segment_file(d, 20, new + old)  # aligned: an intact old frame follows
+    assert _read(d) == [20, 21, 22]
+    assert "cut short" not in caplog.text
+
+
+def test_torn_append_over_a_recycled_segment_is_ignored(tmp_path, caplog):
+    d = str(tmp_path)
+    old = b"".join(_frame(lsn, bytes(60)) for lsn in range(1, 9))
+    torn = _frame(22, b"\x02\x00\x00\x00\x00" + bytes(30))[:20]  # header and a bit
+    content = _frame(20) + _frame(21) + torn
+    _segment_file(d, 20, content + old[len(content):])
+    assert _read(d) == [20, 21]
+    assert "record 22 cut short" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["checksum", "length", "lsn"])
+def test_damaged_record_followed_by_one_of_the_log_is_damage_not_its_end(tmp_path, damage):
+    """Recovery stops at the first frame that is not one of the segment's
+    records, unless an intact record of the log follows it: then that frame
+    is damage (the store is moved aside, as for any damaged log), not where
+    the log ends."""
+    d = str(tmp_path)
+    bad = bytearray(_frame(21, b"\x02\x00\x00\x00\x00" + bytes(30)))
+    if damage == "checksum":
+        bad[30] ^= 0x40
+    elif damage == "length":
+        bad[0] ^= 0x08
+    else:  # an lsn older than the segment, as a recycled file's leftovers have
+        bad[4:12] = struct.pack("<Q", 3)
+    _segment_file(d, 20, _frame(20) + bytes(bad) + _frame(22) + bytes(100))
+    with pytest.raises(sqlite_mod._Unusable, match="is damaged.*record 22 follows"):
+        _read(d)
+
+
+def test_only_the_last_segment_may_end_before_its_file(tmp_path):
+    d = str(tmp_path)
+    _segment_file(d, 20, _frame(20) + _frame(21) + _frame(3))  # not cut at its end
+    _segment_file(d, 22, _frame(22))
+    with pytest.raises(sqlite_mod._Unusable, match="cut short or damaged"):
+        _read(d)
+
+
+def test_compactor_reader_follows_the_log_when_its_segment_is_recycled(tmp_path):
+    """The compactor's reader keeps the segment it read last open between
+    folds. Once that segment is folded and kept for reuse (renamed, then
+    written over as a later segment), the reader must go on in the next
+    segment, not read on in its old file."""
+    d = str(tmp_path)
+    a = _segment_file(d, 1, b"".join(_frame(lsn) for lsn in (1, 2, 3)))
+    _segment_file(d, 4, b"".join(_frame(lsn) for lsn in (4, 5)))
+    reader = sqlite_mod._LogReader(d, 0)
+    try:
+        assert [lsn for lsn, _ in reader.read(3)] == [1, 2, 3]  # open on a, at its end
+        spare = os.path.join(d, sqlite_mod.SPARE_PREFIX + "1")
+        os.rename(a, spare)
+        later = os.path.join(d, SEGMENT_PREFIX + f"{6:016x}")
+        os.rename(spare, later)
+        with open(later, "r+b") as f:  # written over from its start, and longer
+            f.write(b"".join(_frame(lsn, bytes(50)) for lsn in range(6, 12)))
+        assert [lsn for lsn, _ in reader.read(5)] == [4, 5]
+    finally:
+        reader.close()
+
+
+def test_folded_segments_are_reused_and_a_crash_loses_nothing(tmp_path, monkeypatch, caplog):
+    """Folded segments are kept (at most SPARE_SEGMENTS) and written over as
+    later ones; after a crash, with the newest segment holding what it held
+    before behind its own records, every record comes back."""
+    monkeypatch.setattr(sqlite_mod, "SEGMENT_BYTES", 2048)
+    data = str(tmp_path / "d")
+    s = SqliteStore(data)
+    s.open(now=NOW)
+    s.put_session("c", NEVER, 5, None)
+    mid = 0
+    with caplog.at_level(logging.WARNING, "fastmqtt.store"):
+        while s._wal.recycled_segments < 3:
+            for _ in range(20):
+                mid += 1
+                s.put_message(mid, pub(payload=b"m%d" % mid + b"x" * 100), None)
+                s.add_delivery("c", DeliveryRecord(mid, 1))
+                wait_committed(s)  # a record each: a segment every dozen or so
+            assert s.compact()
+            spares = [n for n in os.listdir(data) if n.startswith(sqlite_mod.SPARE_PREFIX)]
+            assert len(spares) <= sqlite_mod.SPARE_SEGMENTS
+            assert mid < 2000
+        # The newest segment is a reused one, with fewer records of its own
+        # than it held before: a crash now leaves older records behind them.
+        mid += 1
+        s.put_message(mid, pub(payload=b"last"), None)
+        s.add_delivery("c", DeliveryRecord(mid, 1))
+        wait_committed(s)
+        newest = segments(data)[-1]
+        own = [12 + len(rec) for _, rec, _ in
+               sqlite_mod._read_segments([(int(newest[-16:], 16), newest)])]
+        assert own and os.path.getsize(newest) > sum(own)
+        close_without_compacting(s)
+        s = SqliteStore(data)
+        snap = s.open(now=NOW)
+        s.close()
+    assert [d.msg_id for d in by_client(snap)["c"].deliveries] == list(range(1, mid + 1))
+    assert "cut short" not in caplog.text and "unusable" not in caplog.text
+    assert not [n for n in os.listdir(data) if n.startswith(sqlite_mod.SPARE_PREFIX)]

@@ -108,7 +108,10 @@ round trip.
 
 A new segment is begun once the current one holds ``SEGMENT_BYTES``; the old
 one is fsynced and closed first, the data directory fsynced after the new
-file is created. The tables are written with ``synchronous=FULL`` (the
+file is created. The new file is a folded segment kept for reuse when there
+is one (``SPARE_SEGMENTS``), written over from its start; a segment so
+reused is cut at the end of its own records when it is left, so only the
+last segment can hold older records after its own. The tables are written with ``synchronous=FULL`` (the
 compactor waits for its own fsync; nobody else does), so a segment is deleted
 only once its changes are on disk in the tables. Checkpoints (WAL into the
 database file) run in the compactor, after a compaction. A write that fails is retried a
@@ -126,7 +129,8 @@ segments and begins a fresh one, loads everything, drops what expired while
 the broker was down and returns a
 :class:`~fastmqtt.broker.interfaces.Snapshot`. A last record cut short (a
 crash during an append, which nobody was told was durable) is logged and
-ignored. A file SQLite cannot read, that fails the check, that has a newer
+ignored, as are the older records a reused last segment still holds after
+its own (see :func:`_read_segments`). A file SQLite cannot read, that fails the check, that has a newer
 schema, or whose log has another record that does not decode (checksum) or a
 gap is logged and renamed, with its partner, to
 ``fastmqtt.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``), each
@@ -176,6 +180,21 @@ SEGMENT_PREFIX = "fastmqtt-log."
 #: A segment is closed (and a new one begun) once it holds this much; a
 #: closed segment is deleted once the tables hold all its records.
 SEGMENT_BYTES = 16 * 1024 * 1024
+#: Segments whose records the tables all have are kept for reuse, up to
+#: ``SPARE_SEGMENTS`` of them, renamed ``fastmqtt-spare.<hex>``: the next
+#: segment is one of them renamed and written over from its start (see
+#: ``LogWriter.rotate``). Its pages are in the page cache already and its
+#: blocks allocated, where a new file costs the broker's thread a page
+#: allocation for every 4 KiB it writes (batch) and each fdatasync the
+#: block allocation (sync). Persistence benchmark, offline, paired against
+#: new files: after 2,000,000 messages (most segments reused), batch 1.029x
+#: (5 pairs, the event loop's CPU 3.71 -> 3.50 us a message); on a fresh
+#: broker, where about half the switches find a spare, batch 1.001-1.006x
+#: and sync 1.034x (5 pairs each). Readers tell what such a file held
+#: before from its records (see _read_segments). Four: a fold frees two or
+#: three segments at a time under load.
+SPARE_PREFIX = "fastmqtt-spare."
+SPARE_SEGMENTS = 4
 #: The log of brokers before 0.x segment files (a SQLite database, one row per
 #: record): replayed at start-up if present, then removed.
 LOG_NAME = "fastmqtt-log.db"
@@ -276,13 +295,47 @@ def _list_segments(data_dir: str) -> list[tuple[int, str]]:
     return out
 
 
+def _frame_at(data: bytes, off: int):
+    """``(lsn, record, end)`` of a complete frame at ``off`` whose record's
+    CRC-32 is right, else None."""
+    if len(data) - off < _FRAME.size:
+        return None
+    n, lsn = _FRAME.unpack_from(data, off)
+    end = off + _FRAME.size + n
+    if n < 5 or end > len(data):
+        return None
+    rec = data[off + _FRAME.size:end]
+    if int.from_bytes(rec[:4], "little") != _crc32(memoryview(rec)[4:]):
+        return None
+    return lsn, rec, end
+
+
+def _later_record(data: bytes, off: int, expected: int) -> int | None:
+    """The lsn of an intact record among the next few of this log
+    (``expected + 1`` ... ``+ 8``) anywhere in ``data`` after ``off``, or None."""
+    for lsn in range(expected + 1, expected + 9):
+        key = _FRAME.pack(0, lsn)[4:]
+        at = data.find(key, off)
+        while at >= 0:
+            f = _frame_at(data, at - 4) if at >= 4 else None
+            if f is not None and f[0] == lsn:
+                return lsn
+            at = data.find(key, at + 1)
+    return None
+
+
 def _read_segments(segments: list[tuple[int, str]]):
     """Yield ``(lsn, record, where)`` from the segment files, in order.
 
-    A record cut short at the very end of the last segment (a crash in the
-    middle of an append: never acknowledged, as ``durable()`` waits for the
-    whole append) ends the log; it is logged and left out. Anywhere else a
-    short or damaged frame is damage: ``_Unusable``.
+    The last segment's records end at the first frame that is not one of
+    them: the end of the file, what a recycled segment held before (frames
+    of older lsns, or bytes that are not a frame where its records end), or
+    a record cut short by a crash in the middle of an append (never
+    acknowledged, as ``durable()`` waits for the whole append; logged and
+    left out). If an intact record of the log follows such a frame, that
+    frame is damage: ``_Unusable``. Earlier segments were cut at their end
+    before the next was begun: in them anything short or damaged is
+    damage.
     """
     for i, (first, path) in enumerate(segments):
         last_segment = i == len(segments) - 1
@@ -290,31 +343,33 @@ def _read_segments(segments: list[tuple[int, str]]):
             data = f.read()
         name = os.path.basename(path)
         off = 0
+        expected = first
         end_of_data = len(data)
         while off < end_of_data:
-            torn = None
-            if end_of_data - off < _FRAME.size:
-                torn = "a record header"
-            else:
-                n, lsn = _FRAME.unpack_from(data, off)
-                end = off + _FRAME.size + n
-                if end > end_of_data:
-                    torn = f"record {lsn}"
-                else:
-                    rec = data[off + _FRAME.size:end]
-                    if (last_segment and end == end_of_data and
-                            (len(rec) < 5 or int.from_bytes(rec[:4], "little")
-                             != _crc32(memoryview(rec)[4:]))):
-                        torn = f"record {lsn}"
-            if torn is not None:
-                if not last_segment:
-                    raise _Unusable(f"{name}: {torn} is cut short at byte {off}")
-                log.warning("persistence: the log ends with %s cut short (%d bytes at byte %d "
-                            "of %s): an append that a crash interrupted, never acknowledged; "
-                            "ignored", torn, end_of_data - off, off, name)
-                return
-            yield lsn, rec, name
-            off = end
+            frame = _frame_at(data, off)
+            if frame is not None and frame[0] >= first:
+                lsn, rec, end = frame
+                yield lsn, rec, name
+                expected = lsn + 1
+                off = end
+                continue
+            # Not a record of this segment.
+            if not last_segment:
+                if end_of_data - off < _FRAME.size:
+                    raise _Unusable(f"{name}: a record header is cut short at byte {off}")
+                raise _Unusable(f"{name}: record {_FRAME.unpack_from(data, off)[1]} at byte "
+                                f"{off} is cut short or damaged")
+            lsn = _FRAME.unpack_from(data, off)[1] if end_of_data - off >= _FRAME.size else None
+            later = _later_record(data, off, expected)
+            if later is not None:
+                raise _Unusable(f"{name}: the record at byte {off} (lsn {lsn}) is damaged: "
+                                f"checksum, length or lsn (record {later} follows it)")
+            if frame is None and (lsn is None or lsn == expected):
+                log.warning("persistence: the log ends with %s cut short (at byte %d of %s): "
+                            "an append that a crash interrupted, never acknowledged; ignored",
+                            "a record header" if lsn is None else f"record {lsn}", off, name)
+            # else: what the recycled file held before its records
+            return
 
 class _Due:
     """Records appended and written, to be folded: the last one's lsn and the
@@ -358,6 +413,11 @@ class _LogReader:
             ValueError: a record is missing or cut short (damage, or a caller
                 that asked for records not written yet).
         """
+        if (self._fd is not None and self.last < upto
+                and not os.path.exists(os.path.join(self.data_dir, self._name))):
+            # Its segment was folded and deleted, or kept to be written over
+            # as a later one (SPARE_SEGMENTS): what follows is in the next.
+            self.close()
         if self._fd is None and self.last < upto:
             # The segment holding last + 1: the newest one starting at or before it.
             older = [(first, path) for first, path in _list_segments(self.data_dir)
@@ -1042,6 +1102,7 @@ class SqliteStore(Recorder):
         self._wal: LogWriter | None = None
         self._dirfd: int | None = None
         self._segments: list[tuple[int, str]] = []  # (first lsn, path), under _compact_cv
+        self._spares: list[str] = []  # folded segments to reuse (SPARE_PREFIX), likewise
         self._seg_bytes = 0  # in the newest segment
         self._thread: threading.Thread | None = None  # the log writer's
         self._threads: list[threading.Thread] = []  # compactor, flusher
@@ -1144,6 +1205,7 @@ class SqliteStore(Recorder):
         self._dirfd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
         for _, path in _list_segments(self.data_dir):
             os.unlink(path)
+        self._remove_spares()
         first = self._lsn + 1
         path = _segment_path(self.data_dir, first)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
@@ -1595,6 +1657,7 @@ class SqliteStore(Recorder):
                 self._compacted_lsn == self._lsn:
             # A clean close leaves no log: the tables have every record.
             self._trim_segments(everything=True)
+            self._remove_spares()
 
     def _finish_close(self) -> None:
         if self._thread is not None and self.commits:
@@ -1829,10 +1892,15 @@ class SqliteStore(Recorder):
                 b.lsn = lsn = self._lsn + 1
                 if self._seg_bytes >= SEGMENT_BYTES:
                     path = _segment_path(self.data_dir, lsn)
-                    if wal.rotate(os.fsencode(path)):
+                    with self._compact_cv:
+                        spare = self._spares.pop() if self._spares else None
+                    if wal.rotate(os.fsencode(path), spare and os.fsencode(spare)):
                         with self._compact_cv:
                             self._segments.append((lsn, path))
                         self._seg_bytes = 0
+                    elif spare is not None:
+                        with self._compact_cv:
+                            self._spares.append(spare)
                 if direct:
                     if wal.write_record(lsn, head, cold, ops, seq):
                         done = seq
@@ -1893,13 +1961,34 @@ class SqliteStore(Recorder):
             while n < len(segs) - 1 and segs[n + 1][0] <= upto + 1:
                 n += 1
             dead, self._segments = segs[:n], segs[n:]
-        for _, path in dead:
+            keep = 0 if everything else max(0, SPARE_SEGMENTS - len(self._spares))
+        for first, path in dead:
             try:
+                if keep:
+                    # Kept for reuse. (The compactor's reader looks again
+                    # for the segment it reads from before each fold: see
+                    # _LogReader.read.)
+                    spare = os.path.join(self.data_dir, f"{SPARE_PREFIX}{first:016x}")
+                    os.rename(path, spare)
+                    keep -= 1
+                    with self._compact_cv:
+                        self._spares.append(spare)
+                    continue
                 os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as e:  # harmless: recovery skips what the tables have
                 log.warning("persistence: cannot delete log segment %s: %s", path, e)
+
+    def _remove_spares(self) -> None:
+        with self._compact_cv:
+            self._spares = []
+        for name in os.listdir(self.data_dir):
+            if name.startswith(SPARE_PREFIX):
+                try:
+                    os.unlink(os.path.join(self.data_dir, name))
+                except OSError as e:  # harmless: removed at the next start
+                    log.warning("persistence: cannot delete %s: %s", name, e)
 
     # ============================================= compactor thread and process
 

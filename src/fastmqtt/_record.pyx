@@ -27,18 +27,16 @@ Ops, little endian, back to back::
                                             earlier delivery changes go)
     7 MSGF    u64 msg_id, f64 expires_at, u8 qos | retain << 2, str topic,
               u32 n, n bytes payload   (a message without properties, as its
-                                        fields: MSG once decoded and
-                                        encode_pending has run)
+                                        fields; decoded into what MSG holds)
 
 ``str`` is a u16 length and UTF-8, ``str8`` a u8 length and ASCII. ``fresh``:
 the client had no delivery of that message (else the add may replace a row
 in the tables).
 
 A message without properties (most chat messages) is recorded as MSGF, its
-topic and payload copied as they are: the stored form (an encoded PUBLISH)
-is made by :func:`encode_pending` for what is left of a batch once
-:func:`decode_ops` has netted it, in the compactor and at recovery, not on
-the broker's event loop. Other messages are encoded when recorded (MSG).
+topic and payload copied as they are: :func:`decode_ops` writes its stored
+form (an encoded PUBLISH) from them, in the compactor and at recovery, not
+on the broker's event loop. Other messages are encoded when recorded (MSG).
 """
 
 cimport cython
@@ -46,7 +44,7 @@ from cpython.dict cimport PyDict_SetDefault
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy
-from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 
@@ -73,18 +71,6 @@ DEF OP_UPD = 4
 DEF OP_DEL = 5
 DEF OP_CASCADE = 6
 DEF OP_MSGF = 7
-
-#: ``f(topic, payload, qos, retain, properties)``: the stored form of a
-#: message (set by fastmqtt.store.sqlite: publish_fields_encoder()), for
-#: decode_ops to turn MSGF ops into what MSG ops hold.
-_fields_encoder = None
-
-
-def set_fields_encoder(encoder) -> None:
-    """Set the encoder :func:`decode_ops` makes MSGF ops' stored form with."""
-    global _fields_encoder
-    _fields_encoder = encoder
-
 
 cdef class Lock:
     """A mutex for ``with lock:`` in Python that the recorder takes directly.
@@ -586,8 +572,8 @@ cdef class Recorder:
         cdef const char* t
         if (not properties and type(topic) is str and type(payload) is bytes
                 and (qos == 0 or qos == 1 or qos == 2)):
-            # Its fields as they are (MSGF): encode_pending encodes it, off
-            # the loop. Only what the encoder takes: a non-empty topic name
+            # Its fields as they are (MSGF): decode_ops encodes it, off the
+            # loop. Only what the encoder takes: a non-empty topic name
             # without wildcards or U+0000, in UTF-8, that fits its u16
             # length; anything else is encoded here (and refused if bad).
             t = _utf8_or_null(topic, &tn)
@@ -979,7 +965,8 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
     cdef const unsigned char* r
     cdef list e
     cdef double exp
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n, tn
+    cdef const unsigned char* t
     cdef int kind
     if data.shape[0] == 0:
         return
@@ -1003,13 +990,16 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             mid = c.uint(8)
             memcpy(&exp, c.take(8), 8)
             flags = c.take(1)[0]
-            topic = c.text(2)
+            if flags & 3 == 3 or flags > 7:
+                raise ValueError(f"bad message flags {flags} at byte {c.off - 1}")
+            tn = <Py_ssize_t>c.uint(2)
+            t = c.take(tn)
             n = <Py_ssize_t>c.uint(4)
-            payload = PyBytes_FromStringAndSize(<const char*>c.take(n), n)
-            # Its fields for now: encode_pending makes the stored form of
-            # the messages that are left once the ops are net (most of a
-            # connected subscriber's never reach the tables).
-            b.messages[mid] = ((topic, payload, flags), None if isnan(exp) else exp)
+            # Its stored form at once, in one allocation: cheaper than the
+            # topic, payload and tuple it used to be decoded into (and then
+            # encoded from, for the messages left once the ops are net).
+            b.messages[mid] = (_stored_msgf(t, tn, c.take(n), n, flags),
+                               None if isnan(exp) else exp)
             if b.msg_del and mid in b.msg_del:
                 b.msg_del.discard(mid)  # the insert replaces the row
                 b.reput.add(mid)
@@ -1066,36 +1056,60 @@ def decode_ops(const unsigned char[::1] data, Batch b) -> None:
             raise ValueError(f"unknown op {op} at byte {c.off - 1}")
 
 
-cdef inline object _stored(tuple f):
-    """The stored form (a bytearray) of a message decode_ops left as its
-    fields ``(topic, payload, qos | retain << 2)``."""
-    if _fields_encoder is None:  # (fastmqtt.store.sqlite sets it on import)
-        from fastmqtt.store.base import publish_fields_encoder
-        set_fields_encoder(publish_fields_encoder())
-    stored = _fields_encoder(f[0], f[1], f[2] & 3, bool(f[2] & 4), None)
-    return PyByteArray_FromStringAndSize(PyBytes_AS_STRING(stored), PyBytes_GET_SIZE(stored))
+DEF REMAINING_MAX = 268435455  # the largest Remaining Length (MQTT 2.1.4)
 
 
-def encode_pending(dict messages) -> None:
-    """Give the messages that :func:`decode_ops` left as their fields (MSGF
-    ops) their stored form, in place: ``{msg_id: (stored form, expires_at)}``
-    as for MSG ops, the stored form a bytearray."""
-    for mid, v in messages.items():
-        data = (<tuple>v)[0]
-        if type(data) is tuple:
-            messages[mid] = (_stored(<tuple>data), (<tuple>v)[1])
+cdef object _stored_msgf(const unsigned char* t, Py_ssize_t tn, const unsigned char* p,
+                         Py_ssize_t pn, int flags):
+    """The stored form (a bytearray) of an MSGF op's message: what
+    ``encode_stored_fields(topic, payload, qos, retain)`` makes (the flag
+    byte, then the MQTT 5 PUBLISH: fixed header, topic, packet id 1 for QoS
+    1 and 2 with flag 1 saying it has none, an empty property list, the
+    payload), written from the op's bytes. The recorder wrote MSGF only for
+    a topic that encoder takes (see _msgf_topic); the tests hold the two to
+    the same bytes."""
+    cdef int qos = flags & 3
+    cdef Py_ssize_t rl = 2 + tn + (2 if qos else 0) + 1 + pn
+    if rl > REMAINING_MAX:
+        raise ValueError(f"a message of {pn} bytes is too large to store")
+    cdef unsigned char head[8]
+    cdef Py_ssize_t h = 2
+    head[0] = 1 if qos else 0
+    head[1] = 0x30 | (qos << 1) | (1 if flags & 4 else 0)
+    while True:  # Remaining Length, variable byte integer (MQTT 1.5.5)
+        head[h] = rl & 0x7F
+        rl >>= 7
+        if rl:
+            head[h] |= 0x80
+            h += 1
+        else:
+            h += 1
+            break
+    cdef Py_ssize_t size = h + 2 + tn + (2 if qos else 0) + 1 + pn
+    out = PyByteArray_FromStringAndSize(NULL, size)
+    cdef unsigned char* w = <unsigned char*>PyByteArray_AS_STRING(out)
+    memcpy(w, head, h)
+    w += h
+    w[0] = <unsigned char>(tn >> 8)
+    w[1] = <unsigned char>(tn & 0xFF)
+    memcpy(w + 2, t, tn)
+    w += 2 + tn
+    if qos:
+        w[0] = 0
+        w[1] = 1
+        w += 2
+    w[0] = 0  # no properties
+    memcpy(w + 1, p, pn)
+    return out
 
 
 def message_rows(dict messages, list flat, list timed) -> None:
     """The rows of a batch's messages, for the compactor's INSERTs: each
     message without an expiry as ``msg_id, stored form`` appended to
     ``flat``, the others as ``(msg_id, stored form, expires_at)`` to
-    ``timed``. Fields (MSGF ops) are encoded as by :func:`encode_pending`,
-    without writing the result back into ``messages``."""
+    ``timed``."""
     for mid, v in messages.items():
         data = (<tuple>v)[0]
-        if type(data) is tuple:
-            data = _stored(<tuple>data)
         exp = (<tuple>v)[1]
         if exp is None:
             flat.append(mid)

@@ -160,7 +160,7 @@ from typing import Any
 import trio
 
 from .._record import Batch as _Batch
-from .._record import Recorder, decode_ops, encode_pending, set_fields_encoder
+from .._record import Recorder, decode_ops
 from .._record import delivery_rows as _delivery_rows
 from .._record import message_rows as _message_rows
 from .._wal import LogWriter
@@ -170,9 +170,6 @@ from .base import (StoreError, build_snapshot, decode_publish, delivery_extra,
                    publish_fields_encoder)
 
 __all__ = ["SqliteStore", "DB_NAME", "SEGMENT_PREFIX", "SCHEMA_VERSION"]
-
-# decode_ops makes the stored form of messages recorded as their fields.
-set_fields_encoder(publish_fields_encoder())
 
 DB_NAME = "fastmqtt.db"
 #: The log's segment files: ``fastmqtt-log.<first record's lsn, 16 hex digits>``.
@@ -763,9 +760,7 @@ def _encode_parts(b: _Batch, blob) -> tuple[bytes, bytes]:
                     hist[hid] = (hid, t, ts, exp, data)
             b.hist_put = hist
         # Messages and deliveries in b come from ops folded in while the disk
-        # stalled: in their stored form once encode_pending has run.
-        if b.messages:
-            encode_pending(b.messages)
+        # stalled: decode_ops gave them their stored form.
         cold = pickle.dumps((1, b.cascade, b.sessions, b.subs, b.deliv, b.qos2, b.messages,
                              b.msg_del, b.retained, b.wills, b.hist_put, b.hist_del,
                              b.reput), 5)

@@ -1952,6 +1952,23 @@ def test_a_lite_message_released_then_handed_out_again_is_stored_again_from_src(
     assert sq._msgs[2] is not None and 2 in b.deliv["c2"]
 
 
+def _lite_step(s, what, mid, client, src, put, pid=0):
+    """One step of _LITE_STEPS on store ``s``, with ``src`` (or None) for the
+    message; ``put``: the messages stored so far (an add names only those)."""
+    m = _SRCS[mid]
+    if what == "put_add":
+        s.put_message_add_delivery(mid, m.topic, m.payload, m.qos, m.retain, None,
+                                   m.expires_at, client, 1, pid, "queued", False, (), src)
+    elif what == "add" and mid in put:
+        s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), src)
+    elif what == "update":
+        s.update_delivery_fields(client, mid, 1, 9, "sent")
+    elif what == "remove":
+        s.remove_delivery(client, mid)
+    elif what == "drop":
+        s.delete_session(client)
+
+
 _LITE_STEPS = st.lists(st.tuples(st.sampled_from(["put_add", "add", "update", "remove",
                                                   "drop"]),
                                  st.integers(1, 4), st.sampled_from(["a", "b", "c"])),
@@ -1970,20 +1987,8 @@ def test_lite_entries_record_what_full_ones_do(steps):
         lite, full = SqliteStore(d + "/a"), SqliteStore(d + "/b")
         put = set()
         for what, mid, client in steps:
-            m = _SRCS[mid]
-            for s, src in ((lite, m), (full, None)):
-                if what == "put_add":
-                    s.put_message_add_delivery(mid, m.topic, m.payload, m.qos, m.retain, None,
-                                               m.expires_at, client, 1, 3, "queued", False, (),
-                                               src)
-                elif what == "add" and mid in put:
-                    s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), src)
-                elif what == "update":
-                    s.update_delivery_fields(client, mid, 1, 9, "sent")
-                elif what == "remove":
-                    s.remove_delivery(client, mid)
-                elif what == "drop":
-                    s.delete_session(client)
+            for s, src in ((lite, _SRCS[mid]), (full, None)):
+                _lite_step(s, what, mid, client, src, put, 3)
             if what == "put_add":
                 put.add(mid)
             assert lite.take_ops() == full.take_ops(), (what, mid, client)
@@ -2545,19 +2550,9 @@ def _records_of(steps, cuts):
             recs.append(zlib.crc32(body).to_bytes(4, "little") + body)
 
         for i, (what, mid, client) in enumerate(steps):
-            m = _SRCS[mid]
+            _lite_step(s, what, mid, client, _SRCS[mid], put)
             if what == "put_add":
-                s.put_message_add_delivery(mid, m.topic, m.payload, m.qos, m.retain, None,
-                                           m.expires_at, client, 1, 0, "queued", False, (), m)
                 put.add(mid)
-            elif what == "add" and mid in put:
-                s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), m)
-            elif what == "update":
-                s.update_delivery_fields(client, mid, 1, 9, "sent")
-            elif what == "remove":
-                s.remove_delivery(client, mid)
-            elif what == "drop":
-                s.delete_session(client)
             if i in cuts:
                 record()
         record()

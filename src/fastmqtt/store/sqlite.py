@@ -130,9 +130,10 @@ the broker was down and returns a
 :class:`~fastmqtt.broker.interfaces.Snapshot`. A last record cut short (a
 crash during an append, which nobody was told was durable) is logged and
 ignored, as are the older records a reused last segment still holds after
-its own (see :func:`_read_segments`). A file SQLite cannot read, that fails the check, that has a newer
-schema, or whose log has another record that does not decode (checksum) or a
-gap is logged and renamed, with its partner, to
+its own; the first damaged record of the last segment ends the log (logged
+as an error, the segment copied aside: see :func:`_read_segments`). A file
+SQLite cannot read, that fails the check, that has a newer schema, or whose
+log has a damaged record in an earlier segment or a gap is logged and renamed, with its partner, to
 ``fastmqtt.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``), each
 log segment likewise, and a fresh database is created:
 the broker starts, the evidence is kept, nothing is silently overwritten. A
@@ -147,6 +148,7 @@ import io
 import os
 import pickle
 import queue
+import shutil
 import sqlite3
 import struct
 import subprocess
@@ -321,18 +323,41 @@ def _later_record(data: bytes, off: int, expected: int) -> int | None:
     return None
 
 
+def _keep_damaged(path: str) -> str:
+    """Copy a segment whose records ended at damage to
+    ``<path>.damaged-<UTC time>``; the copy's name (or why there is none)."""
+    dest = path + time.strftime(".damaged-%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        shutil.copyfile(path, dest)
+    except OSError as e:
+        return f"(not kept: {e})"
+    return dest
+
+
 def _read_segments(segments: list[tuple[int, str]]):
     """Yield ``(lsn, record, where)`` from the segment files, in order.
 
     The last segment's records end at the first frame that is not one of
-    them: the end of the file, what a recycled segment held before (frames
+    them: the end of the file, what a reused segment held before (frames
     of older lsns, or bytes that are not a frame where its records end), or
     a record cut short by a crash in the middle of an append (never
     acknowledged, as ``durable()`` waits for the whole append; logged and
-    left out). If an intact record of the log follows such a frame, that
-    frame is damage: ``_Unusable``. Earlier segments were cut at their end
-    before the next was begun: in them anything short or damaged is
-    damage.
+    left out).
+
+    That holds even when intact records of the log follow the bad frame
+    (as in PostgreSQL's WAL, the first invalid record ends the log). A
+    reused segment is written over in place, and a power failure during a
+    write may leave a later page of it on disk and an earlier one not: the
+    records of that write were not acknowledged (``sync``: its fdatasync
+    never returned) or are within the loss ``batch`` allows. Moving the
+    whole store aside for it would lose everything acknowledged before. It
+    is logged as an error, and the segment is copied to
+    ``<name>.damaged-<UTC time>`` (the evidence, should it be damage after
+    all), which start-up leaves alone.
+
+    Earlier segments were fsynced and cut at their end before the next was
+    begun: in them anything short or damaged is damage (``_Unusable``), as
+    is a missing record anywhere (the caller's check).
     """
     for i, (first, path) in enumerate(segments):
         last_segment = i == len(segments) - 1
@@ -359,14 +384,19 @@ def _read_segments(segments: list[tuple[int, str]]):
             lsn = _FRAME.unpack_from(data, off)[1] if end_of_data - off >= _FRAME.size else None
             later = _later_record(data, off, expected)
             if later is not None:
-                raise _Unusable(f"{name}: the record at byte {off} (lsn {lsn}) is damaged: "
-                                f"checksum, length or lsn (record {later} follows it)")
-            if frame is None and (lsn is None or lsn == expected):
+                kept = _keep_damaged(path)
+                log.error("persistence: the log ends before record %d: the frame at byte %d of %s "
+                          "is damaged (checksum, length or lsn) and record %d follows it. A "
+                          "power failure during a write over a reused segment leaves this "
+                          "(nothing it drops was acknowledged as durable); anything else is "
+                          "damage. The segment is kept as %s", expected, off, name, later, kept)
+            elif frame is None and (lsn is None or lsn == expected):
                 log.warning("persistence: the log ends with %s cut short (at byte %d of %s): "
                             "an append that a crash interrupted, never acknowledged; ignored",
                             "a record header" if lsn is None else f"record {lsn}", off, name)
-            # else: what the recycled file held before its records
+            # else: what the reused file held before its records
             return
+
 
 class _Due:
     """Records appended and written, to be folded: the last one's lsn and the

@@ -46,6 +46,9 @@ CHILD = textwrap.dedent("""
         # compaction transaction, once the rows are written, and waits there.
         os.environ["FASTMQTT_COMPACTOR_STALL"] = os.path.join(data_dir, "..", "stuck")
         sqlite_mod.COMPACT_PERIOD = 0.2
+    elif compaction == "reuse":  # small segments, folded and written over again
+        sqlite_mod.SEGMENT_BYTES = 8192
+        sqlite_mod.COMPACT_PERIOD = 0.02
 
     async def main():
         store = SqliteStore(data_dir, durability=mode, batch_interval_ms=20)
@@ -64,6 +67,9 @@ CHILD = textwrap.dedent("""
                 await store.durable(store.mark())
                 if i % 3:
                     sys.stdout.write(f"acked {i}\\n")  # one write per line
+                    sys.stdout.flush()
+                elif i % 300 == 0 and compaction == "reuse":
+                    sys.stdout.write(f"reused {store._wal.recycled_segments}\\n")
                     sys.stdout.flush()
 
         async with trio.open_nursery() as n:
@@ -84,12 +90,15 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("mode, compaction", [("sync", "default"), ("batch", "default"),
                                                ("sync", "never"), ("batch", "often"),
-                                               ("sync", "stuck")])
+                                               ("sync", "stuck"), ("sync", "reuse"),
+                                               ("batch", "reuse")])
 def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compaction):
     """Killed mid-stream; also with nothing folded into the tables yet
     (``never``: recovery is the log alone), while compactions run back to back
-    (``often``), and inside a compaction transaction (``stuck``: its rows are
-    in the tables' WAL but not committed; the log still has them)."""
+    (``often``), inside a compaction transaction (``stuck``: its rows are
+    in the tables' WAL but not committed; the log still has them), and with
+    8 KiB segments folded and written over again all the time (``reuse``:
+    the last segment holds older records behind its own)."""
     data = str(tmp_path / "data")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -97,16 +106,21 @@ def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compac
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     acked = set()
     stuck = False
+    reused = 0
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
+            if line.startswith("reused "):
+                reused = int(line.split()[1])
+                continue
             assert line.startswith("acked "), repr(line)
             acked.add(int(line.split()[1]))
             stuck = stuck or os.path.exists(tmp_path / "stuck")
-            if len(acked) >= 2000 and (stuck or compaction != "stuck"):
+            if len(acked) >= 2000 and (stuck or compaction != "stuck") and (
+                    reused >= 3 or compaction != "reuse"):
                 break
     finally:
         proc.send_signal(signal.SIGKILL)  # mid-stream: commits in flight
@@ -121,6 +135,7 @@ def test_store_keeps_every_durable_message_across_sigkill(tmp_path, mode, compac
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not _alive(child)
+    assert reused >= 3 or compaction != "reuse"
     if compaction in ("never", "stuck"):
         in_log = sum(os.path.getsize(os.path.join(data, n)) for n in os.listdir(data)
                      if n.startswith(SEGMENT_PREFIX))

@@ -2593,6 +2593,8 @@ def _records_of(steps, cuts):
 @given(steps=_LITE_STEPS, cuts=st.sets(st.integers(0, 40)))
 # stored, released and stored again, a record each: the row must stay
 @example(steps=[("put_add", 1, "a"), ("remove", 1, "a"), ("put_add", 1, "b")], cuts={0, 1})
+# stored again by the client that has it, then released, in the next record
+@example(steps=[("put_add", 1, "a"), ("put_add", 1, "a"), ("remove", 1, "a")], cuts={0})
 # acknowledged in one record, given again and updated in the next ones
 @example(steps=[("put_add", 2, "a"), ("add", 2, "b"), ("remove", 2, "a"), ("add", 2, "a"),
                 ("update", 2, "a"), ("drop", 2, "b")], cuts={1, 2, 4})
@@ -2755,3 +2757,23 @@ def test_folded_segments_are_reused_and_a_crash_loses_nothing(tmp_path, monkeypa
     assert [d.msg_id for d in by_client(snap)["c"].deliveries] == list(range(1, mid + 1))
     assert "cut short" not in caplog.text and "unusable" not in caplog.text
     assert not [n for n in os.listdir(data) if n.startswith(sqlite_mod.SPARE_PREFIX)]
+
+
+def test_a_message_stored_again_then_released_leaves_no_row_in_a_later_fold():
+    """A message stored again while it is stored (its row may be in the
+    tables already) and then released: the fold that sees the release
+    removes the row an earlier fold wrote, rather than taking the new put
+    and its MSGDEL as cancelling out and leaving the old row behind."""
+    recs = _records_of([("put_add", 1, "a"), ("put_add", 1, "a"), ("remove", 1, "a")], {0})
+    assert len(recs) == 2
+    db = sqlite3.connect(":memory:")
+    db.executescript(sqlite_mod._SCHEMA)
+    counts = []
+    for rec in recs:  # a fold each
+        b = sqlite_mod._Batch()
+        sqlite_mod._decode_into(b, rec)
+        sqlite_mod._apply_tables(db, b)
+        counts.append([db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                       for t in ("messages", "deliveries")])
+    db.close()
+    assert counts == [[1, 1], [0, 0]]

@@ -623,6 +623,12 @@ cdef class Recorder:
         if old is not m:
             # Stored again, or deliveries named it before it was stored (a
             # ghost): its deliveries carry over.
+            if type(old) is str or (<_Msg>old).stored:
+                # Its row may be in the tables: its delete goes first, so
+                # decode_ops takes the put that follows as one over a row
+                # (Batch.reput) and a later MSGDEL still removes the row
+                # rather than just cancelling this put.
+                self._op_msgdel(msg_id)
             _take_over(m, old)
             self._msgs[msg_id] = m
         else:

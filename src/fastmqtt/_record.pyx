@@ -1075,7 +1075,8 @@ cdef object _stored_msgf(const unsigned char* t, Py_ssize_t tn, const unsigned c
     a topic that encoder takes (see _msgf_topic); the tests hold the two to
     the same bytes."""
     cdef int qos = flags & 3
-    cdef Py_ssize_t rl = 2 + tn + (2 if qos else 0) + 1 + pn
+    cdef Py_ssize_t body = 2 + tn + (2 if qos else 0) + 1 + pn  # the Remaining Length
+    cdef Py_ssize_t rl = body
     if rl > REMAINING_MAX:
         raise ValueError(f"a message of {pn} bytes is too large to store")
     cdef unsigned char head[8]
@@ -1091,8 +1092,7 @@ cdef object _stored_msgf(const unsigned char* t, Py_ssize_t tn, const unsigned c
         else:
             h += 1
             break
-    cdef Py_ssize_t size = h + 2 + tn + (2 if qos else 0) + 1 + pn
-    out = PyByteArray_FromStringAndSize(NULL, size)
+    out = PyByteArray_FromStringAndSize(NULL, h + body)
     cdef unsigned char* w = <unsigned char*>PyByteArray_AS_STRING(out)
     memcpy(w, head, h)
     w += h

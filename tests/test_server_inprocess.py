@@ -449,3 +449,79 @@ async def test_acks_go_out_as_far_as_the_store_has_committed(tmp_path, monkeypat
             ack = await pub.next()
             assert isinstance(ack, Puback) and ack.packet_id == 8
             await broker.aclose()
+
+
+async def test_acks_of_two_publishers_go_out_as_their_changes_are_durable(tmp_path, monkeypatch):
+    """Two publishers wait for the store. A commit that covers only the
+    first publisher's changes sends only its PUBACK; the other's goes out
+    once its own changes are durable [issue 5]."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config(persistence=True,
+                                                       data_dir=str(tmp_path),
+                                                       durability="batch"))
+            store = broker.store
+            sub, pub = await _keeper_and_publisher(broker)
+            pub2 = await Raw.open(broker.ports[0])
+            await pub2.connect("pub2")
+            await trio.testing.wait_all_tasks_blocked()
+            store._wal.pause(True)
+            await pub.send(Publish("t", b"a", 1, False, False, 7))
+            await trio.testing.wait_all_tasks_blocked()
+            first = store.mark()
+            await pub2.send(Publish("t", b"b", 1, False, False, 9))
+            await trio.testing.wait_all_tasks_blocked()
+            assert store.mark() > first
+            limit = [first]
+            real = type(store)._catch_up
+
+            def catch_up(wal):
+                real(store, wal)
+                store._committed = min(store._committed, limit[0])
+
+            monkeypatch.setattr(store, "_catch_up", catch_up)
+            sent_before = broker.stats.bytes_sent
+            store._wal.pause(False)
+            ack = await pub.next()
+            assert isinstance(ack, Puback) and ack.packet_id == 7
+            await trio.testing.wait_all_tasks_blocked()
+            # pub2's PUBACK is not out: its changes are not durable yet.
+            assert broker.stats.bytes_sent == sent_before + len(encode(ack, 5))
+            limit[0] = float("inf")
+            store._progress(store._wal)
+            ack = await pub2.next()
+            assert isinstance(ack, Puback) and ack.packet_id == 9
+            await broker.aclose()
+
+
+async def test_waiting_acks_are_never_sent_when_the_store_fails(tmp_path):
+    """The log writer fails while PUBACKs wait for it: no PUBACK is sent
+    (the message is not durable) and the waiting publishers' connections
+    end [issue 5]; the broker itself goes on."""
+    import errno
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            broker = await nursery.start(serve, config(persistence=True,
+                                                       data_dir=str(tmp_path),
+                                                       durability="batch"))
+            store = broker.store
+            sub, pub = await _keeper_and_publisher(broker)
+            pub2 = await Raw.open(broker.ports[0])
+            await pub2.connect("pub2")
+            await trio.testing.wait_all_tasks_blocked()
+            store._wal.retry_scale = 0.0
+            store._wal.inject_failure(errno.EIO, writes=100)
+            store._wal.pause(True)
+            await pub.send(Publish("t", b"a", 1, False, False, 7))
+            await pub2.send(Publish("t", b"b", 1, False, False, 9))
+            await trio.testing.wait_all_tasks_blocked()
+            store._wal.pause(False)
+            assert await pub.next() is None  # closed, no PUBACK first
+            assert await pub2.next() is None
+            # The subscriber, which waits for nothing from the store, goes on.
+            await sub.send(Pingreq())
+            while (got := await sub.next()) is not None and got.packet_type != 13:
+                assert isinstance(got, Publish)
+            assert got is not None
+            await broker.aclose()

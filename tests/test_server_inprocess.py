@@ -370,6 +370,12 @@ async def test_receiver_reset_while_others_route_to_it():
             await broker.aclose()
 
 
+async def _stored_broker(nursery, tmp_path, durability):
+    """A broker with the SQLite store in ``tmp_path``, started in ``nursery``."""
+    return await nursery.start(serve, config(persistence=True, data_dir=str(tmp_path),
+                                             durability=durability))
+
+
 async def _keeper_and_publisher(broker):
     """A connected persistent QoS 1 subscriber to "t" ("keeper") and a
     publisher ("pub"), both settled."""
@@ -378,10 +384,15 @@ async def _keeper_and_publisher(broker):
                       properties={PropertyId.SESSION_EXPIRY_INTERVAL: 3600})
     await sub.send(Subscribe(1, [Subscription("t", 1)]))
     assert (await sub.next()).packet_type == 9
+    return sub, await _publisher(broker, "pub")
+
+
+async def _publisher(broker, client_id):
+    """A connected client ``client_id``, settled."""
     pub = await Raw.open(broker.ports[0])
-    await pub.connect("pub")
+    await pub.connect(client_id)
     await trio.testing.wait_all_tasks_blocked()
-    return sub, pub
+    return pub
 
 
 @pytest.mark.parametrize("durability", ["sync", "batch"])
@@ -391,9 +402,7 @@ async def test_puback_waits_for_the_store_then_goes_out(tmp_path, durability):
     PUBACK follows (sent by the store's callback, no writer task)."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            broker = await nursery.start(serve, config(persistence=True,
-                                                       data_dir=str(tmp_path),
-                                                       durability=durability))
+            broker = await _stored_broker(nursery, tmp_path, durability)
             sub, pub = await _keeper_and_publisher(broker)
             broker.store._wal.pause(True)
             sent_before = broker.stats.bytes_sent
@@ -411,23 +420,25 @@ async def test_puback_waits_for_the_store_then_goes_out(tmp_path, durability):
             await broker.aclose()
 
 
-async def test_acks_go_out_as_far_as_the_store_has_committed(tmp_path, monkeypatch):
+@pytest.mark.parametrize("second", ["same publisher", "another publisher"])
+async def test_acks_go_out_as_far_as_the_store_has_committed(tmp_path, monkeypatch, second):
     """PUBACKs of an earlier read go out once their own changes are durable,
     not only when a later read's are [MQTT-4.6.0-2: in order]: the store is
     made to report the first read's changes as committed, and only that
-    PUBACK is sent; the second follows once its changes are."""
+    PUBACK is sent; the second follows once its changes are. The second
+    read comes from the same publisher or from another one (two connections
+    waiting for the store) [issue 5]."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            broker = await nursery.start(serve, config(persistence=True,
-                                                       data_dir=str(tmp_path),
-                                                       durability="batch"))
+            broker = await _stored_broker(nursery, tmp_path, "batch")
             store = broker.store
             sub, pub = await _keeper_and_publisher(broker)
+            pub2 = pub if second == "same publisher" else await _publisher(broker, "pub2")
             store._wal.pause(True)
             await pub.send(Publish("t", b"m7", 1, False, False, 7))
             await trio.testing.wait_all_tasks_blocked()
             first = store.mark()  # covers the first read's changes
-            await pub.send(Publish("t", b"m8", 1, False, False, 8))
+            await pub2.send(Publish("t", b"m8", 1, False, False, 8))
             await trio.testing.wait_all_tasks_blocked()
             assert store.mark() > first
             limit = [first]
@@ -443,54 +454,11 @@ async def test_acks_go_out_as_far_as_the_store_has_committed(tmp_path, monkeypat
             ack = await pub.next()
             assert isinstance(ack, Puback) and ack.packet_id == 7
             await trio.testing.wait_all_tasks_blocked()
-            assert broker.stats.bytes_sent == sent_before + len(encode(ack, 5))
-            limit[0] = float("inf")
-            store._progress(store._wal)
-            ack = await pub.next()
-            assert isinstance(ack, Puback) and ack.packet_id == 8
-            await broker.aclose()
-
-
-async def test_acks_of_two_publishers_go_out_as_their_changes_are_durable(tmp_path, monkeypatch):
-    """Two publishers wait for the store. A commit that covers only the
-    first publisher's changes sends only its PUBACK; the other's goes out
-    once its own changes are durable [issue 5]."""
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            broker = await nursery.start(serve, config(persistence=True,
-                                                       data_dir=str(tmp_path),
-                                                       durability="batch"))
-            store = broker.store
-            sub, pub = await _keeper_and_publisher(broker)
-            pub2 = await Raw.open(broker.ports[0])
-            await pub2.connect("pub2")
-            await trio.testing.wait_all_tasks_blocked()
-            store._wal.pause(True)
-            await pub.send(Publish("t", b"a", 1, False, False, 7))
-            await trio.testing.wait_all_tasks_blocked()
-            first = store.mark()
-            await pub2.send(Publish("t", b"b", 1, False, False, 9))
-            await trio.testing.wait_all_tasks_blocked()
-            assert store.mark() > first
-            limit = [first]
-            real = type(store)._catch_up
-
-            def catch_up(wal):
-                real(store, wal)
-                store._committed = min(store._committed, limit[0])
-
-            monkeypatch.setattr(store, "_catch_up", catch_up)
-            sent_before = broker.stats.bytes_sent
-            store._wal.pause(False)
-            ack = await pub.next()
-            assert isinstance(ack, Puback) and ack.packet_id == 7
-            await trio.testing.wait_all_tasks_blocked()
-            # pub2's PUBACK is not out: its changes are not durable yet.
             assert broker.stats.bytes_sent == sent_before + len(encode(ack, 5))
             limit[0] = float("inf")
             store._progress(store._wal)
             ack = await pub2.next()
-            assert isinstance(ack, Puback) and ack.packet_id == 9
+            assert isinstance(ack, Puback) and ack.packet_id == 8
             await broker.aclose()
 
 
@@ -502,14 +470,10 @@ async def test_waiting_acks_are_never_sent_when_the_store_fails(tmp_path):
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            broker = await nursery.start(serve, config(persistence=True,
-                                                       data_dir=str(tmp_path),
-                                                       durability="batch"))
+            broker = await _stored_broker(nursery, tmp_path, "batch")
             store = broker.store
             sub, pub = await _keeper_and_publisher(broker)
-            pub2 = await Raw.open(broker.ports[0])
-            await pub2.connect("pub2")
-            await trio.testing.wait_all_tasks_blocked()
+            pub2 = await _publisher(broker, "pub2")
             store._wal.retry_scale = 0.0
             store._wal.inject_failure(errno.EIO, writes=100)
             store._wal.pause(True)

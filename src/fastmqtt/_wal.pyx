@@ -689,14 +689,13 @@ cdef class LogWriter:
 
     cdef int _cut(self, int fd) noexcept nogil:
         """Cut a recycled file at the end of what was written to it, and
-        fsync that. Returns 0 or an errno."""
+        fdatasync it: the one sync puts on disk both what was written and
+        the new size (fdatasync flushes a size change, being needed to read
+        the data back). Returns 0 or an errno."""
         cdef long end = c_lseek(fd, 0, 1)  # SEEK_CUR: the write position
         if end < 0 or c_ftruncate(fd, end) != 0:
             return errno
-        while c_fsync(fd) != 0:
-            if errno != EINTR:
-                return errno
-        return 0
+        return self._datasync(fd)
 
     cdef void _signal(self) noexcept nogil:
         cdef uint64_t one = 1
@@ -817,12 +816,11 @@ cdef class LogWriter:
                 # before the new one exists.
                 rc = self._write_all(self.wbuf, sw)
                 if rc == 0:
-                    rc = self._datasync(self.fd)
-                if rc == 0 and self.recycled:
-                    # Cut what it held before, on disk before the next
-                    # segment exists: only the last segment can have
-                    # older records after its own.
-                    rc = self._cut(self.fd)
+                    # A recycled file is cut at the end of its own records
+                    # (what it held before goes), on disk before the next
+                    # segment exists: only the last segment can have older
+                    # records after its own.
+                    rc = self._cut(self.fd) if self.recycled else self._datasync(self.fd)
                 if rc == 0:
                     c_close(self.fd)
                     self.fd = -1

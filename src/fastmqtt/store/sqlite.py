@@ -111,13 +111,14 @@ one is fsynced and closed first, the data directory fsynced after the new
 file is created. The new file is a folded segment kept for reuse when there
 is one (``SPARE_SEGMENTS``), written over from its start; a segment so
 reused is cut at the end of its own records when it is left, so only the
-last segment can hold older records after its own. The tables are written with ``synchronous=FULL`` (the
-compactor waits for its own fsync; nobody else does), so a segment is deleted
-only once its changes are on disk in the tables. Checkpoints (WAL into the
-database file) run in the compactor, after a compaction. A write that fails is retried a
-few times (a full disk may clear up); after that, or after any failed fsync
-(the kernel may have dropped the pages), the store fails: ``durable()``
-raises, since nothing later could honestly be called durable.
+last segment can hold older records after its own. The tables are written
+with ``synchronous=FULL`` (the compactor waits for its own fsync; nobody
+else does), so a segment is deleted only once its changes are on disk in
+the tables. Checkpoints (WAL into the database file) run in the compactor,
+after a compaction. A write that fails is retried a few times (a full disk
+may clear up); after that, or after any failed fsync (the kernel may have
+dropped the pages), the store fails: ``durable()`` raises, since nothing
+later could honestly be called durable.
 
 Start-up
 --------
@@ -133,11 +134,11 @@ ignored, as are the older records a reused last segment still holds after
 its own; the first damaged record of the last segment ends the log (logged
 as an error, the segment copied aside: see :func:`_read_segments`). A file
 SQLite cannot read, that fails the check, that has a newer schema, or whose
-log has a damaged record in an earlier segment or a gap is logged and renamed, with its partner, to
-``fastmqtt.db.corrupt-<UTC timestamp>`` (with its ``-wal``/``-shm``), each
-log segment likewise, and a fresh database is created:
-the broker starts, the evidence is kept, nothing is silently overwritten. A
-single undecodable message row is logged and dropped.
+log has a damaged record in an earlier segment or a gap is logged and
+renamed, with its partner, to ``fastmqtt.db.corrupt-<UTC timestamp>`` (with
+its ``-wal``/``-shm``), each log segment likewise, and a fresh database is
+created: the broker starts, the evidence is kept, nothing is silently
+overwritten. A single undecodable message row is logged and dropped.
 """
 
 from __future__ import annotations

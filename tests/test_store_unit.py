@@ -2028,6 +2028,99 @@ def test_lite_entries_record_what_full_ones_do(steps):
                     assert _held_by(lite, k, c) == _held_by(full, k, c), (k, c)
 
 
+
+# The recorder's message index: a window of slots by msg_id, and a dict for
+# ids outside it (see Recorder in _record.pyx). Clusters of ids far enough
+# apart to leave gaps in the window (2,500 ids), to make it sparse (over
+# 4,096 slots with fewer than one live entry in 4), and to move it (1,000,000
+# ids past its end); and ids below it.
+_IX_IDS = st.one_of(st.integers(1, 40), st.integers(2_500, 2_540),
+                    st.integers(5_000, 5_040), st.integers(7_500, 7_540),
+                    st.integers(1_000_000, 1_000_040), st.integers(1_002_000, 1_002_040))
+_IX_STEPS = st.lists(st.tuples(st.sampled_from(["put_add", "add", "remove", "drop"]),
+                               _IX_IDS, st.sampled_from(["a", "b"])), max_size=120)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=_IX_STEPS)
+def test_the_message_index_keeps_what_a_dict_would(steps):
+    """Whatever order message ids come and go in (in order, out of order,
+    with gaps, far ahead, below the oldest kept), the index holds exactly
+    the messages some client has a delivery of, each with its entry (the
+    client's id while one client has it), as the dict it replaced would."""
+    with tempfile.TemporaryDirectory() as d:
+        s = SqliteStore(d + "/a")
+        model: dict[int, set] = {}
+        for what, mid, client in steps:
+            src = _Src(f"a/{mid}", b"p")
+            if what == "put_add":
+                s.put_message_add_delivery(mid, src.topic, src.payload, 1, False, None, None,
+                                           client, 1, 0, "queued", False, (), src)
+                model.setdefault(mid, set()).add(client)
+            elif what == "add" and mid in model:
+                s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), src)
+                model[mid].add(client)
+            elif what == "remove":
+                s.remove_delivery(client, mid)
+                if client in model.get(mid, ()):
+                    model[mid].discard(client)
+                    if not model[mid]:
+                        del model[mid]
+            elif what == "drop":
+                s.delete_session(client)
+                for m in list(model):
+                    model[m].discard(client)
+                    if not model[m]:
+                        del model[m]
+            msgs = s._msgs
+            assert set(msgs) == set(model), (what, mid, client)
+            for m, clients in model.items():
+                if len(clients) == 1 and type(msgs[m]) is str:
+                    assert msgs[m] in clients
+            window, live, spilled, _ = s.index_sizes
+            assert live + spilled == len(model)
+            assert live <= window <= 10_000  # no slot for each id up to 1,000,000
+        s.take_ops()
+
+
+def test_the_message_index_stays_small_when_one_old_message_is_kept(sq):
+    """A message kept for a long time (an offline client's) while a hundred
+    thousand others come and go (online clients acknowledging) does not hold
+    a slot open for each of them: once the window is mostly empty, its
+    oldest entries move to the dict, and the window stays small."""
+    sq.put_message_add_delivery(1, "a/b", b"old", 1, False, None, None, "off", 1, 0, "queued")
+    for i in range(2, 100_002):
+        sq.put_message_add_delivery(i, "a/b", b"x", 1, False, None, None, "on", 1, 0, "queued")
+        if i >= 10:  # a few in flight at a time
+            sq.remove_delivery("on", i - 8)
+        if i % 10_000 == 0:
+            sq.take_ops()
+    window, live, spilled, cap = sq.index_sizes
+    assert (live, spilled) == (8, 1)
+    assert window <= 16 and cap <= 4096 * 16
+    assert 1 in sq._msgs
+    sq.take_ops()
+
+
+def test_the_message_index_gives_back_a_long_queue_s_slots(sq):
+    """An offline queue of 200,000 messages takes a slot each (8 bytes);
+    once it has drained, the next message starts a small window again."""
+    for i in range(1, 200_001):
+        sq.put_message_add_delivery(i, "a/b", b"x", 1, False, None, None, "c", 1, 0, "queued")
+    window, live, spilled, cap = sq.index_sizes
+    assert (window, live, spilled) == (200_000, 200_000, 0) and cap < 2 * 200_000
+    sq.take_ops()
+    for i in range(1, 200_001):
+        sq.remove_delivery("c", i)
+    assert sq.index_sizes[:3] == (0, 0, 0)
+    sq.take_ops()
+    sq.put_message_add_delivery(200_001, "a/b", b"x", 1, False, None, None, "c", 1, 0,
+                                "queued")
+    assert sq.index_sizes == (1, 1, 0, 4096)
+    assert list(sq._msgs) == [200_001]
+    sq.take_ops()
+
+
 def _held_by(store, mid, client) -> bool:
     """``client`` has a delivery of ``mid`` by the recorder's state (through
     what update_delivery records: an UPD op only for a delivery it knows)."""

@@ -33,7 +33,10 @@ class Recorder:
     _first: int
     _arm: int
     _dseq: int
-    _msgs: dict[int, object]
+    @property
+    def _msgs(self) -> dict[int, object]: ...
+    @property
+    def index_sizes(self) -> tuple[int, int, int, int]: ...
     _held: dict[str, object]
     @property
     def held_sizes(self) -> dict[str, int]: ...

@@ -10,10 +10,11 @@ buffer* (see "Ops" below), which the flush hands to the log as it is; the
 net effect (a delivery added and acknowledged again cancels out) is worked
 out later, by :func:`decode_ops`, in the compactor and at recovery. Which
 clients have a delivery of each message (a message one client has costs no
-object: see ``_msgs``) and the released messages kept for a re-delivery
-stay here (see :mod:`fastmqtt.store.sqlite`). The colder mutators stay in
-Python, fill a :class:`Batch` (net effects keyed by primary key) and take
-the same lock (:class:`Lock`, usable as ``with store._lock:``).
+object: see the message index in :class:`Recorder`) and the released
+messages kept for a re-delivery stay here (see :mod:`fastmqtt.store.sqlite`).
+The colder mutators stay in Python, fill a :class:`Batch` (net effects keyed
+by primary key) and take the same lock (:class:`Lock`, usable as ``with
+store._lock:``).
 
 Ops, little endian, back to back::
 
@@ -40,10 +41,11 @@ on the broker's event loop. Other messages are encoded when recorded (MSG).
 """
 
 cimport cython
-from cpython.dict cimport PyDict_SetDefault
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from libc.math cimport NAN, isnan
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memmove, memset
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
@@ -59,6 +61,9 @@ cdef extern from "<pthread.h>" nogil:
 
 #: Delivery change kinds (the first item of a batch's delivery entry).
 DEF HELD_MIN = 64  # see _Held
+DEF IX_GAP = 4096  # see Recorder's message index
+DEF IX_SPARSE = 4096
+DEF IX_MIN = 4096
 DEF ADD = 0   # new row, not in the tables: an add followed by a remove cancels out
 DEF ADDR = 1  # add over a row that may be in the tables (re-add): insert or replace
 DEF UPD = 2   # update of a row in the tables
@@ -241,7 +246,7 @@ cdef inline int _unhold(_Msg m, client_id) except -1:
 
 
 cdef inline bint _entry_holds(entry, client_id) except -1:
-    """``client_id`` has a delivery of the message whose ``_msgs`` entry is
+    """``client_id`` has a delivery of the message whose index entry is
     ``entry`` (a _Msg, or a lite entry: the one client's id)."""
     if type(entry) is str:
         return _same(entry, client_id)
@@ -314,15 +319,33 @@ cdef class Recorder:
     cdef public long long _first   # seq of the first change of the current batch
     cdef public long long _arm     # the change that schedules a flush (normally _first)
     cdef public long long _dseq    # delivery order base (after recovered ones)
-    # msg_id -> _Msg (its fields and the clients with a delivery of it)
-    # while stored or named by a delivery, or -> the client's id (a *lite*
-    # entry: a message stored with its first delivery and a ``src``, which
-    # that one client has; no object of its own, and nothing kept once it
-    # is released: a later delivery brings its src again). One lookup per
-    # change, and nothing in it for the cyclic GC to walk. (Persistence
-    # benchmark, paired against full entries for every message: 1.027x
-    # offline, 1.052x online.)
-    cdef public dict _msgs
+    # The message index: msg_id -> _Msg (its fields and the clients with a
+    # delivery of it) while stored or named by a delivery, or -> the
+    # client's id (a *lite* entry: a message stored with its first delivery
+    # and a ``src``, which that one client has; no object of its own, and
+    # nothing kept once it is released: a later delivery brings its src
+    # again). (Lite entries, paired against full entries for every message:
+    # 1.027x offline, 1.052x online.)
+    #
+    # Message ids are given out in order, and most go in the order they
+    # came, so the index is a window of slots, one per id from the oldest
+    # still there (``_slots[i]`` holds id ``_base + i``, a new reference or
+    # NULL; ids ``_base + _head`` up to ``_base + _n`` are in the window,
+    # ``_slots[_head]`` is the oldest entry), and a dict, ``_spill``, for
+    # the rest: ids below the window (stored again after a while, recovered
+    # out of order, or moved out of a sparse window). Every id in
+    # ``_spill`` is below ``_base + _head``. 8 bytes a slot instead of a
+    # dict entry (its 24-byte entry and its index, in a table that doubles
+    # and is copied as it grows). A window sparser than one live entry in 4
+    # slots (from IX_SPARSE slots) gives its oldest entries to ``_spill``
+    # as new ones come; an id more than IX_GAP (or the window's length)
+    # past its end moves the window there. Nothing in it is walked by the
+    # cyclic GC (entries refer to no container that could lead back).
+    # ``_msgs`` is a dict copy, for tests.
+    cdef PyObject** _slots
+    cdef long long _base
+    cdef Py_ssize_t _head, _n, _slots_cap, _live
+    cdef dict _spill
     # client_id -> _Held (what delete_session releases), and the last one
     # looked up (the broker passes the same string for a client each time).
     cdef public dict _held
@@ -351,7 +374,10 @@ cdef class Recorder:
         self._seq = 0
         self._first = self._arm = 1
         self._dseq = 0
-        self._msgs = {}
+        self._slots = NULL
+        self._base = 0
+        self._head = self._n = self._slots_cap = self._live = 0
+        self._spill = {}
         self._held = {}
         self._last_cid = None
         self._last_held = None
@@ -363,6 +389,150 @@ cdef class Recorder:
 
     def __dealloc__(self):
         free(self._buf)
+        self._ix_clear()
+
+    # ------------------------------------------------------- message index
+
+    cdef void _ix_clear(self):
+        cdef Py_ssize_t i
+        for i in range(self._head, self._n):
+            Py_XDECREF(self._slots[i])
+        free(self._slots)
+        self._slots = NULL
+        self._base = 0
+        self._head = self._n = self._slots_cap = self._live = 0
+
+    cdef inline object _iget(self, mid):
+        """The entry for ``mid``, or None."""
+        cdef long long i = <long long>mid - self._base
+        cdef PyObject* p
+        if i >= self._head:
+            if i < self._n:
+                p = self._slots[i]
+                if p != NULL:
+                    return <object>p
+            return None  # (every id in _spill is below the window)
+        if self._spill:
+            return self._spill.get(mid)
+        return None
+
+    cdef int _iset(self, mid, entry) except -1:
+        """``mid``'s entry is ``entry`` (in place of any it had)."""
+        cdef long long k = <long long>mid
+        cdef long long i = k - self._base
+        cdef PyObject* old
+        if i < self._head:
+            self._spill[mid] = entry
+            return 0
+        if i < self._n:
+            old = self._slots[i]
+            Py_INCREF(entry)
+            self._slots[i] = <PyObject*>entry
+            if old == NULL:
+                self._live += 1
+            else:
+                Py_XDECREF(old)
+            return 0
+        # past the window's end
+        if self._live == 0:
+            self._head = self._n = 0  # start it at mid
+            self._base = k
+            if self._slots_cap > 16 * IX_MIN:
+                self._resize(IX_MIN)
+        elif i - self._n > max(<long long>IX_GAP, <long long>(self._n - self._head)):
+            self._ix_spill_all()
+            self._base = k
+        i = k - self._base
+        if i >= self._slots_cap:
+            self._make_room(i + 1)
+            i = k - self._base  # (_make_room may move the window down)
+        if i > self._n:
+            memset(&self._slots[self._n], 0, (i - self._n) * sizeof(PyObject*))
+        Py_INCREF(entry)
+        self._slots[i] = <PyObject*>entry
+        self._n = i + 1
+        self._live += 1
+        if self._n - self._head > IX_SPARSE and self._live * 4 < self._n - self._head:
+            self._ix_spill_oldest()
+        return 0
+
+    cdef int _idel(self, mid) except -1:
+        """``mid``'s entry goes (KeyError if it has none)."""
+        cdef long long i = <long long>mid - self._base
+        cdef PyObject* old
+        if self._head <= i < self._n and self._slots[i] != NULL:
+            old = self._slots[i]
+            self._slots[i] = NULL
+            self._live -= 1
+            if i == self._head:
+                self._ix_advance()
+            Py_XDECREF(old)
+            return 0
+        del self._spill[mid]
+        return 0
+
+    cdef inline void _ix_advance(self):
+        """_head past empty slots (to _n if the window is empty)."""
+        while self._head < self._n and self._slots[self._head] == NULL:
+            self._head += 1
+
+    cdef int _ix_spill_oldest(self) except -1:
+        """The window's oldest entry goes to ``_spill`` (a sparse window)."""
+        cdef PyObject* p = self._slots[self._head]
+        self._spill[self._base + self._head] = <object>p
+        self._slots[self._head] = NULL
+        self._live -= 1
+        Py_XDECREF(p)
+        self._ix_advance()
+        return 0
+
+    cdef int _ix_spill_all(self) except -1:
+        """Every entry in the window goes to ``_spill`` (an id far past it)."""
+        while self._live:
+            self._ix_spill_oldest()
+        self._head = self._n = 0
+        return 0
+
+    cdef int _make_room(self, Py_ssize_t need) except -1:
+        """Slots up to ``need`` (relative to _base): the window moved down
+        to slot 0 if half of it is free, else more slots."""
+        cdef Py_ssize_t used = self._n - self._head
+        if self._head and self._head >= used:
+            memmove(self._slots, &self._slots[self._head], used * sizeof(PyObject*))
+            self._base += self._head
+            need -= self._head
+            self._n = used
+            self._head = 0
+            if need <= self._slots_cap:
+                return 0
+        cdef Py_ssize_t cap = max(<Py_ssize_t>IX_MIN, self._slots_cap + self._slots_cap // 2)
+        while cap < need:
+            cap += cap // 2
+        return self._resize(cap)
+
+    cdef int _resize(self, Py_ssize_t cap) except -1:
+        cdef PyObject** grown = <PyObject**>realloc(self._slots, cap * sizeof(PyObject*))
+        if grown == NULL:
+            raise MemoryError()
+        self._slots = grown
+        self._slots_cap = cap
+        return 0
+
+    @property
+    def _msgs(self) -> dict:
+        """The message index as a dict {msg_id: entry} (a copy, for tests)."""
+        cdef Py_ssize_t i
+        out = dict(self._spill)
+        for i in range(self._head, self._n):
+            if self._slots[i] != NULL:
+                out[self._base + i] = <object>self._slots[i]
+        return out
+
+    @property
+    def index_sizes(self) -> tuple:
+        """(slots in the window, entries in it, entries in the spill dict,
+        slots allocated): tests of the index's memory."""
+        return (self._n - self._head, self._live, len(self._spill), self._slots_cap)
 
     # ------------------------------------------------------------ op buffer
 
@@ -516,17 +686,11 @@ cdef class Recorder:
             self._put_fields(msg_id, topic, payload, qos, retain, properties, expires_at)
             self._add(client_id, msg_id, dqos, packet_id, state, dretain, subids, src)
             return
-        cdef dict msgs
-        cdef Py_ssize_t had
         self._lock.take()
         try:
-            msgs = self._msgs
-            had = len(msgs)
-            if src is not None and (PyDict_SetDefault(msgs, msg_id, client_id) != NULL
-                                    and len(msgs) > had):
-                # New: a lite entry (nothing was kept under that id; the
-                # size says so, as the same client's lite entry would be the
-                # very object SetDefault returns here too).
+            if src is not None and self._iget(msg_id) is None:
+                # New: a lite entry (nothing was kept under that id).
+                self._iset(msg_id, client_id)
                 self._forget_released(msg_id)
                 fresh = True
                 self._note(client_id, msg_id)
@@ -619,8 +783,8 @@ cdef class Recorder:
 
     cdef inline int _keep(self, msg_id, _Msg m) except -1:
         """``m`` is the message stored under ``msg_id`` (lock held)."""
-        old = <object>PyDict_SetDefault(self._msgs, msg_id, m)
-        if old is not m:
+        old = self._iget(msg_id)
+        if old is not None:
             # Stored again, or deliveries named it before it was stored (a
             # ghost): its deliveries carry over.
             if type(old) is str or (<_Msg>old).stored:
@@ -630,8 +794,9 @@ cdef class Recorder:
                 # rather than just cancelling this put.
                 self._op_msgdel(msg_id)
             _take_over(m, old)
-            self._msgs[msg_id] = m
+            self._iset(msg_id, m)
         else:
+            self._iset(msg_id, m)
             self._forget_released(msg_id)
         return 0
 
@@ -665,7 +830,7 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            m = self._msgs.get(mid)
+            m = self._iget(mid)
             if m is None:
                 m = self._revive(mid, src)
                 fresh = True
@@ -704,7 +869,7 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            m = self._msgs.get(mid)
+            m = self._iget(mid)
             if m is not None and _entry_holds(m, client_id):
                 self._op_client(OP_UPD, client_id, mid)
                 self._op_state(qos, pid, state)
@@ -719,7 +884,7 @@ cdef class Recorder:
         self._lock.take()
         try:
             self._seq += 1
-            m = self._msgs.get(msg_id)
+            m = self._iget(msg_id)
             if m is not None and _entry_holds(m, client_id):
                 self._unnote(client_id)
                 self._op_client(OP_DEL, client_id, msg_id)
@@ -768,7 +933,7 @@ cdef class Recorder:
         cdef set seen = set()
         self._held_scanned += len(mids)
         for mid in mids:
-            m = self._msgs.get(mid)
+            m = self._iget(mid)
             if m is not None and mid not in seen and _entry_holds(m, client_id):
                 seen.add(mid)
                 out.append(mid)
@@ -784,7 +949,7 @@ cdef class Recorder:
         if h is None:
             return
         for mid in self._still_held(client_id, (<_Held>h).mids):
-            self._let_go(mid, self._msgs[mid], client_id)
+            self._let_go(mid, self._iget(mid), client_id)
 
     @property
     def held_sizes(self) -> dict:
@@ -794,7 +959,7 @@ cdef class Recorder:
     cdef int _release(self, msg_id, _Msg m) except -1:
         """``m``'s last delivery went: its row goes (MSGDEL), and a stored
         message is kept a while for a re-delivery under its id."""
-        del self._msgs[msg_id]
+        self._idel(msg_id)
         if m.stored and m.topic is not None:  # (else it cannot be stored again)
             released = self._released
             released[msg_id] = m
@@ -804,12 +969,12 @@ cdef class Recorder:
         return self._op_msgdel(msg_id)
 
     cdef inline int _let_go(self, msg_id, entry, client_id) except -1:
-        """``client_id``, which had a delivery of ``msg_id`` (its ``_msgs``
+        """``client_id``, which had a delivery of ``msg_id`` (its index
         entry), has none now: the message is released if that was its last.
         A lite entry's row goes with its one delivery (nothing is kept for a
         re-delivery: that one brings its ``src`` again)."""
         if type(entry) is str:
-            del self._msgs[msg_id]
+            self._idel(msg_id)
             return self._op_msgdel(msg_id)
         _unhold(<_Msg>entry, client_id)
         if (<_Msg>entry).refs == 0:
@@ -825,14 +990,14 @@ cdef class Recorder:
     cdef _Msg _full(self, msg_id, str client, src):
         """The full entry for a lite one (``client``'s), with ``src``'s
         fields (without them if None: then it cannot be stored again once
-        released), in its place in ``_msgs``."""
+        released), in its place in the index."""
         cdef _Msg m = _from_src(src)
         _take_over(m, client)
-        self._msgs[msg_id] = m
+        self._iset(msg_id, m)
         return m
 
     cdef _Msg _revive(self, msg_id, src):
-        """A delivery names a message not in ``_msgs``: store it again if its
+        """A delivery names a message not in the index: store it again if its
         row was dropped a while ago (its last delivery went; its _Msg is
         still kept) or the delivery brings it (``src``), else report it and
         put a ghost in its place (lock held)."""
@@ -845,13 +1010,13 @@ cdef class Recorder:
             blob = self._stored_form(msg_id, <_Msg>m)
             if blob is not None:
                 self._op_msg(msg_id, blob, (<_Msg>m).expires_at)
-                self._msgs[msg_id] = m
+                self._iset(msg_id, m)
                 return <_Msg>m
             # cannot be encoded (logged): not stored
         else:
             self._unknown_message(msg_id)
         m = _ghost()
-        self._msgs[msg_id] = m
+        self._iset(msg_id, m)
         return <_Msg>m
 
     cdef object _stored_form(self, msg_id, _Msg m):
@@ -879,7 +1044,10 @@ cdef class Recorder:
                 if m is None:
                     m = msgs[mid] = _ghost()
                 _hold(<_Msg>m, cid)
-        self._msgs = msgs
+        self._ix_clear()
+        self._spill = {}
+        for mid in sorted(msgs):
+            self._iset(mid, msgs[mid])
         self._released.clear()
         self._released_old.clear()
 

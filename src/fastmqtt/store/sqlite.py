@@ -1978,7 +1978,7 @@ class SqliteStore(Recorder):
             except FileNotFoundError:
                 pass
             except OSError as e:  # harmless: recovery skips what the tables have
-                log.warning("persistence: cannot delete log segment %s: %s", path, e)
+                log.warning("persistence: cannot delete or reuse log segment %s: %s", path, e)
 
     def _remove_spares(self) -> None:
         with self._compact_cv:

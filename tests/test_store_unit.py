@@ -1984,8 +1984,9 @@ def test_a_lite_message_released_then_handed_out_again_is_stored_again_from_src(
 
 def _lite_step(s, what, mid, client, src, put, pid=0):
     """One step of _LITE_STEPS on store ``s``, with ``src`` (or None) for the
-    message; ``put``: the messages stored so far (an add names only those)."""
-    m = _SRCS[mid]
+    message (its fields, else those of _SRCS[mid]); ``put``: the messages
+    stored so far (an add names only those)."""
+    m = _SRCS[mid] if src is None else src
     if what == "put_add":
         s.put_message_add_delivery(mid, m.topic, m.payload, m.qos, m.retain, None,
                                    m.expires_at, client, 1, pid, "queued", False, (), src)
@@ -2028,7 +2029,6 @@ def test_lite_entries_record_what_full_ones_do(steps):
                     assert _held_by(lite, k, c) == _held_by(full, k, c), (k, c)
 
 
-
 # The recorder's message index: a window of slots by msg_id, and a dict for
 # ids outside it (see Recorder in _record.pyx). Clusters of ids far enough
 # apart to leave gaps in the window (2,500 ids), to make it sparse (over
@@ -2052,22 +2052,17 @@ def test_the_message_index_keeps_what_a_dict_would(steps):
         s = SqliteStore(d + "/a")
         model: dict[int, set] = {}
         for what, mid, client in steps:
-            src = _Src(f"a/{mid}", b"p")
+            _lite_step(s, what, mid, client, _Src(f"a/{mid}", b"p"), model)
             if what == "put_add":
-                s.put_message_add_delivery(mid, src.topic, src.payload, 1, False, None, None,
-                                           client, 1, 0, "queued", False, (), src)
                 model.setdefault(mid, set()).add(client)
             elif what == "add" and mid in model:
-                s.add_delivery_fields(client, mid, 1, 0, "queued", False, (), src)
                 model[mid].add(client)
             elif what == "remove":
-                s.remove_delivery(client, mid)
                 if client in model.get(mid, ()):
                     model[mid].discard(client)
                     if not model[mid]:
                         del model[mid]
             elif what == "drop":
-                s.delete_session(client)
                 for m in list(model):
                     model[m].discard(client)
                     if not model[m]:
@@ -2297,6 +2292,15 @@ def test_writer_crc32_across_the_folding_boundaries():
             assert CRC_CLMUL == (" pclmulqdq" in f.read())  # the fast way is used where it can be
 
 
+def _frame(lsn, body=b"\x02\x00\x00\x00\x00"):
+    """One log record of ``body`` (by default ops alone: an empty pickled
+    part) framed as the writer frames it: its CRC-32, then the frame header."""
+    import zlib
+
+    rec = zlib.crc32(body).to_bytes(4, "little") + body
+    return sqlite_mod._FRAME.pack(len(rec), lsn) + rec
+
+
 def test_append_record_writes_the_framed_record(tmp_path):
     """The store hands a record's parts to the writer, which computes the
     CRC-32 off the trio thread: the file holds exactly what framing the
@@ -2317,10 +2321,7 @@ def test_append_record_writes_the_framed_record(tmp_path):
     wal.pause(True)  # all three in one buffer, the switch between the first two
     for lsn, (head, cold, ops) in enumerate(parts, 1):
         wal.append_record(lsn, head, cold, ops, lsn)
-        body = head + cold + ops
-        import zlib
-        rec = zlib.crc32(body).to_bytes(4, "little") + body
-        expected.append(sqlite_mod._FRAME.pack(len(rec), lsn) + rec)
+        expected.append(_frame(lsn, head + cold + ops))
         if lsn == 1:
             assert wal.rotate(os.fsencode(second))
     wal.pause(False)
@@ -2358,14 +2359,11 @@ def test_write_record_writes_on_the_callers_thread_only_when_the_writer_is_idle(
     mode it queues the record for the writer instead, which frames it the
     same way. Records reach the file in append order either way."""
     import threading
-    import zlib
 
     from fastmqtt._wal import LogWriter
 
     def framed(lsn, head, cold, ops):
-        body = head + cold + ops
-        rec = zlib.crc32(body).to_bytes(4, "little") + body
-        return sqlite_mod._FRAME.pack(len(rec), lsn) + rec
+        return _frame(lsn, head + cold + ops)
 
     path = tmp_path / "a.log"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -2714,15 +2712,6 @@ def test_records_decoded_into_one_batch_fold_as_merged_batches_do(steps, cuts):
 
 
 # ------------------------------------------------ recycled log segments
-
-def _frame(lsn, body=b"\x02\x00\x00\x00\x00"):
-    """One framed log record (ops alone: an empty pickled part) as the
-    writer frames it."""
-    import zlib
-
-    rec = zlib.crc32(body).to_bytes(4, "little") + body
-    return struct.pack("<IQ", len(rec), lsn) + rec
-
 
 def _segment_file(data_dir, first, content):
     path = os.path.join(data_dir, SEGMENT_PREFIX + f"{first:016x}")
